@@ -1,0 +1,100 @@
+"""Advantages: GRPO group z-scores, multi-reward aggregation, and Stepwise-Flow-GRPO gains.
+
+Shapes: N samples, G per group, T steps, K rewards.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def _group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and (population) std of the row's group. values [N, ...] flattened per group."""
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    flat = values.reshape(values.shape[0], -1).to(torch.float64)  # [N, M]
+    n_groups = uniq.numel()
+    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, torch.full_like(flat[:, 0], flat.shape[1]))
+    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, flat.sum(1))
+    mean = total / count  # [n_groups]
+    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, ((flat - mean[inv, None]) ** 2).sum(1))
+    std = (sq / count).sqrt()
+    return mean[inv], std[inv]  # [N], [N]
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
+                     std: Literal["global", "group"] = "global", eps: float = 1e-4,
+                     clip: float = 5.0) -> torch.Tensor:
+    """GRPO advantages (Flow-GRPO, arXiv 2505.05470, Eq. 4):
+
+        A_i = clip((r_i − mean_{g(i)}(r)) / (σ + eps), −clip, clip)
+
+    with σ the std of all N rewards ("global", Flow-GRPO's default) or of the group ("group").
+    rewards [N], group_ids [N] (equal ids = same prompt) → [N] fp32.
+    """
+    if std not in ("global", "group"):
+        raise ValueError(f"std={std!r}; allowed: 'global', 'group'")
+    r = rewards.to(torch.float64)
+    mean, gstd = _group_stats(r, group_ids)
+    denom = r.std(unbiased=False) if std == "global" else gstd
+    adv = (r - mean) / (denom + eps)
+    return adv.clamp(-clip, clip).to(torch.float32)
+
+
+def aggregate_advantages(raw: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor, *,
+                         aggregation: Literal["sum_then_normalize", "normalize_then_sum"],
+                         std: Literal["global", "group"] = "global", eps: float = 1e-4,
+                         clip: float = 5.0) -> torch.Tensor:
+    """Multi-reward advantages from raw rewards [N, K] and weights [K] → [N].
+
+    sum_then_normalize (Flow-GRPO):  A = z(Σ_k w_k r_k)
+    normalize_then_sum (MixGRPO, arXiv 2507.21802 "advantage aggregation"):  A = Σ_k w_k z(r_k)
+    where z is `group_advantages` (its clip applies to the final sum).
+    """
+    if aggregation == "sum_then_normalize":
+        return group_advantages(raw @ weights, group_ids, std=std, eps=eps, clip=clip)
+    if aggregation == "normalize_then_sum":
+        z = torch.stack([group_advantages(raw[:, k], group_ids, std=std, eps=eps, clip=float("inf"))
+                         for k in range(raw.shape[1])], dim=1)  # [N, K]
+        return (z @ weights).clamp(-clip, clip)
+    raise ValueError(f"aggregation={aggregation!r}; allowed: 'sum_then_normalize', 'normalize_then_sum'")
+
+
+def stepwise_advantages(step_rewards: torch.Tensor, group_ids: torch.Tensor, *,
+                        normalize: Literal["joint", "per_step"] = "joint", eps: float = 1e-4,
+                        clip: float = 5.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Stepwise-Flow-GRPO gain advantages (arXiv 2603.28718).
+
+    step_rewards [N, T+1]: r_t = R(x̂0(x_t)) before each step t and, last, the reward after step T−1.
+    Gain of transition t (x_t → x_{t+1}):  g_t = r_{t+1} − r_t            # [N, T]
+    (Σ_t g_t = r_T − r_0 telescopes.) Then
+      joint:    Ã_{i,t} = (g_{i,t} − mean_{group, all t} g) / (std_{group, all t} g + eps)
+      per_step: Ã_{i,t} = (g_{i,t} − mean_{group} g_{·,t}) / (std_{group} g_{·,t} + eps)
+    clipped to ±clip. `valid` [N, T] (optional) restricts the statistics to the steps that have an
+    estimate (for example only a MixGRPO window); invalid entries get advantage 0.
+    """
+    if step_rewards.dim() != 2:
+        raise ValueError(f"step_rewards must be [N, T+1], got shape {tuple(step_rewards.shape)}")
+    g = (step_rewards[:, 1:] - step_rewards[:, :-1]).to(torch.float64)  # [N, T]
+    if valid is None:
+        valid = torch.ones_like(g, dtype=torch.bool)
+    if normalize == "joint":
+        out = _masked_group_z(g, valid, group_ids, eps)
+    elif normalize == "per_step":
+        out = torch.zeros_like(g)
+        for t in range(g.shape[1]):
+            out[:, t] = _masked_group_z(g[:, t:t + 1], valid[:, t:t + 1], group_ids, eps)[:, 0]
+    else:
+        raise ValueError(f"normalize={normalize!r}; allowed: 'joint', 'per_step'")
+    return out.clamp(-clip, clip).to(torch.float32)
+
+
+def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float) -> torch.Tensor:
+    """z-score of g [N, M] within each group over all valid entries of all its rows; 0 where invalid."""
+    uniq, inv = torch.unique(group_ids, return_inverse=True)
+    v = valid.to(g.dtype)
+    n = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, v.sum(1)).clamp_min(1)
+    mean = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (g * v).sum(1)) / n
+    var = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (((g - mean[inv, None]) ** 2) * v).sum(1)) / n
+    z = (g - mean[inv, None]) / (var.sqrt()[inv, None] + eps)
+    return z * v

@@ -1,0 +1,150 @@
+"""OP-GRPO replay buffer (arXiv 2604.04142): keep, per prompt, the best past trajectories and mix
+them into later groups.
+
+What is stored per trajectory is only what the loss re-scores: for each kept step t the pair
+(x_t, x_{t+1}), the behaviour log-prob log β(x_{t+1}|x_t), the raw rewards, and the iteration
+(policy version) that generated it. Late steps (σ_t < truncate_sigma) are truncated at insertion:
+their off-policy ratios are ill-conditioned (log-ratio variance grows like 1/s², docs/samplers.md).
+
+Ranking: score = reward − decay·age; each prompt keeps its `capacity` best; entries older than
+`max_age` iterations expire. The adaptive admission rule decides, per group, whether the replayed
+trajectory enters (see `admit`). The paper's exact capacity/decay/adaptive rule is not public: these
+are the project's choices, exposed as options (REFERENCE.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Entry:
+    prompt: str
+    reward: float                 # combined (weighted) reward
+    reward_raw: torch.Tensor      # [K]
+    steps: torch.Tensor           # [S] long: kept step indices t
+    x: torch.Tensor               # [S, *D]  x_t
+    x_next: torch.Tensor          # [S, *D]  x_{t+1}
+    log_prob: torch.Tensor        # [S] behaviour log-probs
+    version: int                  # iteration that generated it
+    step_rewards: torch.Tensor | None = None  # [T+1] (stepwise credit), optional
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.reward_raw, self.steps, self.x, self.x_next, self.log_prob]
+        if self.step_rewards is not None:
+            ts.append(self.step_rewards)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def admit(rule: str, replay_reward: float, fresh_rewards: torch.Tensor, tol: float = 1e-6) -> bool:
+    """Adaptive incorporation rule for one group.
+
+    always:                  always mix the replayed trajectory in.
+    beats_best:              only if it beats every fresh sample (it then carries a positive signal).
+    no_spread:               only if the fresh group has (almost) no reward spread, so GRPO would
+                             otherwise get zero advantages and waste the group.
+    beats_best_or_no_spread: either of the two (default).
+    """
+    best = float(fresh_rewards.max())
+    no_spread = float(fresh_rewards.std(unbiased=False)) < tol
+    if rule == "always":
+        return True
+    if rule == "beats_best":
+        return replay_reward > best
+    if rule == "no_spread":
+        return no_spread
+    if rule == "beats_best_or_no_spread":
+        return replay_reward > best or no_spread
+    raise ValueError(f"replay.rule={rule!r}; allowed: always, beats_best, no_spread, beats_best_or_no_spread")
+
+
+class ReplayBuffer:
+    def __init__(self, sigmas: torch.Tensor, *, capacity_per_prompt: int = 2, max_age: int = 8,
+                 decay: float = 0.0, truncate_sigma: float | None = None):
+        self.sigmas = sigmas
+        self.capacity = capacity_per_prompt
+        self.max_age = max_age
+        self.decay = decay
+        self.truncate_sigma = truncate_sigma
+        self.entries: dict[str, list[Entry]] = {}
+
+    # ------------------------------------------------------------------ contents
+    def kept_steps(self, train_row: torch.Tensor) -> torch.Tensor:
+        """Trained steps of one row minus the truncated late ones → [S] long."""
+        keep = train_row.clone()
+        if self.truncate_sigma is not None:
+            keep &= self.sigmas[:-1] >= self.truncate_sigma
+        return torch.nonzero(keep).flatten()
+
+    def add(self, iteration: int, prompts: list[str], states: torch.Tensor, train: torch.Tensor,
+            log_probs: torch.Tensor, rewards: torch.Tensor, rewards_raw: torch.Tensor,
+            step_rewards: torch.Tensor | None = None) -> int:
+        """Offer N fresh trajectories (states [N, T+1, *D], train [N, T], log_probs [N, T],
+        rewards [N], rewards_raw [N, K]); returns how many were kept."""
+        added = 0
+        for i, p in enumerate(prompts):
+            steps = self.kept_steps(train[i])
+            if steps.numel() == 0:
+                continue
+            e = Entry(prompt=p, reward=float(rewards[i]), reward_raw=rewards_raw[i].clone(), steps=steps,
+                      x=states[i, steps].clone(), x_next=states[i, steps + 1].clone(),
+                      log_prob=log_probs[i, steps].clone(), version=iteration,
+                      step_rewards=None if step_rewards is None else step_rewards[i].clone())
+            lst = self.entries.setdefault(p, [])
+            lst.append(e)
+            lst.sort(key=lambda x: self._score(x, iteration), reverse=True)
+            del lst[self.capacity:]
+            added += int(e in lst)
+        return added
+
+    def _score(self, e: Entry, iteration: int) -> float:
+        return e.reward - self.decay * (iteration - e.version)
+
+    def expire(self, iteration: int) -> int:
+        """Drop entries older than max_age; returns how many were dropped."""
+        dropped = 0
+        for p in list(self.entries):
+            keep = [e for e in self.entries[p] if iteration - e.version <= self.max_age]
+            dropped += len(self.entries[p]) - len(keep)
+            if keep:
+                self.entries[p] = keep
+            else:
+                del self.entries[p]
+        return dropped
+
+    def best(self, prompt: str, iteration: int, k: int) -> list[Entry]:
+        lst = sorted(self.entries.get(prompt, []), key=lambda x: self._score(x, iteration), reverse=True)
+        return lst[:k]
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for v in self.entries.values() for e in v)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: list[dict] = []
+        j = 0
+        for p, lst in self.entries.items():
+            for e in lst:
+                for name in ("reward_raw", "steps", "x", "x_next", "log_prob", "step_rewards"):
+                    t = getattr(e, name)
+                    if t is not None:
+                        tensors[f"{j}.{name}"] = t.contiguous()
+                meta.append({"prompt": p, "reward": e.reward, "version": e.version})
+                j += 1
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: list[dict]) -> None:
+        self.entries = {}
+        for j, m in enumerate(meta):
+            e = Entry(prompt=m["prompt"], reward=m["reward"], version=m["version"],
+                      reward_raw=tensors[f"{j}.reward_raw"], steps=tensors[f"{j}.steps"], x=tensors[f"{j}.x"],
+                      x_next=tensors[f"{j}.x_next"], log_prob=tensors[f"{j}.log_prob"],
+                      step_rewards=tensors.get(f"{j}.step_rewards"))
+            self.entries.setdefault(m["prompt"], []).append(e)

@@ -1,0 +1,182 @@
+"""Command line: flowpo train | eval | sample | pretrain | bench | presets.
+
+    flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
+    flowpo eval --run DIR [key.path=value ...]
+    flowpo sample --run DIR --prompt "a handwritten 7" [--n 8] [--out FILE.png]
+    flowpo pretrain [--out DIR] [--seed N]
+    flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
+    flowpo presets
+Bad input exits with status 2 and one line naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+class UsageError(Exception):
+    pass
+
+
+def _cmd_presets(_args, _rest) -> int:
+    from flowpo.presets import PRESETS
+
+    width = max(len(n) for n in PRESETS)
+    for name, p in PRESETS.items():
+        print(f"{name:<{width}}  {p.description}  [{p.paper}]")
+    return 0
+
+
+def _load_cfg(args, rest):
+    from flowpo import config
+
+    return config.load(args.config, args.preset, rest)
+
+
+def _cmd_train(args, rest) -> int:
+    from flowpo.trainer import train
+
+    if args.resume:
+        from flowpo import config
+
+        run = Path(args.resume)
+        if not (run / "config.yaml").exists():
+            raise UsageError(f"--resume {run}: no config.yaml there; give the --out folder of an earlier run")
+        cfg = config.load(str(run / "config.yaml"), None, rest)
+        out = run
+    else:
+        cfg = _load_cfg(args, rest)
+        out = Path(args.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(cfg, out, resume=bool(args.resume))
+    if result:
+        print(f"final eval_reward_mean={result['eval_reward_mean']:.4f}  run: {out}")
+    return 0
+
+
+def _cmd_eval(args, rest) -> int:
+    import json
+    import tempfile
+
+    from flowpo import config
+    from flowpo.trainer import Trainer
+
+    if args.run:
+        path = Path(args.run)
+        if not (path / "config.yaml").exists():
+            raise UsageError(f"--run {args.run}: no config.yaml there; give the --out folder of a training run")
+        cfg = config.load(str(path / "config.yaml"), None, rest)
+    else:
+        cfg = _load_cfg(args, rest)
+        path = None
+    cfg.log.tensorboard = False
+    cfg.log.grids = False
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, tmp)
+        if path is not None:
+            from flowpo import checkpoint
+
+            ck = checkpoint.latest(path)
+            if ck is None:
+                raise UsageError(f"--run {path}: no checkpoint under {path}/checkpoints")
+            tensors, state = checkpoint.load(ck)
+            tr.policy.load_trainable_state_dict(tensors["trainable"])
+            if tr.ema is not None and "ema" in tensors:
+                for i, sh in enumerate(tr.ema.shadow):
+                    sh.copy_(tensors["ema"][str(i)])
+            tr.iteration = state["iteration"]
+        rec = tr.evaluate()
+    print(json.dumps(rec))
+    return 0
+
+
+def _cmd_sample(args, rest) -> int:
+    import torch
+
+    from flowpo import checkpoint, config
+    from flowpo.parts import build_policy
+    from flowpo.rollout import ode_sample, row_noise
+    from flowpo.runlog import save_grid
+    from flowpo.schedule import sigmas
+
+    cfg = config.load(str(Path(args.run) / "config.yaml"), None, rest) if args.run else _load_cfg(args, rest)
+    policy = build_policy(cfg.model)
+    if args.run:
+        ck = checkpoint.latest(args.run)
+        if ck is None:
+            raise UsageError(f"--run {args.run}: no checkpoint under {args.run}/checkpoints")
+        policy.load_trainable_state_dict(checkpoint.load(ck)[0]["trainable"])
+    prompts = [args.prompt] * args.n
+    x = row_noise(list(range(args.seed, args.seed + args.n)), policy.latent_shape)
+    g = cfg.eval.guidance if cfg.eval.guidance is not None else cfg.sample.guidance
+    with torch.no_grad():
+        x0, _ = ode_sample(policy, policy.encode_prompts(prompts), sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
+                           cfg.sample.batch_size)
+        images = policy.decode(x0)
+    save_grid(images, args.out, nrow=min(8, args.n))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_pretrain(_args, rest) -> int:
+    from flowpo.pretrain import main
+
+    return main(rest) or 0
+
+
+def _cmd_bench(_args, rest) -> int:
+    from flowpo.bench import main
+
+    return main(rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flowpo", description="GRPO-family RL post-training for flow-matching models")
+    sub = ap.add_subparsers(dest="verb", required=True)
+    for verb in ("train", "eval", "sample"):
+        sp = sub.add_parser(verb)
+        sp.add_argument("--config", help="YAML config file (see configs/)")
+        sp.add_argument("--preset", help="preset name (flowpo presets)")
+        if verb == "train":
+            sp.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+            sp.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+        else:
+            sp.add_argument("--run", help="a training run directory (its config and latest checkpoint)")
+        if verb == "sample":
+            sp.add_argument("--prompt", required=True)
+            sp.add_argument("--n", type=int, default=8)
+            sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--out", default="samples.png")
+    sub.add_parser("pretrain", add_help=False)
+    sub.add_parser("bench", add_help=False)
+    sub.add_parser("presets")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flowpo.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    if argv and argv[0] in ("pretrain", "bench"):
+        args, rest = argparse.Namespace(verb=argv[0]), argv[1:]
+    else:
+        args, rest = ap.parse_known_args(argv)
+        bad = [r for r in rest if "=" not in r]
+        if bad:
+            ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key.path=value)")
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "pretrain": _cmd_pretrain,
+                "bench": _cmd_bench, "presets": _cmd_presets}
+    try:
+        return handlers[args.verb](args, rest)
+    except (ConfigError, UsageError, FileNotFoundError, FileExistsError) as e:
+        print(f"flowpo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowpo: interrupted; resume with flowpo train --resume DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Run configuration: nested dataclasses, one per part (DESIGN.md), loaded from YAML and
+`key.path=value` overrides.
+
+Every field's docstring (the string literal under it) is its help text. Validation names the key,
+the bad value and what is allowed, and raises `ConfigError` (the CLI prints it as one line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line naming key, value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["embedded", "sd3", "flux"] = "embedded"
+    """Which policy adapter: the embedded digits model, or a diffusers SD3/SD3.5 or FLUX.1 folder."""
+    path: Optional[str] = None
+    """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
+    mode: Literal["lora", "full"] = "lora"
+    """Train a LoRA adapter (reference = adapter disabled) or all weights (reference = frozen copy)."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA alpha; the adapter's scale is alpha / r."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Network compute dtype; kernels always run in fp32."""
+    resolution: Optional[int] = None
+    """Image side in pixels; None = the pipeline's own default (embedded: 16)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (real models)."""
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 10
+    """T: sampling steps of the training rollouts (Flow-GRPO: 10)."""
+    shift: float = 3.0
+    """SD3 time shift s: σ̃ = s·σ / (1 + (s−1)·σ)."""
+    guidance: float = 4.5
+    """Guidance scale during rollouts and the loss (true CFG, or FLUX's guidance embedding)."""
+    kernel: Literal["flow_grpo", "dance_grpo", "cps", "ddim", "ode"] = "flow_grpo"
+    """Step kernel for the stochastic steps (flowpo.sde.KERNELS)."""
+    noise_level: float = 0.7
+    """Kernel noise: a (Flow-GRPO, CPS), η (DanceGRPO, DDIM)."""
+    reduction: Literal["mean", "sum"] = "mean"
+    """Reduce the per-step Gaussian log-density over latent dims by mean (papers) or sum (exact)."""
+    prompts_per_iteration: int = 8
+    """B: distinct prompts per iteration (global, across ranks)."""
+    group_size: int = 8
+    """G: samples per prompt."""
+    shared_noise: bool = False
+    """Give every member of a group the same initial noise (DanceGRPO, Stepwise)."""
+    prompts_file: Optional[str] = None
+    """Training prompts, one per line (default: the embedded model's training templates)."""
+    batch_size: int = 32
+    """Rows per model call in rollouts; the loss reuses the same chunks so the first ratio is exactly 1."""
+
+
+@dataclass
+class PlanConfig:
+    kind: Literal["all_but_last", "random_subset", "random_window", "sliding_window"] = "all_but_last"
+    """Which steps are SDE and trained each iteration (flowpo.plans)."""
+    train_fraction: float = 0.99
+    """all_but_last: fraction of steps trained (Flow-GRPO's timestep_fraction)."""
+    subset_fraction: float = 0.6
+    """random_subset: fraction of usable steps trained per sample (DanceGRPO)."""
+    window_size: int = 2
+    """random_window / sliding_window: window size w (random_window: the maximum)."""
+    window_min: int = 2
+    """random_window: the minimum window size."""
+    window_range: float = 0.5
+    """random_window: the window lies inside the first `window_range` fraction of the steps."""
+    strategy: Literal["frozen", "random", "progressive", "progressive_decay"] = "progressive"
+    """sliding_window: how the window moves (MixGRPO)."""
+    tau: int = 25
+    """sliding_window: iterations between moves (τ)."""
+    stride: int = 1
+    """sliding_window: steps moved each time (s)."""
+    tau_decay: float = 0.9
+    """sliding_window progressive_decay: τ_l = max(tau_min, round(τ·tau_decay^l))."""
+    tau_min: int = 1
+    """sliding_window progressive_decay: smallest τ."""
+    truncate_sigma: Optional[float] = None
+    """Late-step truncation: do not train steps whose σ_t is below this (OP-GRPO)."""
+    truncate_fraction: Optional[float] = None
+    """Late-step truncation: do not train the last fraction of the steps."""
+
+
+@dataclass
+class SolverConfig:
+    kind: Literal["euler", "dpm2m"] = "euler"
+    """Deterministic solver for the ODE steps after the last SDE step (dpm2m: MixGRPO-Flash)."""
+    compression: float = 1.0
+    """r̃: the post-window segment uses ceil((T − l − w)·r̃) steps (dpm2m only)."""
+
+
+@dataclass
+class RewardConfig:
+    names: list[str] = field(default_factory=lambda: ["digit_alignment"])
+    """Registered reward names or `package.module:function` dotted paths."""
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    """One weight per reward."""
+    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums."""
+
+
+@dataclass
+class AdvantageConfig:
+    kind: Literal["group", "stepwise"] = "group"
+    """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO)."""
+    std: Literal["global", "group"] = "global"
+    """Denominator: std of all rewards of the iteration (Flow-GRPO default) or of each group."""
+    eps: float = 1e-4
+    """Added to the std."""
+    clip: float = 5.0
+    """Advantages are clipped to ±clip."""
+    substeps: int = 5
+    """stepwise: T' Euler ODE sub-steps from x_t to σ = 0 for the intermediate estimate (1 = Tweedie)."""
+    normalize: Literal["joint", "per_step"] = "joint"
+    """stepwise: normalise all gains of a group jointly, or each step separately."""
+
+
+@dataclass
+class ReplayConfig:
+    enabled: bool = False
+    """OP-GRPO replay buffer."""
+    k: int = 1
+    """Replayed trajectories per group (the group becomes G − k fresh + k replayed)."""
+    capacity_per_prompt: int = 2
+    """Best trajectories kept per prompt."""
+    max_age: int = 8
+    """Entries older than this many iterations expire."""
+    decay: float = 0.0
+    """Ranking score = reward − decay·age (0: rank by reward only)."""
+    rule: Literal["always", "beats_best", "no_spread", "beats_best_or_no_spread"] = "beats_best_or_no_spread"
+    """When a replayed trajectory enters a group (adaptive rule) or 'always'."""
+    is_correction: Literal["none", "sequence", "per_step"] = "sequence"
+    """Importance correction for replayed samples: one sequence weight, per-step weights, or none."""
+    is_form: Literal["product", "geomean"] = "geomean"
+    """Sequence weight: Π_t π_old/β, or its geometric mean over the kept steps."""
+    is_cap: Optional[float] = 2.0
+    """Truncate the importance weight at this value (None: no cap)."""
+    truncate_sigma: Optional[float] = 0.3
+    """Drop replayed steps whose σ_t is below this (late-step truncation of off-policy terms)."""
+
+
+@dataclass
+class LossConfig:
+    clip_range: float = 1e-4
+    """PPO clip ε on the per-step ratio (mean-reduced log-probs: 1e-4; CPS: 1e-5)."""
+    kl_beta: float = 0.0
+    """β of the KL to the reference policy on the step means (Flow-GRPO)."""
+    kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"
+    """KL on step means: divided by 2·s_t² as Flow-GRPO's code (β values carry over), or by 2·s² (exact)."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 40
+    """Number of iterations (rollout → rewards → advantages → updates)."""
+    seed: int = 0
+    """Seed for every random stream (prompts, noise, plans, dropout-free model init of LoRA)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    minibatches: int = 2
+    """Optimizer steps per iteration (the samples are split into this many minibatches)."""
+    inner_epochs: int = 1
+    """Passes over the iteration's samples."""
+    ema: float = 0.0
+    """EMA decay of the trainable weights used for evaluation (0: off)."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    threads: int = 0
+    """torch threads (0: leave torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Iterations between evaluations; evaluation also runs before the first and after the last."""
+    steps: int = 40
+    """ODE steps of evaluation sampling (Flow-GRPO: 40)."""
+    guidance: Optional[float] = None
+    """Guidance for evaluation (None: sample.guidance)."""
+    prompts: int = 40
+    """Held-out prompts evaluated (embedded: balanced over the 10 digits)."""
+    prompts_file: Optional[str] = None
+    """Evaluation prompts, one per line (default: the embedded model's held-out templates)."""
+    samples_per_prompt: int = 2
+    """Samples per held-out prompt."""
+    seed: int = 1234
+    """Fixed seed of the evaluation noise (the same images are compared across iterations)."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under DIR/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    progress: bool = True
+    """Show a progress bar."""
+    grids: bool = True
+    """Write evaluation sample grids to DIR/samples."""
+
+
+@dataclass
+class Config:
+    preset: Optional[str] = None
+    """The preset this config started from (informational)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type hint `hint`; convert YAML/str forms; raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_s = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}{hint_s}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer") from None
+        if f != int(f):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        return int(f)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={value!r} needs {len(args)} values")
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _unknown_key(prefix: str, name: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
+    full = f"{prefix}{name}"
+    if close:
+        return ConfigError(f"unknown config key {full!r}; did you mean {prefix}{close[0]!r}?")
+    return ConfigError(f"unknown config key {full!r}; allowed under {prefix or 'the top level'}: {sorted(allowed)}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key(prefix, str(k), names)
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix}{k} must be a mapping of its fields, got {v!r}")
+            _apply(cur, v, f"{prefix}{k}.")
+        else:
+            setattr(obj, k, _coerce(f"{prefix}{k}", v, hints[k]))
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `a.b.c` to `value` (a string from the command line or a YAML value)."""
+    parts = dotted.split(".")
+    nested: dict = {}
+    d = nested
+    for p in parts[:-1]:
+        d[p] = {}
+        d = d[p]
+    if isinstance(value, str) and value != "":
+        try:
+            value = yaml.safe_load(value)  # "5" → 5, "[a, b]" → list, "null" → None
+        except yaml.YAMLError:
+            pass  # keep the raw string; type checking below names the key if it is wrong
+    d[parts[-1]] = value
+    _apply(cfg, nested)
+
+
+def to_dict(cfg: Config) -> dict:
+    def conv(x: Any) -> Any:
+        if isinstance(x, tuple):
+            return list(x)
+        if isinstance(x, list):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+    if value is None:
+        return
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        allowed = " and ".join(s for s in (lo_s, hi_s) if s)
+        raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks; raises ConfigError naming the key."""
+    s, p, t = cfg.sample, cfg.plan, cfg.train
+    _check_range("sample.steps", s.steps, 2)
+    _check_range("sample.shift", s.shift, 0, lo_open=True)
+    _check_range("sample.guidance", s.guidance, 0)
+    _check_range("sample.noise_level", s.noise_level, 0)
+    _check_range("sample.prompts_per_iteration", s.prompts_per_iteration, 1)
+    _check_range("sample.group_size", s.group_size, 2)
+    _check_range("sample.batch_size", s.batch_size, 1)
+    _check_range("plan.train_fraction", p.train_fraction, 0, 1, lo_open=True)
+    _check_range("plan.subset_fraction", p.subset_fraction, 0, 1, lo_open=True)
+    _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
+    _check_range("plan.window_min", p.window_min, 1, p.window_size)
+    _check_range("plan.window_range", p.window_range, 0, 1, lo_open=True)
+    _check_range("plan.tau", p.tau, 1)
+    _check_range("plan.stride", p.stride, 1)
+    _check_range("plan.tau_decay", p.tau_decay, 0, 1, lo_open=True)
+    _check_range("plan.tau_min", p.tau_min, 1)
+    _check_range("plan.truncate_sigma", p.truncate_sigma, 0, 1)
+    _check_range("plan.truncate_fraction", p.truncate_fraction, 0, 1)
+    _check_range("solver.compression", cfg.solver.compression, 0, 1, lo_open=True)
+    if len(cfg.reward.names) == 0:
+        raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")
+    if len(cfg.reward.weights) != len(cfg.reward.names):
+        raise ConfigError(
+            f"reward.weights={cfg.reward.weights!r} has {len(cfg.reward.weights)} values for "
+            f"{len(cfg.reward.names)} rewards {cfg.reward.names!r}; give one weight per reward")
+    _check_range("advantage.eps", cfg.advantage.eps, 0, lo_open=True)
+    _check_range("advantage.clip", cfg.advantage.clip, 0, lo_open=True)
+    _check_range("advantage.substeps", cfg.advantage.substeps, 1)
+    r = cfg.replay
+    _check_range("replay.k", r.k, 0, s.group_size - 1)
+    _check_range("replay.capacity_per_prompt", r.capacity_per_prompt, 1)
+    _check_range("replay.max_age", r.max_age, 1)
+    _check_range("replay.is_cap", r.is_cap, 1)
+    _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
+    _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
+    _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
+    _check_range("train.iterations", t.iterations, 0)
+    _check_range("train.lr", t.lr, 0, lo_open=True)
+    _check_range("train.minibatches", t.minibatches, 1, s.prompts_per_iteration * s.group_size)
+    _check_range("train.inner_epochs", t.inner_epochs, 1)
+    _check_range("train.ema", t.ema, 0, 1)
+    _check_range("train.max_grad_norm", t.max_grad_norm, 0, lo_open=True)
+    _check_range("train.checkpoint_every", t.checkpoint_every, 0)
+    _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
+    _check_range("eval.every", cfg.eval.every, 0)
+    _check_range("eval.steps", cfg.eval.steps, 1)
+    _check_range("eval.prompts", cfg.eval.prompts, 1)
+    _check_range("eval.samples_per_prompt", cfg.eval.samples_per_prompt, 1)
+    _check_range("model.lora_rank", cfg.model.lora_rank, 1)
+    if cfg.model.kind != "embedded" and not cfg.model.path:
+        raise ConfigError(f"model.path is required for model.kind={cfg.model.kind!r}; "
+                          "set model.path=/path/to/a/local/diffusers/folder")
+    return cfg
+
+
+def load(config_file: str | None = None, preset: str | None = None,
+         overrides: list[str] | None = None) -> Config:
+    """Defaults ← preset ← YAML file ← `key=value` overrides, then validate."""
+    from flowpo.presets import apply_preset
+
+    cfg = Config()
+    data: dict = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(f"config file {config_file!r} does not exist; pass an existing YAML file "
+                              "(see configs/)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file!r} must hold a YAML mapping of sections")
+    preset = preset or data.pop("preset", None)
+    data.pop("preset", None)
+    if preset:
+        apply_preset(cfg, preset)
+    _apply(cfg, data)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.path=value, e.g. train.iterations=5")
+        k, v = ov.split("=", 1)
+        set_key(cfg, k.strip(), v)
+    return validate(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    return validate(cfg)

@@ -1,0 +1,71 @@
+"""Build the parts a config names, once (STYLE.md guideline 1): policy, plan, prompt sets."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flowpo.config import Config
+from flowpo.plans import Plan, build_plan as _build_plan
+
+
+def build_policy(m):
+    """The policy adapter for `model.kind` (ModelConfig `m`)."""
+    if m.kind == "embedded":
+        from flowpo.policy.embedded import EmbeddedPolicy
+
+        return EmbeddedPolicy(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, weights=m.path)
+    from flowpo.policy.registry import build_policy as build_real
+
+    return build_real(m.kind, m.path, mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype,
+                      resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing)
+
+
+def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
+    p, T = cfg.plan, cfg.sample.steps
+    return _build_plan(
+        p.kind, sigmas, train_fraction=p.train_fraction, subset_fraction=p.subset_fraction,
+        window_min=p.window_min, window_max=p.window_size,
+        window_range=(0, max(p.window_size, min(T - 1, math.ceil(T * p.window_range)))),
+        window_size=p.window_size, strategy=p.strategy, stride=p.stride, interval=p.tau,
+        decay=p.tau_decay, min_interval=p.tau_min,
+        truncate_sigma_min=p.truncate_sigma, truncate_fraction=p.truncate_fraction)
+
+
+def _read_prompts(path: str, key: str) -> list[str]:
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.exists():
+        raise FileNotFoundError(f"{key}={path!r} does not exist; give a text file with one prompt per line")
+    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{key}={path!r} holds no prompts; write one prompt per line")
+    return lines
+
+
+def train_prompt_pool(cfg: Config) -> list[str]:
+    """Training prompts: `sample.prompts_file`, or every (digit, training template) of the
+    embedded model."""
+    if cfg.sample.prompts_file:
+        return _read_prompts(cfg.sample.prompts_file, "sample.prompts_file")
+    from flowpo.prompts import train_prompts
+
+    return [p for d in range(10) for p in train_prompts(d)]
+
+
+def eval_prompts(cfg: Config) -> list[str]:
+    """`eval.prompts` held-out prompts fixed by `eval.seed` (the same at every evaluation): from
+    `eval.prompts_file`, or the embedded held-out templates with the digits balanced."""
+    g = torch.Generator().manual_seed(cfg.eval.seed)
+    if cfg.eval.prompts_file:
+        pool = _read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
+        return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: cfg.eval.prompts]] if \
+            len(pool) >= cfg.eval.prompts else [pool[i % len(pool)] for i in range(cfg.eval.prompts)]
+    from flowpo.prompts import heldout_prompts
+
+    out = []
+    for i in range(cfg.eval.prompts):
+        options = heldout_prompts(i % 10)
+        out.append(options[int(torch.randint(len(options), (1,), generator=g))])
+    return out

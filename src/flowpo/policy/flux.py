@@ -1,0 +1,227 @@
+"""FLUX.1 (guidance-distilled rectified flow) behind the `Policy` interface.
+
+    policy = FluxPolicy.from_pretrained("/models/FLUX.1-dev", dtype="bf16", resolution=720)
+    v = policy.velocity(x, sigma, policy.encode_prompts(prompts), guidance=3.5)
+
+The policy's latent is the VAE latent [N, C, H/8, W/8] (C = 16), so kernels see [N, *D] like
+for any other model. The FLUX transformer reads 2×2 patches as a token sequence: `velocity`
+packs x into [N, (H/16)·(W/16), 4C] tokens with positional ids (0, row, col), calls the
+transformer, and unpacks its output back to [N, C, H/8, W/8].
+
+Guidance: FLUX.1-dev is guidance-distilled; g enters through the guidance embedding, one
+evaluation per row (no CFG batch). Timestep input is σ itself (the transformer multiplies by
+1000 internally; the diffusers pipeline passes scheduler timesteps / 1000 = σ).
+Convention: x_σ = (1−σ)·x0 + σ·ε, v = ε − x0 (REFERENCE.md).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowpo.policy.base import Cond
+from flowpo.policy.diffusers_common import (
+    Mode,
+    PromptCache,
+    TrainableTransformer,
+    autocast,
+    image_size,
+    load_pipeline,
+    place_frozen,
+    resolve_dtype,
+    vae_decode,
+)
+
+# Attention q/k/v/out on both streams (double blocks; single blocks share attn.to_q/k/v), the
+# double blocks' feed-forward layers on both streams, and the single blocks' MLP input.
+FLUX_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp",
+)
+_FROZEN = ("text_encoder", "text_encoder_2", "vae")
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, h, w] → [N, (h/2)·(w/2), 4C]: each 2×2 patch becomes one token (channel-major)."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # [N, h/2, w/2, C, 2, 2]
+    return x.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents`: [N, (h/2)·(w/2), 4C] → [N, C, h, w]."""
+    n, _, d = tokens.shape
+    x = tokens.reshape(n, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # [N, C, h/2, 2, w/2, 2]
+    return x.reshape(n, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """Rotary position ids (0, row, col) of the (h/2)·(w/2) patch tokens, [(h/2)·(w/2), 3] fp32."""
+    rows = torch.arange(h // 2, device=device, dtype=torch.float32)[:, None].expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=device, dtype=torch.float32)[None, :].expand(h // 2, w // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+class FluxPolicy:
+    """A FluxPipeline's transformer as the policy; CLIP, T5 and the VAE frozen.
+
+    Args:
+        pipe: a `FluxPipeline` (its transformer is modified in place: LoRA injected).
+        dtype: "fp32" | "bf16" | "fp16": weights of the frozen parts and the compute dtype;
+            velocities are always returned in fp32.
+        mode: "lora" or "full" (MixGRPO and DanceGRPO train FLUX fully, lr 1e-5).
+        lora_rank, lora_alpha: LoRA r and α (scale α / r); default r 64, α 128.
+        lora_targets: module-name suffixes to adapt; default `FLUX_LORA_TARGETS`.
+        resolution: image side in px, or (height, width); None = the pipeline's default
+            (128 · vae_scale_factor = 1024 px). Must be a multiple of 2 · vae_scale_factor.
+        gradient_checkpointing: recompute transformer activations in the backward pass.
+        device: where every component runs.
+        max_sequence_length: T5 tokens per prompt (the pipeline's default is 512).
+        prompt_cache_size: prompts whose embeddings are kept (least recently used evicted).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        mode: Mode = "lora",
+        lora_rank: int = 64,
+        lora_alpha: float = 128,
+        lora_targets: list[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        gradient_checkpointing: bool = False,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int = 512,
+        prompt_cache_size: int = 1024,
+    ):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.max_sequence_length = max_sequence_length
+        place_frozen(pipe, _FROZEN, self.device, self.dtype)
+        pipe.transformer.to(self.device)
+        self._trainable = TrainableTransformer(
+            pipe.transformer,
+            mode=mode,
+            dtype=self.dtype,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=list(lora_targets or FLUX_LORA_TARGETS),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.has_guidance_embedding = bool(pipe.transformer.config.guidance_embeds)
+        scale = pipe.vae_scale_factor
+        self.height, self.width = image_size(pipe, resolution, 2 * scale)
+        self.latent_shape = (pipe.transformer.config.in_channels // 4, self.height // scale, self.width // scale)
+        self._img_ids = image_ids(self.latent_shape[1], self.latent_shape[2], self.device)  # [S, 3]
+        self._prompts = PromptCache(self._encode, prompt_cache_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        mode: Mode = "lora",
+        lora_rank: int = 64,
+        lora_alpha: float = 128,
+        lora_targets: list[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        gradient_checkpointing: bool = False,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int = 512,
+        prompt_cache_size: int = 1024,
+    ) -> "FluxPolicy":
+        """Load a local FluxPipeline folder (never the hub) and wrap it."""
+        pipe = load_pipeline("FluxPipeline", path, "flux", resolve_dtype(dtype))
+        return cls(
+            pipe,
+            dtype=dtype,
+            mode=mode,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            resolution=resolution,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            max_sequence_length=max_sequence_length,
+            prompt_cache_size=prompt_cache_size,
+        )
+
+    # -- Policy interface -------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        return self._trainable.module
+
+    @module.setter
+    def module(self, wrapped: nn.Module) -> None:  # a DDP/FSDP wrapper of the transformer
+        self._trainable.module = wrapped
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """{"prompt_embeds": [N, L, D] T5 tokens, "pooled": [N, P] CLIP pooled output}."""
+        return self._prompts.get(prompts)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        n, _, h, w = x.shape
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(n)  # [N]
+        if self.has_guidance_embedding:
+            g = torch.full((n,), float(guidance), dtype=torch.float32, device=x.device)  # [N]
+        elif guidance != 1.0:
+            raise ValueError(
+                f"guidance={guidance}: this FLUX transformer has no guidance embedding "
+                "(config.guidance_embeds=False, e.g. FLUX.1-schnell); set the sampling guidance to 1.0"
+            )
+        else:
+            g = None
+        embeds = cond["prompt_embeds"]
+        txt_ids = torch.zeros(embeds.shape[1], 3, dtype=torch.float32, device=x.device)  # [L, 3]
+        with autocast(self.device, self.dtype):
+            out = self._trainable.active(
+                hidden_states=pack_latents(x).to(self.dtype),  # [N, S, 4C]
+                timestep=sigma,  # the transformer scales σ by 1000 itself
+                guidance=g,
+                pooled_projections=cond["pooled"].to(self.dtype),
+                encoder_hidden_states=embeds.to(self.dtype),
+                txt_ids=txt_ids,
+                img_ids=self._img_ids if (h, w) == self.latent_shape[1:] else image_ids(h, w, x.device),
+                return_dict=False,
+            )[0]
+        return unpack_latents(out.float(), h, w)
+
+    def evals_per_row(self, guidance: float) -> int:
+        return 1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [N, C, H/8, W/8] → images [N, 3, H, W] fp32 in [0, 1]."""
+        return vae_decode(self.pipe.vae, x)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self._trainable.parameters()
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        return self._trainable.disable_adapter()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._trainable.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._trainable.load_state_dict(state)
+
+    def save_pretrained(self, directory: str) -> None:
+        """LoRA: `FluxPipeline.load_lora_weights(directory)` loads it back (α kept).
+        Full: `directory/transformer` in diffusers format."""
+        self._trainable.save(directory, type(self.pipe))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return {"prompt_embeds": embeds, "pooled": pooled}

@@ -1,0 +1,231 @@
+"""Wan2.1 text-to-video (WanTransformer3DModel) behind the `Policy` interface, with true CFG.
+
+    policy = WanPolicy.from_pretrained("/models/Wan2.1-T2V-1.3B-Diffusers", dtype="bf16",
+                                       resolution=(480, 832), num_frames=33)
+    v = policy.velocity(x, sigma, policy.encode_prompts(prompts), guidance=5.0)   # x [N, 16, 9, 60, 104]
+
+Latents are 5-D per batch: D = (C, F, H/8, W/8) with F = (num_frames − 1)/4 + 1 latent frames;
+the step kernels work on any [N, *D]. The transformer predicts v = ε − x0 for
+x_σ = (1−σ)·x0 + σ·ε and reads the timestep σ·1000 (its pipeline passes scheduler timesteps).
+With g ≠ 1 the prompt and the negative prompt run in one batch of 2N rows: v = v_u + g·(v_c − v_u).
+
+`decode` returns videos [N, 3, F_px, H, W] in [0, 1]: the image contract's [N, 3, H, W] with a
+frame axis inserted; rewards must accept that axis (e.g. score frames and average).
+Wan2.2's two-expert pipelines (transformer_2 with boundary_ratio) are rejected: which expert to
+train and how the reference splits is a design question, not an adapter detail.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flowpo.policy.base import Cond
+from flowpo.policy.diffusers_common import (
+    Mode,
+    PromptCache,
+    TrainableTransformer,
+    autocast,
+    load_pipeline,
+    place_frozen,
+    resolve_dtype,
+)
+
+# Self-attention (attn1) and cross-attention (attn2) projections and the feed-forward network.
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+DEFAULT_SIZE = (480, 832)  # WanPipeline.__call__'s height and width defaults
+_FROZEN = ("text_encoder", "vae")
+
+
+class WanPolicy:
+    """A WanPipeline's transformer as the policy; UMT5 and the video VAE frozen.
+
+    Args:
+        pipe: a `WanPipeline` (Wan2.1: one transformer; its transformer gets the LoRA in place).
+        dtype, mode, lora_rank, lora_alpha, lora_targets, gradient_checkpointing, device,
+        prompt_cache_size: as for `SD3Policy`.
+        resolution: frame side in px, or (height, width); None = the pipeline's 480×832.
+        num_frames: video length in frames; (num_frames − 1) must be divisible by 4 (default 81).
+        max_sequence_length: UMT5 tokens per prompt (the pipeline's default is 512).
+        negative_prompt: the unconditional prompt of CFG (the pipeline's default is "").
+    """
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        mode: Mode = "lora",
+        lora_rank: int = 32,
+        lora_alpha: float = 64,
+        lora_targets: list[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        num_frames: int = 81,
+        gradient_checkpointing: bool = False,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+        prompt_cache_size: int = 1024,
+    ):
+        if getattr(pipe, "transformer_2", None) is not None or pipe.transformer is None:
+            raise ValueError(
+                "WanPolicy supports single-transformer Wan2.1 pipelines; this folder is a two-expert "
+                "Wan2.2 pipeline (transformer_2) or has no transformer"
+            )
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise ValueError("WanPolicy does not support expand_timesteps pipelines (Wan2.2 TI2V)")
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+        place_frozen(pipe, _FROZEN, self.device, self.dtype)
+        pipe.transformer.to(self.device)
+        self._trainable = TrainableTransformer(
+            pipe.transformer,
+            mode=mode,
+            dtype=self.dtype,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=list(lora_targets or WAN_LORA_TARGETS),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        _, p_h, p_w = pipe.transformer.config.patch_size
+        if resolution is None:
+            resolution = DEFAULT_SIZE
+        height, width = (resolution, resolution) if isinstance(resolution, int) else map(int, resolution)
+        if height % (s * p_h) or width % (s * p_w) or height <= 0 or width <= 0:
+            raise ValueError(
+                f"model.resolution={resolution!r}: height and width must be positive multiples of {s * p_h}"
+            )
+        if num_frames < 1 or (num_frames - 1) % t:
+            raise ValueError(f"num_frames={num_frames}: num_frames − 1 must be a multiple of {t} (e.g. 33, 81)")
+        self.height, self.width, self.num_frames = height, width, num_frames
+        channels = pipe.transformer.config.in_channels
+        self.latent_shape = (channels, (num_frames - 1) // t + 1, height // s, width // s)
+        self._prompts = PromptCache(self._encode, prompt_cache_size)
+        self._negative: Cond | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "fp32",
+        mode: Mode = "lora",
+        lora_rank: int = 32,
+        lora_alpha: float = 64,
+        lora_targets: list[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        num_frames: int = 81,
+        gradient_checkpointing: bool = False,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int = 512,
+        negative_prompt: str = "",
+        prompt_cache_size: int = 1024,
+    ) -> "WanPolicy":
+        """Load a local WanPipeline folder (never the hub) and wrap it."""
+        pipe = load_pipeline("WanPipeline", path, "wan", resolve_dtype(dtype))
+        return cls(
+            pipe,
+            dtype=dtype,
+            mode=mode,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            resolution=resolution,
+            num_frames=num_frames,
+            gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            max_sequence_length=max_sequence_length,
+            negative_prompt=negative_prompt,
+            prompt_cache_size=prompt_cache_size,
+        )
+
+    # -- Policy interface -------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        return self._trainable.module
+
+    @module.setter
+    def module(self, wrapped: nn.Module) -> None:
+        self._trainable.module = wrapped
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """{"prompt_embeds": [N, L, D]} UMT5 token embeddings (padding positions zeroed)."""
+        return self._prompts.get(prompts)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        n = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(n)  # [N]
+        embeds = cond["prompt_embeds"]
+        if guidance == 1.0:
+            return self._transformer(x, sigma, embeds).float()
+        neg = self._negative_cond()["prompt_embeds"].expand(n, -1, -1)
+        out = self._transformer(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg, embeds]))  # [2N, *D]
+        v_u, v_c = out.float().chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    def evals_per_row(self, guidance: float) -> int:
+        return 1 if guidance == 1.0 else 2
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [N, C, F, h, w] → videos [N, 3, num_frames, H, W] fp32 in [0, 1].
+
+        The VAE expects z = x·std + mean per channel (the pipeline's latents / (1/std) + mean).
+        """
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=x.device).view(shape)
+        param = next(vae.parameters())
+        video = vae.decode((x.float() * std + mean).to(param.device, param.dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self._trainable.parameters()
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        return self._trainable.disable_adapter()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._trainable.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._trainable.load_state_dict(state)
+
+    def save_pretrained(self, directory: str) -> None:
+        """LoRA: `WanPipeline.load_lora_weights(directory)` loads it back (α kept).
+        Full: `directory/transformer` in diffusers format."""
+        self._trainable.save(directory, type(self.pipe))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        embeds, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )
+        return {"prompt_embeds": embeds}
+
+    def _negative_cond(self) -> Cond:
+        if self._negative is None:
+            with torch.no_grad():
+                self._negative = self._encode([self.negative_prompt])
+        return self._negative
+
+    def _transformer(self, x, sigma, embeds) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return self._trainable.active(
+                hidden_states=x.to(self.dtype),
+                timestep=sigma * 1000.0,
+                encoder_hidden_states=embeds.to(self.dtype),
+                return_dict=False,
+            )[0]

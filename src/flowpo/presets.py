@@ -1,0 +1,76 @@
+"""Named presets: each method is a set of part settings (DESIGN.md). `flowpo presets` lists them.
+
+The embedded default runs T = 10 training steps (Flow-GRPO's value). Where a paper used another
+T or iteration budget, the window parameters are scaled; see docs/presets.md for the rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowpo.config import Config, ConfigError, set_key
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    paper: str
+    overrides: dict
+
+
+PRESETS: dict[str, Preset] = {
+    "flow_grpo": Preset(
+        "Flow-GRPO: Flow-GRPO SDE (a=0.7) on every step, all but the last trained",
+        "Liu et al. 2025, arXiv 2505.05470",
+        {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "all_but_last",
+         "plan.train_fraction": 0.99}),
+    "dance_grpo": Preset(
+        "DanceGRPO: constant-noise SDE (η=0.3) everywhere, a random 60% of steps trained per sample, "
+        "shared initial noise per group",
+        "Xue et al. 2025, arXiv 2505.07818",
+        {"sample.kernel": "dance_grpo", "sample.noise_level": 0.3, "plan.kind": "random_subset",
+         "plan.subset_fraction": 0.6, "sample.shared_noise": True}),
+    "mix_grpo": Preset(
+        "MixGRPO: SDE + training only inside a progressive sliding window (w=2, τ scaled), ODE outside",
+        "Li et al. 2025, arXiv 2507.21802",
+        {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "sliding_window",
+         "plan.strategy": "progressive", "plan.window_size": 2, "plan.tau": 15, "plan.stride": 1,
+         "reward.aggregation": "normalize_then_sum"}),
+    "mix_grpo_flash": Preset(
+        "MixGRPO-Flash: MixGRPO + DPM-Solver++ 2M after the window with r̃=0.4",
+        "Li et al. 2025, arXiv 2507.21802",
+        {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "sliding_window",
+         "plan.strategy": "progressive", "plan.window_size": 2, "plan.tau": 12, "plan.stride": 1,
+         "solver.kind": "dpm2m", "solver.compression": 0.4, "reward.aggregation": "normalize_then_sum"}),
+    "mix_grpo_flash_star": Preset(
+        "MixGRPO-Flash*: window frozen at the noisiest steps, DPM-Solver++ 2M after it with r̃=0.2",
+        "Li et al. 2025, arXiv 2507.21802",
+        {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "sliding_window",
+         "plan.strategy": "frozen", "plan.window_size": 2, "solver.kind": "dpm2m", "solver.compression": 0.2,
+         "reward.aggregation": "normalize_then_sum"}),
+    "op_grpo": Preset(
+        "OP-GRPO: Flow-GRPO + replay of the best past trajectory per prompt (k=1), sequence-level "
+        "importance weight, late-step truncation of replayed terms",
+        "Zhang et al. 2026, arXiv 2604.04142",
+        {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "all_but_last",
+         "replay.enabled": True, "replay.k": 1, "replay.is_correction": "sequence", "replay.is_form": "geomean",
+         "replay.is_cap": 2.0, "replay.truncate_sigma": 0.3, "replay.rule": "beats_best_or_no_spread"}),
+    "stepwise_grpo": Preset(
+        "Stepwise-Flow-GRPO: DDIM-inspired SDE, per-step gain advantages from Tweedie rewards (T'=5)",
+        "arXiv 2603.28718",
+        {"sample.kernel": "ddim", "sample.noise_level": 1.0, "plan.kind": "all_but_last",
+         "advantage.kind": "stepwise", "advantage.substeps": 5, "advantage.normalize": "joint",
+         "sample.shared_noise": True}),
+}
+
+
+def apply_preset(cfg: Config, name: str) -> Config:
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; available: {sorted(PRESETS)} (flowpo presets)")
+    for k, v in PRESETS[name].overrides.items():
+        set_key(cfg, k, v)
+    cfg.preset = name
+    return cfg

@@ -1,0 +1,134 @@
+"""Rollouts: sample trajectories of a group of prompts under a step plan, recording what the loss
+re-scores.
+
+For each step t of the training grid σ_0 = 1 > … > σ_T = 0 and each row i:
+    v = v_θ(x_t, σ_t | c_i)                         (guidance inside the policy)
+    x_{t+1} = kernel(x_t, v, σ_t, σ_{t+1})           if plan.sde[i, t]   (log-prob recorded)
+    x_{t+1} = x_t + (σ_{t+1} − σ_t)·v               otherwise (Euler ODE)
+After the last stochastic step e, a `dpm2m` solver may replace the remaining ODE steps by a
+shorter segment (MixGRPO-Flash, arXiv 2507.21802 §3.3).
+
+All randomness comes from per-row noise drawn from per-row generators, so a sample depends only on
+(seed, iteration, global row index): one process and N processes draw the same trajectories.
+Rows are processed in fixed chunks; the loss reuses the same chunks so that, on the first update of
+fresh samples, π_θ's log-prob is recomputed bit-identically (ratio exactly 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from flowpo.policy.base import Cond, Policy, select_cond
+from flowpo.sde import KERNELS, ode_step
+
+
+@dataclass
+class Rollout:
+    """One iteration's trajectories (this rank's rows). Shapes: N rows, T steps, D latent dims."""
+
+    prompts: list[str]              # [N]
+    group_ids: torch.Tensor         # [N] long, global group index (same prompt & iteration)
+    cond: Cond                      # rows [N, ...]
+    sigmas: torch.Tensor            # [T+1] training grid
+    states: torch.Tensor            # [N, T+1, *D] fp32; x_t on the grid (zeros where not visited)
+    log_probs: torch.Tensor         # [N, T] fp32 behaviour log-probs (0 on ODE steps)
+    sde: torch.Tensor               # [N, T] bool
+    train: torch.Tensor             # [N, T] bool, ⊆ sde
+    final: torch.Tensor             # [N, *D] final latent x_T
+    chunks: list[torch.Tensor]      # row-index chunks used for every model call
+    nfe: int = 0                    # model evaluations (rows × evals per row)
+    images: torch.Tensor | None = None   # [N, C, H, W] decoded final images
+    rewards_raw: torch.Tensor | None = None  # [N, K]
+    extras: dict = field(default_factory=dict)
+
+
+def make_chunks(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Split rows 0..n−1 into chunks of at most batch_size, in a random (seeded) order."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def row_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per seed → [len(seeds), *shape]."""
+    out = torch.empty((len(seeds), *shape))
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        out[i] = torch.randn(shape, generator=g)
+    return out
+
+
+@torch.no_grad()
+def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Tensor,
+           step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor,
+           kernel: str, noise_level: float, guidance: float, chunks: list[torch.Tensor],
+           reduction: str = "mean", solver: str = "euler", compression: float = 1.0,
+           shift: float = 3.0, prompts: list[str] | None = None,
+           group_ids: torch.Tensor | None = None) -> Rollout:
+    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere)."""
+    from flowpo.solvers import compressed_sigmas, compressed_steps, solve
+
+    n, T = x_init.shape[0], sigmas.numel() - 1
+    dims = tuple(x_init.shape[1:])
+    kern = KERNELS[kernel]
+    states = torch.zeros((n, T + 1, *dims))
+    log_probs = torch.zeros((n, T))
+    x = x_init.float().clone()
+    states[:, 0] = x
+    nfe = 0
+    sde_any = sde.any(0)  # [T]
+    last_sde = int(torch.nonzero(sde_any).max()) + 1 if sde_any.any() else 0
+    # grid steps run one by one; after `stop` a compressed solver segment may take over
+    stop = T
+    if solver == "dpm2m" and last_sde < T:
+        stop = last_sde
+    for t in range(stop):
+        s, s_next = float(sigmas[t]), float(sigmas[t + 1])
+        x_next = torch.empty_like(x)
+        for idx in chunks:
+            xc = x[idx]
+            sig = torch.full((len(idx),), s)
+            v = policy.velocity(xc, sig, select_cond(cond, idx), guidance)
+            nfe += len(idx) * policy.evals_per_row(guidance)
+            rows_sde = sde[idx, t]
+            if rows_sde.any():
+                st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
+                od = ode_step(xc, v, s, s_next, noise_level)
+                mask = rows_sde.view(-1, *([1] * len(dims)))
+                x_next[idx] = torch.where(mask, st.sample, od.sample)
+                log_probs[idx, t] = torch.where(rows_sde, st.log_prob, torch.zeros_like(st.log_prob))
+            else:
+                x_next[idx] = ode_step(xc, v, s, s_next, noise_level).sample
+        x = x_next
+        states[:, t + 1] = x
+    if stop < T:
+        n_steps = compressed_steps(T - stop, compression)
+        seg = compressed_sigmas(float(sigmas[stop]), 0.0, n_steps, shift)
+
+        def vel(xx: torch.Tensor, sig: torch.Tensor, _cond: Cond = cond) -> torch.Tensor:
+            out = torch.empty_like(xx)
+            for idx in chunks:
+                out[idx] = policy.velocity(xx[idx], sig[idx], select_cond(_cond, idx), guidance)
+            return out
+
+        x, evals = solve(solver, vel, x, seg)
+        nfe += evals * n * policy.evals_per_row(guidance)
+    return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
+                   cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
+                   final=x, chunks=chunks, nfe=nfe)
+
+
+@torch.no_grad()
+def ode_sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, x_init: torch.Tensor, guidance: float,
+               batch_size: int) -> tuple[torch.Tensor, int]:
+    """Deterministic Euler sampling (evaluation). Returns (x_0 [N, *D], nfe)."""
+    n = x_init.shape[0]
+    T = sigmas.numel() - 1
+    sde = torch.zeros((n, T), dtype=torch.bool)
+    r = sample(policy, cond, sigmas, x_init=x_init, step_noise=None, sde=sde, train=sde, kernel="ode",
+               noise_level=0.0, guidance=guidance, chunks=make_chunks(n, batch_size, None))
+    return r.final, r.nfe
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,0 +1,134 @@
+"""Run-directory outputs (DESIGN.md): metrics.jsonl, TensorBoard, sample grids, report.md + plots.
+
+Only the main process writes. Metric names: the contract keys (`step`, `reward_mean`,
+`reward_std`, `nfe`, `wall_s`, `eval_reward_mean`) at the top level, the rest namespaced
+(`loss/…`, `stats/…`, `time/…`, `reward/…`, `replay/…`, `eval/…`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+class RunLog:
+    def __init__(self, out: str | Path, *, enabled: bool = True, tensorboard: bool = True, wandb: bool = False,
+                 config: dict | None = None):
+        self.out = Path(out)
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise RuntimeError("log.wandb=true needs wandb: pip install wandb") from None
+            self.wandb = wb.init(project="flowpo", config=config, dir=str(self.out))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        step = int(record.get("step", 0))
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def grid(self, images: torch.Tensor, name: str, nrow: int) -> Path | None:
+        """Save images [N, C, H, W] in [0, 1] as one PNG grid (upsampled ×4 when small)."""
+        if not self.enabled:
+            return None
+        path = self.out / "samples" / f"{name}.png"
+        save_grid(images, path, nrow)
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1) -> None:
+    from PIL import Image
+
+    x = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = x.shape
+    scale = max(1, 64 // max(h, w))
+    ncol = math.ceil(n / nrow)
+    canvas = torch.ones((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad))
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+    arr = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def write_report(out: str | Path, title: str = "flowpo run") -> Path:
+    """report.md with the reward curves (PNG) and the sample grids of the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_reward_mean" in r]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        s = [r["step"] for r in train]
+        m = [r["reward_mean"] for r in train]
+        sd = [r.get("reward_std", 0.0) for r in train]
+        ax[0].plot(s, m, label="train reward (mean)")
+        ax[0].fill_between(s, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+    if evals:
+        ax[0].plot([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="eval reward")
+        ax[1].plot([r.get("wall_s", 0) for r in evals], [r["eval_reward_mean"] for r in evals], "o-")
+    ax[0].set_xlabel("iteration")
+    ax[0].set_ylabel("reward")
+    ax[0].legend()
+    ax[1].set_xlabel("wall time (s)")
+    ax[1].set_ylabel("eval reward")
+    fig.tight_layout()
+    fig.savefig(out / "reward_curve.png", dpi=100)
+    plt.close(fig)
+    lines = [f"# {title}", "", "![reward curves](reward_curve.png)", ""]
+    if evals:
+        lines += ["| iteration | eval reward | wall s | nfe |", "|---|---|---|---|"]
+        for r in evals:
+            lines.append(f"| {r['step']} | {r['eval_reward_mean']:.4f} | {r.get('wall_s', 0):.1f} | {r.get('nfe', 0)} |")
+        lines.append("")
+    grids = sorted((out / "samples").glob("*.png")) if (out / "samples").exists() else []
+    for g in grids[:1] + grids[-1:] if len(grids) > 1 else grids:
+        lines += [f"## {g.stem}", "", f"![{g.stem}](samples/{g.name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

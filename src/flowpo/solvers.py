@@ -1,0 +1,132 @@
+"""Deterministic segment solvers for the steps outside the trained window.
+
+    solve(name, velocity_fn, x, sigmas) -> (x_end, n_evals)
+
+`velocity_fn(x, sigma)` takes x [N, *D] and sigma [N] (fp32) and returns v [N, *D]; `sigmas` is
+the decreasing segment σ_0 > … > σ_K (shape [K + 1]); n_evals = K is the number of
+`velocity_fn` calls (each on all N rows; the trainer multiplies by rows and evals per row).
+All arithmetic is fp32.
+
+- "euler": x' = x + (σ' − σ)·v.
+- "dpm2m": DPM-Solver++(2M) on the data prediction x̂0 = x − σ·v (Lu et al., arXiv 2211.01095,
+  Alg. 2; the rectified-flow form MixGRPO-Flash uses, arXiv 2507.21802). With α = 1 − σ,
+  λ = log(α/σ), h = λ' − λ:
+
+      x' = (σ'/σ)·x + (α' − α·σ'/σ)·D,        (α' − α·σ'/σ = α'·(1 − e^{−h}))
+      D  = (1 + 1/(2r))·x̂0_n − (1/(2r))·x̂0_{n−1},   r = h_{n−1}/h_n   (midpoint form)
+
+  D = x̂0_n (first order, i.e. DDIM) on the first step, on a step into σ' = 0 (λ' = +∞; the
+  update is then exactly x' = x̂0) and on the step after one that started at σ = 1 (λ = −∞ gives
+  r = ∞, whose limit is the first-order update). The coefficients are written with σ ratios, so
+  no infinite λ enters the arithmetic. A first-order step from σ = 1 equals the Euler step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowpo.schedule import shift_sigma, unshift_sigma
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+SOLVERS = ("euler", "dpm2m")
+
+
+def _check_segment(sigmas: Tensor) -> list[float]:
+    s = [float(t) for t in torch.as_tensor(sigmas).flatten()]
+    if len(s) < 1:
+        raise ValueError("sigmas must hold at least one value")
+    if any(b >= a for a, b in zip(s, s[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing; got {s}")
+    if s[0] > 1 or s[-1] < 0:
+        raise ValueError(f"sigmas must lie in [0, 1]; got {s}")
+    return s
+
+
+def _sigma_row(value: float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)  # [N]
+
+
+def _lambda(sigma: float) -> float:
+    """λ = log((1 − σ)/σ); −∞ at σ = 1, +∞ at σ = 0."""
+    if sigma >= 1:
+        return -math.inf
+    if sigma <= 0:
+        return math.inf
+    return math.log((1 - sigma) / sigma)
+
+
+def euler(velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, int]:
+    """Euler ODE over the segment: x ← x + (σ_{k+1} − σ_k)·v(x, σ_k). Returns (x_end, K)."""
+    s = _check_segment(sigmas)
+    x = x.float()
+    for a, b in zip(s, s[1:]):
+        x = x + (b - a) * velocity_fn(x, _sigma_row(a, x)).float()
+    return x, len(s) - 1
+
+
+def dpm2m(velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, int]:
+    """DPM-Solver++(2M) in x̂0 form over the segment (see the module docstring). Returns (x_end, K)."""
+    s = _check_segment(sigmas)
+    x = x.float()
+    prev_x0, prev_h = None, None
+    for a, b in zip(s, s[1:]):
+        x0 = x - a * velocity_fn(x, _sigma_row(a, x)).float()  # x̂0_n
+        h = _lambda(b) - _lambda(a)
+        second_order = prev_x0 is not None and math.isfinite(h) and math.isfinite(prev_h)
+        if second_order:
+            half_inv_r = h / (2 * prev_h)  # 1/(2r)
+            d = (1 + half_inv_r) * x0 - half_inv_r * prev_x0
+        else:
+            d = x0
+        x = (b / a) * x + ((1 - b) - (1 - a) * b / a) * d
+        prev_x0, prev_h = x0, h
+    return x, len(s) - 1
+
+
+_SOLVER_FNS = {"euler": euler, "dpm2m": dpm2m}
+
+
+def solve(name: str, velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, int]:
+    """Integrate the probability-flow ODE over `sigmas` [K + 1] with solver `name`.
+
+    Returns (x_end [N, *D] fp32, n_evals = K). A one-element segment returns (x, 0).
+    """
+    if name not in _SOLVER_FNS:
+        raise ValueError(f"solver name={name!r} is unknown; allowed: {list(SOLVERS)}")
+    return _SOLVER_FNS[name](velocity_fn, x, sigmas)
+
+
+def compressed_steps(n_steps: int, ratio: float) -> int:
+    """MixGRPO-Flash's post-window step count: ⌈n·r̃⌉, at least 1 when n > 0 (0 when n = 0).
+
+    A 1e-9 slack absorbs float error (20·0.4 must give 8, not 9).
+    """
+    if n_steps < 0:
+        raise ValueError(f"n_steps={n_steps!r} must be >= 0")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio!r} must be in (0, 1]")
+    if n_steps == 0:
+        return 0
+    return max(1, math.ceil(n_steps * ratio - 1e-9))
+
+
+def compressed_sigmas(sigma_a: float, sigma_b: float, n_steps: int, shift: float = 3.0) -> Tensor:
+    """A segment from σ_a to σ_b in `n_steps` steps, placed on the same shifted schedule.
+
+    Both ends are mapped back to the unshifted time t = σ/(s − (s−1)σ), the interval is split
+    uniformly in t and shifted again (σ̃ = s·t/(1 + (s−1)·t)), so the coarse segment is the
+    segment the training grid itself would have with n_steps steps there. Ends are exact.
+    Returns fp32 [n_steps + 1].
+    """
+    if not 1 >= sigma_a > sigma_b >= 0:
+        raise ValueError(f"need 1 >= sigma_a > sigma_b >= 0; got sigma_a={sigma_a!r}, sigma_b={sigma_b!r}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps={n_steps!r} must be >= 1")
+    t_a, t_b = unshift_sigma(torch.tensor([sigma_a, sigma_b], dtype=torch.float64), shift).tolist()
+    t = torch.linspace(t_a, t_b, n_steps + 1, dtype=torch.float64)  # [n_steps + 1]
+    out = shift_sigma(t, shift).to(torch.float32)
+    out[0], out[-1] = sigma_a, sigma_b
+    return out

@@ -1,0 +1,478 @@
+"""The one training loop: rollout → rewards → advantages → (replay) → clipped updates → eval/log/ckpt.
+
+Run:  flowpo train --preset flow_grpo --out runs/x train.iterations=40
+
+Every method is a preset (flowpo.presets) that sets the parts below; this loop never branches on a
+method's name. Shapes: B prompts, G per group, N rows, T steps, D latent dims, K rewards.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowpo import checkpoint, config as config_mod
+from flowpo.advantages import aggregate_advantages, stepwise_advantages
+from flowpo.buffer import ReplayBuffer, admit
+from flowpo.config import Config
+from flowpo.distributed import Dist
+from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
+from flowpo.parts import build_plan, build_policy, eval_prompts, train_prompt_pool
+from flowpo.policy.base import cat_cond, select_cond
+from flowpo.rewards import RewardSet
+from flowpo.rollout import make_chunks, ode_sample, row_noise, sample
+from flowpo.runlog import RunLog, write_report
+from flowpo.schedule import sigmas as make_sigmas
+from flowpo.sde import KERNELS
+from flowpo.stepwise import intermediate_rewards
+
+
+def _seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (so every stream is a function of seed, iteration, row)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+@dataclass
+class UpdateBatch:
+    """Everything the update re-scores. M rows (fresh then replayed)."""
+
+    states: torch.Tensor       # [M, T+1, *D]
+    train: torch.Tensor        # [M, T] bool
+    old_log_prob: torch.Tensor  # [M, T] π_old
+    adv: torch.Tensor          # [M, T]
+    weight: torch.Tensor       # [M, T] detached importance weights (1 for fresh rows)
+    cond: dict                 # rows [M, ...]
+    chunks: list[torch.Tensor]  # row indices; fresh chunks equal the rollout's
+
+
+class EMA:
+    """θ_ema ← d·θ_ema + (1−d)·θ over the trainable parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False):
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = Dist()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.policy = build_policy(cfg.model)
+        self.params = self.policy.trainable_parameters()
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                     weight_decay=cfg.train.weight_decay)
+        self.ema = EMA(self.params, cfg.train.ema) if cfg.train.ema > 0 else None
+        self.rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
+        s = cfg.sample
+        self.sigmas = make_sigmas(s.steps, s.shift)                      # [T+1]
+        self.eval_sigmas = make_sigmas(cfg.eval.steps, s.shift)
+        self.kernel = KERNELS[s.kernel]
+        self.plan = build_plan(cfg, self.sigmas)
+        self.pool = train_prompt_pool(cfg)
+        self.eval_prompts = eval_prompts(cfg)
+        r = cfg.replay
+        self.buffer = ReplayBuffer(self.sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
+                                   decay=r.decay, truncate_sigma=r.truncate_sigma) if r.enabled and r.k > 0 else None
+        self.iteration, self.nfe, self.wall_offset = 0, 0, 0.0
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_checkpoint()
+        elif self.dist.is_main and (self.out / "metrics.jsonl").exists():
+            raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
+                                  "or choose another --out")
+        if self.dist.is_main:
+            config_mod.dump(cfg, self.out / "config.yaml")
+        self.log = RunLog(self.out, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard,
+                          wandb=cfg.log.wandb, config=config_mod.to_dict(cfg))
+        self.t0 = time.time()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        last_eval: dict = {}
+        if self.iteration == 0:
+            last_eval = self.evaluate()
+        bar = None
+        if cfg.log.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="flowpo", dynamic_ncols=True)
+        while self.iteration < cfg.train.iterations:
+            rec = self.train_iteration(self.iteration)
+            self.iteration += 1
+            self.log.write(rec)
+            done = self.iteration == cfg.train.iterations
+            if done or (cfg.eval.every and self.iteration % cfg.eval.every == 0):
+                last_eval = self.evaluate()
+            if done or (cfg.train.checkpoint_every and self.iteration % cfg.train.checkpoint_every == 0):
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                post = {"reward": f"{rec['reward_mean']:.3f}"}
+                if last_eval:
+                    post["eval"] = f"{last_eval['eval_reward_mean']:.3f}"
+                bar.set_postfix(post)
+        if bar is not None:
+            bar.close()
+        if self.dist.is_main:
+            write_report(self.out, title=f"flowpo run: {cfg.preset or 'custom'}")
+        self.log.close()
+        return last_eval
+
+    def wall(self) -> float:
+        return self.wall_offset + time.time() - self.t0
+
+    # ------------------------------------------------------------------ one iteration
+    def train_iteration(self, it: int) -> dict:
+        cfg, s = self.cfg, self.cfg.sample
+        t_start = time.time()
+        seed = cfg.train.seed
+        B, G = s.prompts_per_iteration, s.group_size
+        k_replay = cfg.replay.k if self.buffer is not None else 0
+        g_fresh = G - k_replay
+        gen = torch.Generator().manual_seed(_seed(seed, it, 1))
+        prompt_idx = torch.randint(len(self.pool), (B,), generator=gen)
+        prompts_all = [self.pool[int(i)] for i in prompt_idx for _ in range(g_fresh)]     # [N]
+        groups_all = torch.arange(B).repeat_interleave(g_fresh)                             # [N]
+        n_all = len(prompts_all)
+        plan = self.plan(it, n_all, groups_all, torch.Generator().manual_seed(_seed(seed, it, 2)))
+        local = self.dist.split(n_all)
+        rows = list(range(n_all))[local]
+        prompts, groups = prompts_all[local], groups_all[local]
+        dims = self.policy.latent_shape
+        T = s.steps
+        init_seeds = [_seed(seed, it, 3, int(groups_all[i]) if s.shared_noise else 10_000 + i) for i in rows]
+        x_init = row_noise(init_seeds, dims)                                                # [n, *D]
+        step_noise = row_noise([_seed(seed, it, 4, i) for i in rows], (T, *dims))          # [n, T, *D]
+        cond = self.policy.encode_prompts(prompts)
+        self.policy.module.eval()
+        roll = sample(self.policy, cond, self.sigmas, x_init=x_init, step_noise=step_noise,
+                      sde=plan.sde[local], train=plan.train[local], kernel=s.kernel, noise_level=s.noise_level,
+                      guidance=s.guidance, chunks=make_chunks(len(rows), s.batch_size,
+                                                              torch.Generator().manual_seed(_seed(seed, it, 5))),
+                      reduction=s.reduction, solver=cfg.solver.kind, compression=cfg.solver.compression,
+                      shift=s.shift, prompts=prompts, group_ids=groups)
+        t_roll = time.time()
+        images = self.policy.decode(roll.final)
+        raw = self.rewards.score(images, prompts)                                           # [n, K]
+        combined = self.rewards.combine(raw)                                                # [n]
+        t_rew = time.time()
+        rec: dict = {}
+        nfe_it = roll.nfe
+        step_rewards = None
+        if cfg.advantage.kind == "stepwise":
+            step_rewards, _, extra = intermediate_rewards(
+                self.policy, roll.states, roll.train, self.sigmas, cond, prompts, combined,
+                lambda im, pr: self.rewards.combine(self.rewards.score(im, pr)),
+                substeps=cfg.advantage.substeps, guidance=s.guidance, batch_size=max(4 * s.batch_size, 256))
+            nfe_it += extra
+            rec["stepwise/nfe"] = extra
+        batch, rstats = self._assemble(it, roll, raw, combined, step_rewards)
+        rec.update(rstats)
+        t_adv = time.time()
+        rec.update(self._update(batch))
+        if self.buffer is not None:
+            self.buffer.expire(it + 1)
+            self.buffer.add(it, prompts, roll.states, roll.train, roll.log_probs, combined, raw, step_rewards)
+            rec.update({"replay/entries": len(self.buffer), "replay/bytes": self.buffer.nbytes,
+                        "replay/bytes_per_trajectory": self.buffer.nbytes / max(1, len(self.buffer))})
+        nfe_tot = self.dist.all_reduce_sum(torch.tensor([float(nfe_it)]))
+        self.nfe += int(nfe_tot)
+        raw_all = self.dist.all_gather_cat(raw)
+        comb_all = raw_all @ self.rewards.weights
+        rec.update({"step": it, "reward_mean": float(comb_all.mean()), "reward_std": float(comb_all.std(unbiased=False)),
+                    "nfe": self.nfe, "nfe_per_image": float(nfe_tot) / n_all, "wall_s": self.wall(),
+                    "time/rollout_s": t_roll - t_start, "time/reward_s": t_rew - t_roll,
+                    "time/advantage_s": t_adv - t_rew, "time/update_s": time.time() - t_adv,
+                    "time/iteration_s": time.time() - t_start, "plan/trained_steps": float(plan.train.sum()) / n_all})
+        for k, name in enumerate(self.rewards.names):
+            rec[f"reward/{name}"] = float(raw_all[:, k].mean())
+        if plan.window is not None:
+            rec["plan/window_start"] = plan.window[0]
+        return rec
+
+    # ------------------------------------------------------------------ advantages + replay mixing
+    def _assemble(self, it: int, roll, raw: torch.Tensor, combined: torch.Tensor,
+                  step_rewards: torch.Tensor | None) -> tuple[UpdateBatch, dict]:
+        cfg = self.cfg
+        T = cfg.sample.steps
+        n = roll.states.shape[0]
+        rec: dict = {}
+        # replayed rows (OP-GRPO): chosen per group from the buffer, before this iteration's samples go in
+        rep = []
+        if self.buffer is not None:
+            comb_all = self.dist.all_gather_cat(combined)
+            groups_all = self.dist.all_gather_cat(roll.group_ids)
+            prompts_all = self._gather_prompts(roll.prompts)
+            admitted = 0
+            for g in torch.unique(groups_all).tolist():
+                idx = torch.nonzero(groups_all == g).flatten()
+                for e in self.buffer.best(prompts_all[int(idx[0])], it, cfg.replay.k):
+                    if admit(cfg.replay.rule, e.reward, comb_all[idx]):
+                        rep.append((g, e))
+                        admitted += 1
+            rec["replay/admitted"] = admitted
+        # rewards of all rows (fresh of every rank, then replayed) for group statistics
+        raw_all = self.dist.all_gather_cat(raw)
+        groups_all = self.dist.all_gather_cat(roll.group_ids)
+        if rep:
+            raw_all = torch.cat([raw_all, torch.stack([e.reward_raw for _, e in rep])])
+            groups_all = torch.cat([groups_all, torch.tensor([g for g, _ in rep])])
+        adv_cfg = cfg.advantage
+        local = self.dist.split(n * self.dist.world)
+        if adv_cfg.kind == "stepwise":
+            sr_all = self.dist.all_gather_cat(step_rewards)
+            valid_all = self.dist.all_gather_cat(roll.train)
+            if rep:
+                sr_all = torch.cat([sr_all, torch.stack([e.step_rewards if e.step_rewards is not None
+                                                         else torch.zeros(T + 1) for _, e in rep])])
+                valid_all = torch.cat([valid_all, torch.stack([self._row_mask(e) for _, e in rep])])
+            adv_all = stepwise_advantages(sr_all, groups_all, normalize=adv_cfg.normalize, eps=adv_cfg.eps,
+                                          clip=adv_cfg.clip, valid=valid_all)               # [N+R, T]
+            gains = (sr_all[:, 1:] - sr_all[:, :-1]).abs() * valid_all
+            rec["stepwise/mean_abs_gain_by_step"] = [round(float(x), 5) for x in
+                                                     (gains.sum(0) / valid_all.sum(0).clamp_min(1))]
+        else:
+            adv_all = aggregate_advantages(raw_all, self.rewards.weights, groups_all,
+                                           aggregation=cfg.reward.aggregation, std=adv_cfg.std,
+                                           eps=adv_cfg.eps, clip=adv_cfg.clip)[:, None].expand(-1, T)
+        adv = adv_all[local]
+        states, train, old, weight, cond = roll.states, roll.train, roll.log_probs, torch.ones(n, T), roll.cond
+        chunks = list(roll.chunks)
+        # replayed rows go to this rank round-robin, in chunks of their own (exact π_old recompute)
+        mine = [(j, g, e) for j, (g, e) in enumerate(rep) if j % self.dist.world == self.dist.rank]
+        if mine:
+            r_states = torch.zeros((len(mine), T + 1, *states.shape[2:]))
+            r_train = torch.zeros((len(mine), T), dtype=torch.bool)
+            beta = torch.zeros((len(mine), T))
+            for m, (_, _, e) in enumerate(mine):
+                r_states[m, e.steps], r_states[m, e.steps + 1] = e.x, e.x_next
+                r_train[m, e.steps] = True
+                beta[m, e.steps] = e.log_prob
+            r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
+            r_chunks = make_chunks(len(mine), cfg.sample.batch_size, None)
+            pi_old = self._score_old(r_states, r_train, r_cond, r_chunks)                    # [R, T]
+            r_weight, wstats = self._importance_weights(pi_old, beta, r_train)
+            rec.update(wstats)
+            rec["replay/age_mean"] = sum(it - e.version for _, _, e in mine) / len(mine)
+            chunks += [c + n for c in r_chunks]
+            states, train = torch.cat([states, r_states]), torch.cat([train, r_train])
+            old, weight = torch.cat([old, pi_old]), torch.cat([weight, r_weight])
+            adv = torch.cat([adv, adv_all[n * self.dist.world + torch.tensor([j for j, _, _ in mine])]])
+            cond = cat_cond([cond, r_cond])
+        return UpdateBatch(states, train, old, adv, weight, cond, chunks), rec
+
+    def _row_mask(self, e) -> torch.Tensor:
+        m = torch.zeros(self.cfg.sample.steps, dtype=torch.bool)
+        m[e.steps] = True
+        return m
+
+    def _gather_prompts(self, prompts: list[str]) -> list[str]:
+        if self.dist.world == 1:
+            return list(prompts)
+        import torch.distributed as tdist
+
+        out: list = [None] * self.dist.world
+        tdist.all_gather_object(out, list(prompts))
+        return [p for part in out for p in part]
+
+    @torch.no_grad()
+    def _score_old(self, states, train, cond, chunks) -> torch.Tensor:
+        """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
+        s = self.cfg.sample
+        out = torch.zeros(train.shape)
+        for idx in chunks:
+            for t in torch.nonzero(train[idx].any(0)).flatten().tolist():
+                sig = torch.full((len(idx),), float(self.sigmas[t]))
+                v = self.policy.velocity(states[idx, t], sig, select_cond(cond, idx), s.guidance)
+                st = self.kernel(states[idx, t], v, float(self.sigmas[t]), float(self.sigmas[t + 1]), s.noise_level,
+                                 sample=states[idx, t + 1], reduction=s.reduction)
+                out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
+        return out
+
+    def _importance_weights(self, pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor):
+        """OP-GRPO weights for replayed rows: [R, T] (detached).
+
+        sequence (product):  w = Π_{t∈K} π_old/β = exp(Σ_K (log π_old − log β))
+        sequence (geomean):  w = exp(mean_K (log π_old − log β))
+        per_step:            w_t = π_old(t)/β(t)
+        none:                w = 1;   every form is truncated at is_cap.
+        """
+        r = self.cfg.replay
+        d = (pi_old - beta) * kept                                  # [R, T]
+        cnt = kept.sum(1).clamp_min(1)
+        if r.is_correction == "none":
+            w = torch.ones_like(d)
+        elif r.is_correction == "per_step":
+            w = d.exp()
+        else:
+            logw = d.sum(1) if r.is_form == "product" else d.sum(1) / cnt
+            w = logw.exp()[:, None].expand_as(d).clone()
+        capped = torch.zeros_like(w, dtype=torch.bool)
+        if r.is_cap is not None:
+            capped = w > r.is_cap
+            w = w.clamp(max=r.is_cap)
+        seq = w[:, 0] if r.is_correction != "per_step" else (w * kept).sum(1) / cnt
+        ess = float(seq.sum() ** 2 / (seq ** 2).sum().clamp_min(1e-12))
+        return w, {"replay/w_mean": float(seq.mean()), "replay/w_max": float(seq.max()),
+                   "replay/capped_frac": float((capped & kept).sum() / kept.sum().clamp_min(1)),
+                   "replay/ess": ess}
+
+    # ------------------------------------------------------------------ update
+    def _update(self, b: UpdateBatch) -> dict:
+        cfg, s = self.cfg, self.cfg.sample
+        self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
+        mbs = max(1, min(cfg.train.minibatches, len(b.chunks)))
+        groups = [b.chunks[i::mbs] for i in range(mbs)]
+        stats, grad_norms = [], []
+        for _ in range(cfg.train.inner_epochs):
+            for mb in groups:
+                count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
+                count = float(self.dist.all_reduce_sum(count))
+                if count == 0:
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                for idx in mb:
+                    stats += self._chunk_loss(b, idx, count)
+                self.dist.average_gradients(self.params)
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)))
+                self.opt.step()
+                if self.ema is not None:
+                    self.ema.update()
+        self.policy.module.eval()
+        out = merge_stats(stats)
+        if grad_norms:
+            out["stats/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return out
+
+    def _chunk_loss(self, b: UpdateBatch, idx: torch.Tensor, count: float) -> list:
+        """Backward the loss of every trained step of one chunk. The forward runs on the whole chunk
+        (the same rows as the rollout call), so π_θ is bit-identical to the rollout's on policy."""
+        cfg, s = self.cfg, self.cfg.sample
+        cond = select_cond(b.cond, idx)
+        out = []
+        for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+            rows = b.train[idx, t]                                               # [n_c]
+            sig, sig_next = float(self.sigmas[t]), float(self.sigmas[t + 1])
+            x, x_next = b.states[idx, t], b.states[idx, t + 1]
+            v = self.policy.velocity(x, torch.full((len(idx),), sig), cond, s.guidance)
+            st = self.kernel(x, v, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
+            kl = None
+            if cfg.loss.kl_beta > 0:
+                with torch.no_grad(), self.policy.disable_adapter():
+                    v_ref = self.policy.velocity(x, torch.full((len(idx),), sig), cond, s.guidance)
+                ref = self.kernel(x, v_ref, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
+                kl = mean_kl(st.mean, ref.mean, st.std, sig_next - sig, cfg.loss.kl_form)[rows]
+            loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[idx, t][rows], b.adv[idx, t][rows],
+                                           cfg.loss.clip_range, weights=b.weight[idx, t][rows], kl=kl,
+                                           kl_beta=cfg.loss.kl_beta, normalizer=count)
+            loss.backward()
+            out.append(stat)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        e = cfg.eval
+        g = e.guidance if e.guidance is not None else cfg.sample.guidance
+        prompts_all = [p for p in self.eval_prompts for _ in range(e.samples_per_prompt)]
+        n_all = len(prompts_all)
+        pad = (-n_all) % self.dist.world
+        prompts_all = prompts_all + prompts_all[:pad]
+        local = self.dist.split(len(prompts_all))
+        rows = list(range(len(prompts_all)))[local]
+        prompts = prompts_all[local]
+        x_init = row_noise([_seed(e.seed, i) for i in rows], self.policy.latent_shape)
+        if self.ema is not None:
+            self.ema.swap()
+        self.policy.module.eval()
+        x0, _ = ode_sample(self.policy, self.policy.encode_prompts(prompts), self.eval_sigmas, x_init, g,
+                           cfg.sample.batch_size)
+        if self.ema is not None:
+            self.ema.swap()
+        images = self.policy.decode(x0)
+        raw = self.dist.all_gather_cat(self.rewards.score(images, prompts))[:n_all]          # [n_all, K]
+        comb = raw @ self.rewards.weights
+        rec = {"step": self.iteration, "eval_reward_mean": float(comb.mean()),
+               "eval_reward_std": float(comb.std(unbiased=False)), "nfe": self.nfe, "wall_s": self.wall()}
+        for k, name in enumerate(self.rewards.names):
+            rec[f"eval/{name}"] = float(raw[:, k].mean())
+        self.log.write(rec)
+        if cfg.log.grids and self.dist.is_main:
+            n_show = min(len(prompts), 8 * e.samples_per_prompt * 2)
+            self.log.grid(images[:n_show], f"eval_{self.iteration:06d}", nrow=max(8, e.samples_per_prompt * 4))
+        return rec
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
+        opt_t, opt_s = checkpoint.optimizer_to_flat(self.opt)
+        tensors = {"trainable": self.policy.trainable_state_dict(), "optimizer": opt_t}
+        state = {"iteration": self.iteration, "nfe": self.nfe, "wall_s": self.wall(), "optimizer": opt_s,
+                 "plan": self.plan.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
+                 "seed": self.cfg.train.seed}
+        if self.ema is not None:
+            tensors["ema"] = {str(i): t for i, t in enumerate(self.ema.shadow)}
+        if self.buffer is not None:
+            tensors["buffer"], state["buffer"] = self.buffer.state_dict()
+        checkpoint.save(self.out, self.iteration, tensors=tensors, state=state, keep=self.cfg.train.keep_checkpoints)
+        self.dist.barrier()
+
+    def _load_checkpoint(self) -> None:
+        path = checkpoint.latest(self.out)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out}/checkpoints; "
+                                    "start a new run without --resume")
+        tensors, state = checkpoint.load(path)
+        self.policy.load_trainable_state_dict(tensors["trainable"])
+        checkpoint.optimizer_from_flat(self.opt, tensors.get("optimizer", {}), state["optimizer"])
+        if self.ema is not None and "ema" in tensors:
+            for i, sh in enumerate(self.ema.shadow):
+                sh.copy_(tensors["ema"][str(i)])
+        if self.buffer is not None and "buffer" in state:
+            self.buffer.load_state_dict(tensors.get("buffer", {}), state["buffer"])
+        self.plan.load_state_dict(state["plan"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.iteration, self.nfe, self.wall_offset = state["iteration"], state["nfe"], state["wall_s"]
+        # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
+        mpath = self.out / "metrics.jsonl"
+        if self.dist.is_main and mpath.exists():
+            import json
+
+            keep = [line for line in mpath.read_text().splitlines()
+                    if line.strip() and (json.loads(line)["step"] < self.iteration or
+                                         ("eval_reward_mean" in line and json.loads(line)["step"] <= self.iteration))]
+            mpath.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
+    return Trainer(cfg, out, resume=resume).run()
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

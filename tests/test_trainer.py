@@ -1,0 +1,117 @@
+"""Trainer properties on the embedded model with a tiny budget (seconds)."""
+import json
+
+import pytest
+import torch
+
+from flowpo import config
+from flowpo.trainer import Trainer
+
+
+def make(tmp_path, tiny, *extra, preset=None, name="run"):
+    cfg = config.load(None, preset, tiny + list(extra))
+    return Trainer(cfg, tmp_path / name)
+
+
+def test_on_policy_ratio_is_exactly_one(tmp_path, tiny):
+    # one minibatch: every transition is scored before any update → ρ == 1 bit-exactly
+    tr = make(tmp_path, tiny, "train.minibatches=1", "sample.guidance=4.5")
+    rec = tr.train_iteration(0)
+    assert rec["stats/ratio_mean"] == 1.0
+    assert rec["stats/ratio_max"] == 1.0
+    assert rec["stats/clipfrac"] == 0.0
+    assert rec["stats/transitions"] == 8 * 3  # N=8 rows × (T−1)=3 trained steps
+
+
+@pytest.mark.parametrize("preset", ["dance_grpo", "mix_grpo_flash", "stepwise_grpo"])
+def test_on_policy_ratio_is_exactly_one_for_other_presets(tmp_path, tiny, preset):
+    tr = make(tmp_path, tiny, "train.minibatches=1", "plan.window_size=2", preset=preset)
+    rec = tr.train_iteration(0)
+    assert rec["stats/ratio_max"] == 1.0 and rec["stats/ratio_mean"] == 1.0
+
+
+def test_zero_advantages_give_zero_policy_gradient(tmp_path, tiny):
+    tr = make(tmp_path, tiny, "train.minibatches=1")
+    captured = {}
+    orig = tr._update
+
+    def spy(b):
+        b.adv.zero_()
+        tr.opt.step = lambda *a, **k: captured.setdefault("grads", [p.grad.clone() for p in tr.params])
+        return orig(b)
+
+    tr._update = spy
+    tr.train_iteration(0)
+    assert captured["grads"] and all(torch.count_nonzero(g) == 0 for g in captured["grads"])
+
+
+def test_nonzero_advantages_move_the_weights(tmp_path, tiny):
+    tr = make(tmp_path, tiny, "train.weight_decay=0", "reward.names=[stroke_quality]")
+    before = [p.detach().clone() for p in tr.params]
+    rec = tr.train_iteration(0)
+    assert rec["stats/grad_norm"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))
+
+
+def test_nfe_counts_every_model_evaluation(tmp_path, tiny):
+    # T=4 steps × 8 rows; CFG (guidance ≠ 1) doubles each evaluation
+    tr = make(tmp_path, tiny, "sample.guidance=4.5")
+    assert tr.train_iteration(0)["nfe"] == 4 * 8 * 2
+    tr = make(tmp_path, tiny, "sample.guidance=1.0", name="b")
+    assert tr.train_iteration(0)["nfe"] == 4 * 8
+
+
+def test_run_writes_the_output_contract(tmp_path, tiny):
+    tr = make(tmp_path, tiny)
+    tr.run()
+    out = tmp_path / "run"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward_mean" in r]
+    eval_rows = [r for r in rows if "eval_reward_mean" in r]
+    assert [r["step"] for r in train_rows] == [0, 1]
+    assert [r["step"] for r in eval_rows] == [0, 1, 2]  # before the first, every 1, after the last
+    for r in train_rows:
+        assert {"step", "reward_mean", "reward_std", "nfe", "wall_s"} <= set(r)
+    assert (out / "config.yaml").exists() and (out / "report.md").exists()
+    cks = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert cks == sorted(cks) and cks[-1] == "iter_000002"
+    assert list((out / "checkpoints" / cks[-1]).glob("*.safetensors"))
+    assert list((out / "samples").glob("*.png"))
+    assert config.load(str(out / "config.yaml")).train.iterations == 2
+
+
+def test_resume_matches_uninterrupted(tmp_path, tiny):
+    base = [x for x in tiny if not x.startswith("train.iterations")]
+    full = make(tmp_path, base, "train.iterations=3", name="full")
+    full.run()
+    part = make(tmp_path, base, "train.iterations=1", name="part")
+    part.run()
+    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"])
+    resumed = Trainer(cfg, tmp_path / "part", resume=True)
+    assert resumed.iteration == 1
+    resumed.run()
+    a, b = full.policy.trainable_state_dict(), resumed.policy.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("reward_mean") for r in ra] == [r.get("reward_mean") for r in rb]
+
+
+def test_partial_checkpoint_is_ignored(tmp_path, tiny):
+    from flowpo import checkpoint
+
+    tr = make(tmp_path, tiny, "train.iterations=1")
+    tr.run()
+    out = tmp_path / "run"
+    # a save killed half-way leaves a .tmp folder; latest() must still give the complete one
+    (out / "checkpoints" / "iter_000005.tmp").mkdir()
+    (out / "checkpoints" / "iter_000005.tmp" / "trainable.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(out).name == "iter_000001"
+
+
+def test_existing_run_needs_resume(tmp_path, tiny):
+    make(tmp_path, tiny, "train.iterations=1").run()
+    with pytest.raises(FileExistsError, match="--resume"):
+        make(tmp_path, tiny, "train.iterations=1")
