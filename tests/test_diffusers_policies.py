@@ -337,3 +337,27 @@ def test_errors_name_the_fix(folders, tmp_path):
 def test_registry_imports_are_lazy():
     code = "import sys, flowpo.policy.registry; assert 'diffusers' not in sys.modules and 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flowpo_train_runs_on_a_tiny_pipeline(kind, folders, tmp_path):
+    """`flowpo train` end to end on a tiny folder; the first update's ratio is exactly 1."""
+    import os
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "flowpo", "train", "--preset", "flow_grpo", "--out", str(out),
+        f"model.kind={kind}", f"model.path={folders[kind]}", "model.lora_rank=4", "model.lora_alpha=8",
+        f"model.resolution={RES}", "train.iterations=2", "eval.every=1", "eval.prompts=2",
+        "eval.samples_per_prompt=1", "eval.steps=3", "sample.steps=4", "sample.prompts_per_iteration=2",
+        "sample.group_size=2", f"sample.guidance={3.5 if kind == 'flux' else 2.0}",
+        "reward.names=[tiny_pipelines:brightness_reward]", "log.progress=false",
+    ]
+    subprocess.run(args, check=True, env=env, cwd=tmp_path)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "reward_mean" in line]
+    assert len(train) == 2 and train[0]["stats/ratio_mean"] == 1.0

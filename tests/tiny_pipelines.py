@@ -17,7 +17,7 @@ import torch
 
 # Text lengths: CLIP's is the tokenizer's model_max_length (77 in the real models); the T5 length
 # is the `max_sequence_length` the policies pass (256 for SD3, 512 for FLUX in the real models).
-CLIP_LENGTH = 16
+CLIP_LENGTH = 77  # as the real CLIP tokenizers
 T5_LENGTH = 12
 _CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -231,3 +231,8 @@ def tiny_wan_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
+
+
+def brightness_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A stand-in reward for end-to-end runs: mean pixel value of each image, [N]."""
+    return images.mean(dim=tuple(range(1, images.dim())))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     prompt: str
     reward: float                 # combined (weighted) reward
@@ -96,7 +96,7 @@ class ReplayBuffer:
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, iteration), reverse=True)
             del lst[self.capacity:]
-            added += int(e in lst)
+            added += int(any(x is e for x in lst))
         return added
 
     def _score(self, e: Entry, iteration: int) -> float:

@@ -150,7 +150,7 @@ class ReplayConfig:
     """Sequence weight: Π_t π_old/β, or its geometric mean over the kept steps."""
     is_cap: Optional[float] = 2.0
     """Truncate the importance weight at this value (None: no cap)."""
-    truncate_sigma: Optional[float] = 0.3
+    truncate_sigma: Optional[float] = 0.5
     """Drop replayed steps whose σ_t is below this (late-step truncation of off-policy terms)."""
 
 
@@ -308,7 +308,7 @@ def _unknown_key(prefix: str, name: str, allowed: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
     full = f"{prefix}{name}"
     if close:
-        return ConfigError(f"unknown config key {full!r}; did you mean {prefix}{close[0]!r}?")
+        return ConfigError(f"unknown config key {full!r}; did you mean {prefix + close[0]!r}?")
     return ConfigError(f"unknown config key {full!r}; allowed under {prefix or 'the top level'}: {sorted(allowed)}")
 
 

@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
         "Zhang et al. 2026, arXiv 2604.04142",
         {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "all_but_last",
          "replay.enabled": True, "replay.k": 1, "replay.is_correction": "sequence", "replay.is_form": "geomean",
-         "replay.is_cap": 2.0, "replay.truncate_sigma": 0.3, "replay.rule": "beats_best_or_no_spread"}),
+         "replay.is_cap": 2.0, "replay.truncate_sigma": 0.5, "replay.rule": "beats_best_or_no_spread"}),
     "stepwise_grpo": Preset(
         "Stepwise-Flow-GRPO: DDIM-inspired SDE, per-step gain advantages from Tweedie rewards (T'=5)",
         "arXiv 2603.28718",

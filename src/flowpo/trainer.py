@@ -49,6 +49,8 @@ class UpdateBatch:
     weight: torch.Tensor       # [M, T] detached importance weights (1 for fresh rows)
     cond: dict                 # rows [M, ...]
     chunks: list[torch.Tensor]  # row indices; fresh chunks equal the rollout's
+    chunk_ids: list[int] | None = None  # global chunk index of each chunk (None: its position)
+    n_chunks: int = 0                   # global chunks (fresh + replayed) over all ranks
 
 
 class EMA:
@@ -79,6 +81,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.policy = build_policy(cfg.model)
+        # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
+        self.dist.wrap(self.policy.module, self.policy.trainable_parameters(), full=cfg.model.mode == "full")
         self.params = self.policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                      weight_decay=cfg.train.weight_decay)
@@ -99,13 +103,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_checkpoint()
-        elif self.dist.is_main and (self.out / "metrics.jsonl").exists():
+        elif not self.dist.all_true(not (self.dist.is_main and (self.out / "metrics.jsonl").exists())):
             raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
                                   "or choose another --out")
         if self.dist.is_main:
             config_mod.dump(cfg, self.out / "config.yaml")
         self.log = RunLog(self.out, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard,
                           wandb=cfg.log.wandb, config=config_mod.to_dict(cfg))
+        self.dist.gather_params()  # FSDP2: keep full weights between optimizer steps (no-op otherwise)
         self.t0 = time.time()
 
     # ------------------------------------------------------------------ loop
@@ -139,6 +144,7 @@ class Trainer:
         if self.dist.is_main:
             write_report(self.out, title=f"flowpo run: {cfg.preset or 'custom'}")
         self.log.close()
+        self.dist.barrier()  # nobody leaves (and tears the group down) while rank 0 still writes
         return last_eval
 
     def wall(self) -> float:
@@ -167,13 +173,16 @@ class Trainer:
         x_init = row_noise(init_seeds, dims)                                                # [n, *D]
         step_noise = row_noise([_seed(seed, it, 4, i) for i in rows], (T, *dims))          # [n, T, *D]
         cond = self.policy.encode_prompts(prompts)
+        # chunks are drawn over the N global rows; each rank runs its part of each (distributed.py)
+        g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
+        chunks, chunk_ids = self.dist.local_chunks(g_chunks, local)
         self.policy.module.eval()
         roll = sample(self.policy, cond, self.sigmas, x_init=x_init, step_noise=step_noise,
                       sde=plan.sde[local], train=plan.train[local], kernel=s.kernel, noise_level=s.noise_level,
-                      guidance=s.guidance, chunks=make_chunks(len(rows), s.batch_size,
-                                                              torch.Generator().manual_seed(_seed(seed, it, 5))),
+                      guidance=s.guidance, chunks=chunks,
                       reduction=s.reduction, solver=cfg.solver.kind, compression=cfg.solver.compression,
                       shift=s.shift, prompts=prompts, group_ids=groups)
+        roll.extras.update(chunk_ids=chunk_ids, n_chunks=len(g_chunks))
         t_roll = time.time()
         images = self.policy.decode(roll.final)
         raw = self.rewards.score(images, prompts)                                           # [n, K]
@@ -195,7 +204,10 @@ class Trainer:
         rec.update(self._update(batch))
         if self.buffer is not None:
             self.buffer.expire(it + 1)
-            self.buffer.add(it, prompts, roll.states, roll.train, roll.log_probs, combined, raw, step_rewards)
+            # every rank adds all N global rows, in global order, so all ranks hold the same buffer
+            g = self.dist.all_gather_cat
+            self.buffer.add(it, self._gather_prompts(prompts), g(roll.states), g(roll.train), g(roll.log_probs),
+                            g(combined), g(raw), None if step_rewards is None else g(step_rewards))
             rec.update({"replay/entries": len(self.buffer), "replay/bytes": self.buffer.nbytes,
                         "replay/bytes_per_trajectory": self.buffer.nbytes / max(1, len(self.buffer))})
         nfe_tot = self.dist.all_reduce_sum(torch.tensor([float(nfe_it)]))
@@ -261,8 +273,17 @@ class Trainer:
         adv = adv_all[local]
         states, train, old, weight, cond = roll.states, roll.train, roll.log_probs, torch.ones(n, T), roll.cond
         chunks = list(roll.chunks)
-        # replayed rows go to this rank round-robin, in chunks of their own (exact π_old recompute)
-        mine = [(j, g, e) for j, (g, e) in enumerate(rep) if j % self.dist.world == self.dist.rank]
+        chunk_ids = list(roll.extras.get("chunk_ids", range(len(chunks))))
+        n_chunks = roll.extras.get("n_chunks", len(chunks))
+        # replayed rows: global chunks of their own (exact π_old recompute), after the fresh ones;
+        # rank r holds the contiguous rows [r·R/W, (r+1)·R/W) of the R replayed rows
+        R, W = len(rep), self.dist.world
+        mine_rows = slice(self.dist.rank * R // W, (self.dist.rank + 1) * R // W)
+        mine = [(j, g, e) for j, (g, e) in enumerate(rep)][mine_rows]
+        g_rchunks = make_chunks(R, cfg.sample.batch_size, None)
+        r_chunks, r_ids = self.dist.local_chunks(g_rchunks, mine_rows)
+        chunk_ids += [n_chunks + i for i in r_ids]
+        n_chunks += len(g_rchunks)
         if mine:
             r_states = torch.zeros((len(mine), T + 1, *states.shape[2:]))
             r_train = torch.zeros((len(mine), T), dtype=torch.bool)
@@ -272,7 +293,6 @@ class Trainer:
                 r_train[m, e.steps] = True
                 beta[m, e.steps] = e.log_prob
             r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
-            r_chunks = make_chunks(len(mine), cfg.sample.batch_size, None)
             pi_old = self._score_old(r_states, r_train, r_cond, r_chunks)                    # [R, T]
             r_weight, wstats = self._importance_weights(pi_old, beta, r_train)
             rec.update(wstats)
@@ -282,7 +302,7 @@ class Trainer:
             old, weight = torch.cat([old, pi_old]), torch.cat([weight, r_weight])
             adv = torch.cat([adv, adv_all[n * self.dist.world + torch.tensor([j for j, _, _ in mine])]])
             cond = cat_cond([cond, r_cond])
-        return UpdateBatch(states, train, old, adv, weight, cond, chunks), rec
+        return UpdateBatch(states, train, old, adv, weight, cond, chunks, chunk_ids, n_chunks), rec
 
     def _row_mask(self, e) -> torch.Tensor:
         m = torch.zeros(self.cfg.sample.steps, dtype=torch.bool)
@@ -292,11 +312,7 @@ class Trainer:
     def _gather_prompts(self, prompts: list[str]) -> list[str]:
         if self.dist.world == 1:
             return list(prompts)
-        import torch.distributed as tdist
-
-        out: list = [None] * self.dist.world
-        tdist.all_gather_object(out, list(prompts))
-        return [p for part in out for p in part]
+        return [p for part in self.dist.all_gather_objects(list(prompts)) for p in part]
 
     @torch.no_grad()
     def _score_old(self, states, train, cond, chunks) -> torch.Tensor:
@@ -344,9 +360,13 @@ class Trainer:
     def _update(self, b: UpdateBatch) -> dict:
         cfg, s = self.cfg, self.cfg.sample
         self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
-        mbs = max(1, min(cfg.train.minibatches, len(b.chunks)))
-        groups = [b.chunks[i::mbs] for i in range(mbs)]
+        # minibatch i = global chunks i, i+mbs, ...: the same rows whatever the number of ranks
+        n_chunks = b.n_chunks or len(b.chunks)
+        ids = b.chunk_ids if b.chunk_ids is not None else list(range(len(b.chunks)))
+        mbs = max(1, min(cfg.train.minibatches, n_chunks))
+        groups = [[c for c, g in zip(b.chunks, ids) if g % mbs == i] for i in range(mbs)]
         stats, grad_norms = [], []
+        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1), select_cond(b.cond, slice(0, 1)), 1.0)
         for _ in range(cfg.train.inner_epochs):
             for mb in groups:
                 count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
@@ -356,12 +376,14 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 for idx in mb:
                     stats += self._chunk_loss(b, idx, count)
-                self.dist.average_gradients(self.params)
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm)))
+                self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
+                grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
                 self.opt.step()
+                self.dist.gather_params()
                 if self.ema is not None:
                     self.ema.update()
         self.policy.module.eval()
+        stats = [st for part in self.dist.all_gather_objects(stats) for st in part]    # all ranks' transitions
         out = merge_stats(stats)
         if grad_norms:
             out["stats/grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -408,11 +430,13 @@ class Trainer:
         x_init = row_noise([_seed(e.seed, i) for i in rows], self.policy.latent_shape)
         if self.ema is not None:
             self.ema.swap()
+            self.dist.gather_params()  # FSDP2: the gathered copy must follow the swapped shards
         self.policy.module.eval()
         x0, _ = ode_sample(self.policy, self.policy.encode_prompts(prompts), self.eval_sigmas, x_init, g,
                            cfg.sample.batch_size)
         if self.ema is not None:
             self.ema.swap()
+            self.dist.gather_params()
         images = self.policy.decode(x0)
         raw = self.dist.all_gather_cat(self.rewards.score(images, prompts))[:n_all]          # [n_all, K]
         comb = raw @ self.rewards.weights
@@ -428,32 +452,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        # every rank takes part (FSDP2 gathers the optimizer/EMA shards); rank 0 writes; all wait for it.
+        # Under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full.
+        opt_t, opt_s = checkpoint.optimizer_to_flat(self.opt)
+        opt_t = self.dist.full(opt_t)
+        ema = self.dist.full({str(i): t for i, t in enumerate(self.ema.shadow)}) if self.ema is not None else None
         if not self.dist.is_main:
             self.dist.barrier()
             return
-        opt_t, opt_s = checkpoint.optimizer_to_flat(self.opt)
         tensors = {"trainable": self.policy.trainable_state_dict(), "optimizer": opt_t}
         state = {"iteration": self.iteration, "nfe": self.nfe, "wall_s": self.wall(), "optimizer": opt_s,
                  "plan": self.plan.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
                  "seed": self.cfg.train.seed}
-        if self.ema is not None:
-            tensors["ema"] = {str(i): t for i, t in enumerate(self.ema.shadow)}
+        if ema is not None:
+            tensors["ema"] = ema
         if self.buffer is not None:
             tensors["buffer"], state["buffer"] = self.buffer.state_dict()
         checkpoint.save(self.out, self.iteration, tensors=tensors, state=state, keep=self.cfg.train.keep_checkpoints)
         self.dist.barrier()
 
     def _load_checkpoint(self) -> None:
+        # every rank loads the same checkpoint (the run folder must be visible to all of them)
         path = checkpoint.latest(self.out)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out}/checkpoints; "
-                                    "start a new run without --resume")
+        found = self.dist.all_gather_objects(None if path is None else path.name)
+        if path is None or len(set(found)) > 1:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out}/checkpoints, or ranks "
+                                    f"see different ones ({found}); start a new run without --resume, or put "
+                                    "the run folder on a file system every node shares")
         tensors, state = checkpoint.load(path)
+        self.dist.shard_params()  # FSDP2: write full tensors into the DTensor shards
+        like = self.dist.like
+        if self.dist.fsdp is not None:
+            tmpl = self.policy.trainable_state_dict()
+            tensors["trainable"] = {k: like(v, tmpl[k]) for k, v in tensors["trainable"].items()}
+            tensors["optimizer"] = {k: like(v, self.params[int(k.split(".")[0])])
+                                    for k, v in tensors.get("optimizer", {}).items()}
         self.policy.load_trainable_state_dict(tensors["trainable"])
         checkpoint.optimizer_from_flat(self.opt, tensors.get("optimizer", {}), state["optimizer"])
         if self.ema is not None and "ema" in tensors:
             for i, sh in enumerate(self.ema.shadow):
-                sh.copy_(tensors["ema"][str(i)])
+                sh.copy_(like(tensors["ema"][str(i)], sh))
         if self.buffer is not None and "buffer" in state:
             self.buffer.load_state_dict(tensors.get("buffer", {}), state["buffer"])
         self.plan.load_state_dict(state["plan"])
