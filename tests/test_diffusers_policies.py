@@ -22,6 +22,7 @@ pytest.importorskip("peft")
 
 from tiny_pipelines import T5_LENGTH, save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline  # noqa: E402
 
+from flowpo.policy.base import Policy  # noqa: E402
 from flowpo.policy.diffusers_common import PromptCache, require  # noqa: E402
 from flowpo.policy.flux import FluxPolicy  # noqa: E402
 from flowpo.policy.registry import build_policy  # noqa: E402
@@ -33,6 +34,15 @@ PROMPTS = ["a red cat", "a blue dog", "a red cat"]
 KINDS = ["sd3", "flux", "wan"]
 EXPECTED_LATENT = {"sd3": (4, 8, 8), "flux": (4, 8, 8), "wan": (4, 2, 4, 4)}
 CFG_KINDS = ["sd3", "wan"]  # true CFG; FLUX uses its guidance embedding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are latency-bound: one thread is faster and immune to CPU oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +115,7 @@ def direct_call(kind, transformer, x, sigma, cond, guidance):
 @pytest.mark.parametrize("kind", KINDS)
 def test_velocity_shape_dtype_and_eval_mode(kind, folders):
     policy = make(kind, folders)
+    assert isinstance(policy, Policy)
     assert policy.latent_shape == EXPECTED_LATENT[kind]
     x, sigma, cond = inputs(policy)
     assert all(t.shape[0] == 3 for t in cond.values())
@@ -226,6 +237,8 @@ def test_lora_starts_at_base_and_disable_adapter_gives_base(kind, folders):
     assert not torch.allclose(policy.velocity(x, sigma, cond, 2.0), base, atol=1e-4)
     with policy.disable_adapter():
         torch.testing.assert_close(policy.velocity(x, sigma, cond, 2.0), base)
+        assert len(policy.trainable_state_dict()) == len(policy.trainable_parameters()) > 0
+    assert all(p.requires_grad for p in policy.trainable_parameters())
     assert not torch.allclose(policy.velocity(x, sigma, cond, 2.0), base, atol=1e-4)  # re-enabled on exit
 
 
@@ -332,6 +345,8 @@ def test_errors_name_the_fix(folders, tmp_path):
         make("flux", folders, resolution=18)
     with pytest.raises(ValueError, match="must be a multiple of 4"):
         make("wan", folders, num_frames=6)
+    with pytest.raises(ValueError, match="matched no module"):
+        make("sd3", folders, lora_targets=["no_such_layer"])
 
 
 def test_registry_imports_are_lazy():
@@ -355,7 +370,7 @@ def test_flowpo_train_runs_on_a_tiny_pipeline(kind, folders, tmp_path):
         f"model.resolution={RES}", "train.iterations=2", "eval.every=1", "eval.prompts=2",
         "eval.samples_per_prompt=1", "eval.steps=3", "sample.steps=4", "sample.prompts_per_iteration=2",
         "sample.group_size=2", f"sample.guidance={3.5 if kind == 'flux' else 2.0}",
-        "reward.names=[tiny_pipelines:brightness_reward]", "log.progress=false",
+        "reward.names=[tiny_pipelines:brightness_reward]", "log.progress=false", "train.threads=1",
     ]
     subprocess.run(args, check=True, env=env, cwd=tmp_path)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -161,13 +161,17 @@ class TrainableTransformer:
                 target_modules=list(lora_targets),
                 init_lora_weights=True,  # A ~ Kaiming, B = 0: the LoRA starts as the identity edit
             )
-            transformer.add_adapter(config)
+            try:
+                transformer.add_adapter(config)
+            except ValueError as err:
+                raise ValueError(
+                    f"model.lora_targets={list(lora_targets)} matched no module of "
+                    f"{type(transformer).__name__}; give module-name suffixes such as 'attn.to_q'"
+                ) from err
             for name, param in transformer.named_parameters():
                 if ".lora_" in name:
                     param.data = param.data.float()
                     param.requires_grad_(True)
-            if not any(p.requires_grad for p in transformer.parameters()):
-                raise ValueError(f"model.lora_targets={lora_targets} matched no module of the transformer")
         else:
             self.reference = copy.deepcopy(transformer)
             cast_floating(self.reference, dtype)
@@ -177,6 +181,8 @@ class TrainableTransformer:
         transformer.eval()
         set_gradient_checkpointing(transformer, gradient_checkpointing)
         self.module: nn.Module = transformer
+        # Fixed at construction: peft toggles requires_grad while adapters are disabled.
+        self._names = [n for n, p in transformer.named_parameters() if p.requires_grad]
 
     @property
     def active(self) -> nn.Module:
@@ -198,14 +204,18 @@ class TrainableTransformer:
                 self.transformer.enable_adapters()
             self._disabled = False
 
+    def _params(self) -> dict[str, nn.Parameter]:
+        named = dict(self.transformer.named_parameters())
+        return {n: named[n] for n in self._names}
+
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
+        return list(self._params().values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.transformer.named_parameters() if p.requires_grad}
+        return {n: p.detach().clone() for n, p in self._params().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        params = self._params()
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
             raise KeyError(

@@ -1,0 +1,594 @@
+"""`flowpo bench`: every preset × task × seed at one iteration budget, then results.csv, summary, plots.
+
+    flowpo bench --out runs/bench --iterations 60 --seeds 0,1,2 --tasks alignment,multi --jobs 2
+    flowpo bench --out runs/bench --report-only          # rebuild results/summary/plots from the run folders
+
+Each run is a separate `python -m flowpo train` process (a crash stays isolated, the grid goes on),
+J at a time, in DIR/runs/TASK/PRESET/seedS. Rerunning the same command resumes: finished runs (an
+eval line at step == iterations) are skipped, unfinished ones continue with `flowpo train --resume`.
+
+Target (DESIGN.md, "Benchmark results"): on each task, the mean over seeds of flow_grpo's final
+eval reward at the same budget. steps_to_target is the first evaluated iteration whose eval reward
+is ≥ target (empty if none); wall_s_to_target and nfe_to_target are that eval line's wall_s, nfe.
+
+Outputs in DIR: results.csv (one row per run), summary.csv and summary.md (per task × preset, mean
+and std over seeds), plots/TASK_vs_{iterations,wall,nfe}.png, failures.txt (stderr tails, if any),
+logs/TASK/PRESET/seedS.{out,err,json} (child output and its peak RSS from os.wait4).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import queue
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Task:
+    description: str
+    overrides: tuple[str, ...]
+
+
+TASKS: dict[str, Task] = {
+    "alignment": Task("prompt–digit alignment alone (the embedded classifier's probability of the prompted digit)",
+                      ("reward.names=[digit_alignment]",)),
+    "multi": Task("alignment + stroke quality, equal weights (multi-reward aggregation)",
+                  ("reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]")),
+}
+
+REFERENCE = "flow_grpo"  # the preset that defines each task's target
+TOLERANCE = 1e-9         # a run "reaches" the target when eval ≥ target − TOLERANCE (float mean round-off)
+
+RESULT_COLUMNS = ["task", "preset", "seed", "iterations", "status", "target", "base_eval_reward",
+                  "final_eval_reward", "final_train_reward", "steps_to_target", "wall_s_to_target",
+                  "nfe_to_target", "s_per_iteration", "nfe_per_image", "peak_rss_mb", "wall_s_total", "nfe_total"]
+NUMERIC = RESULT_COLUMNS[6:]
+
+
+# ----------------------------------------------------------------------------- one run's numbers
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """metrics.jsonl lines; a torn last line (a run killed while writing) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def eval_curve(rows: list[dict]) -> list[dict]:
+    """Eval lines sorted by step, one per step (the last written wins)."""
+    by_step = {r["step"]: r for r in rows if r.get("eval_reward_mean") is not None}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def is_finished(run_dir: Path, iterations: int) -> bool:
+    return any(r["step"] == iterations for r in eval_curve(read_jsonl(run_dir / "metrics.jsonl")))
+
+
+def first_reach(evals: list[dict], target: float | None) -> dict | None:
+    """The first eval line (in step order) with eval_reward_mean ≥ target, or None."""
+    if target is None:
+        return None
+    return next((r for r in evals if r["eval_reward_mean"] >= target - TOLERANCE), None)
+
+
+def run_stats(rows: list[dict], iterations: int) -> dict:
+    """The per-run columns that do not depend on the target (missing ones are None)."""
+    evals = eval_curve(rows)
+    train = sorted((r for r in rows if r.get("reward_mean") is not None), key=lambda r: r["step"])
+    at = {r["step"]: r for r in evals}
+
+    def mean_of(key):
+        vals = [r[key] for r in train if r.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    last = max(rows, key=lambda r: r.get("wall_s") or 0.0) if rows else {}
+    return {
+        "status": "ok" if iterations in at else ("unfinished" if rows else "missing"),
+        "base_eval_reward": at[0]["eval_reward_mean"] if 0 in at else None,
+        "final_eval_reward": at[iterations]["eval_reward_mean"] if iterations in at else None,
+        "final_train_reward": train[-1]["reward_mean"] if train else None,
+        "s_per_iteration": mean_of("time/iteration_s"),
+        "nfe_per_image": mean_of("nfe_per_image"),
+        "wall_s_total": last.get("wall_s"),
+        "nfe_total": last.get("nfe"),
+    }
+
+
+def targets(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """(task, iterations) → mean final eval reward of the reference preset's finished seeds."""
+    finals: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r["preset"] == REFERENCE and r["final_eval_reward"] is not None:
+            finals.setdefault((r["task"], r["iterations"]), []).append(r["final_eval_reward"])
+    return {k: statistics.fmean(v) for k, v in finals.items()}
+
+
+def fill_targets(rows: list[dict], curves: dict[tuple, list[dict]]) -> None:
+    """Add target, steps_to_target, wall_s_to_target, nfe_to_target to each row in place."""
+    tgt = targets(rows)
+    for r in rows:
+        t = tgt.get((r["task"], r["iterations"]))
+        hit = first_reach(curves[(r["task"], r["preset"], r["seed"])], t)
+        r["target"] = t
+        r["steps_to_target"] = hit["step"] if hit else None
+        r["wall_s_to_target"] = hit.get("wall_s") if hit else None
+        r["nfe_to_target"] = hit.get("nfe") if hit else None
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    preset: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.preset}/seed{self.seed}"
+
+
+def run_dir(out: Path, job: Job) -> Path:
+    return out / "runs" / job.task / job.preset / f"seed{job.seed}"
+
+
+def log_stem(out: Path, job: Job) -> Path:
+    return out / "logs" / job.task / job.preset / f"seed{job.seed}"
+
+
+def overrides(job: Job, iterations: int, threads: int | None, sets: list[str]) -> list[str]:
+    ov = [f"train.seed={job.seed}", f"train.iterations={iterations}", "log.progress=false", "log.tensorboard=false"]
+    ov += list(TASKS[job.task].overrides)
+    if threads:
+        ov.append(f"train.threads={threads}")
+    return ov + list(sets)  # --set last: the user's word wins
+
+
+def command(out: Path, job: Job, iterations: int, threads: int | None, sets: list[str]) -> tuple[list[str], str]:
+    """The child command line for this job and what it does: 'skip', 'resume', 'fresh' or 'restart'."""
+    d = run_dir(out, job)
+    ov = overrides(job, iterations, threads, sets)
+    if is_finished(d, iterations):
+        return [], "skip"
+    if d.exists():
+        from flowpo import checkpoint
+
+        if (d / "config.yaml").exists() and checkpoint.latest(d) is not None:
+            return [sys.executable, "-m", "flowpo", "train", "--resume", str(d), *ov], "resume"
+        mode = "restart"  # started but never checkpointed: nothing to resume from
+    else:
+        mode = "fresh"
+    return [sys.executable, "-m", "flowpo", "train", "--preset", job.preset, "--out", str(d), *ov], mode
+
+
+def launch(out: Path, job: Job, cmd: list[str], env: dict, done: queue.Queue, procs: dict) -> None:
+    """Thread body: run one child, reap it with os.wait4 (its own rusage), report on `done`."""
+    stem = log_stem(out, job)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        with open(f"{stem}.out", "w") as fo, open(f"{stem}.err", "w") as fe:
+            p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, stdin=subprocess.DEVNULL)
+            procs[job] = p
+            _, status, usage = os.wait4(p.pid, 0)
+            p.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen consistent
+        peak_mb = usage.ru_maxrss / 1024.0  # Linux: KiB
+        done.put((job, p.returncode, time.time() - t0, peak_mb))
+    except Exception as e:  # noqa: BLE001 — a launch failure is one failed run, not a dead grid
+        Path(f"{stem}.err").write_text(f"bench: could not run {shlex.join(cmd)}: {e!r}\n")
+        done.put((job, -1, time.time() - t0, None))
+
+
+def record_rusage(out: Path, job: Job, rc: int, seconds: float, peak_mb: float | None, cmd: list[str]) -> None:
+    """logs/…/seedS.json keeps the peak RSS over all the segments (fresh + resumes) of a run."""
+    path = Path(f"{log_stem(out, job)}.json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    peaks = [x for x in (old.get("peak_rss_mb"), peak_mb) if x is not None]
+    path.write_text(json.dumps({"peak_rss_mb": max(peaks) if peaks else None, "returncode": rc,
+                                "seconds": seconds, "command": cmd}, indent=1))
+
+
+def tail(path: Path, n: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+def hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_grid(out: Path, jobs: list[Job], iterations: int, n_parallel: int, sets: list[str]) -> int:
+    """Run the unfinished jobs, n_parallel at a time. Returns the number of failed runs."""
+    threads = 1 if n_parallel > 1 else None
+    env = dict(os.environ)
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+    todo = []
+    for job in jobs:
+        cmd, mode = command(out, job, iterations, threads, sets)
+        if mode == "skip":
+            continue
+        if mode == "restart":
+            shutil.rmtree(run_dir(out, job))
+        todo.append((job, cmd, mode))
+    print(f"bench: {len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run, "
+          f"{n_parallel} at a time", flush=True)
+    failures_path = out / "failures.txt"
+    failures_path.unlink(missing_ok=True)
+    done: queue.Queue = queue.Queue()
+    procs: dict[Job, subprocess.Popen] = {}
+    pending, running, n_done, n_failed = list(todo), 0, 0, 0
+    t0 = time.time()
+    try:
+        while pending or running:
+            while pending and running < n_parallel:
+                job, cmd, mode = pending.pop(0)
+                threading.Thread(target=launch, args=(out, job, cmd, env, done, procs), daemon=True).start()
+                running += 1
+            try:
+                job, rc, seconds, peak_mb = done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            running -= 1
+            n_done += 1
+            cmd = next(c for j, c, _ in todo if j == job)
+            record_rusage(out, job, rc, seconds, peak_mb, cmd)
+            elapsed = time.time() - t0
+            eta = elapsed / n_done * (len(todo) - n_done)
+            if rc == 0:
+                final = run_stats(read_jsonl(run_dir(out, job) / "metrics.jsonl"), iterations)["final_eval_reward"]
+                what = f"ok    final eval {final:.4f}" if final is not None else "ok    (no final eval line?)"
+            else:
+                n_failed += 1
+                what = f"FAILED (exit {rc}; see {failures_path})"
+                with open(failures_path, "a") as f:
+                    f.write(f"== {job.name}  exit {rc}  {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+                            f"$ {shlex.join(cmd)}\n{tail(Path(f'{log_stem(out, job)}.err'))}\n\n")
+            rss = f"{peak_mb:.0f} MB" if peak_mb is not None else "? MB"
+            print(f"[{n_done}/{len(todo)}] {hms(elapsed)} elapsed, ETA {hms(eta)}  {job.name:<40} {what}  "
+                  f"{seconds:.1f} s  peak {rss}", flush=True)
+    except KeyboardInterrupt:
+        for p in list(procs.values()):
+            if p.returncode is None:
+                try:
+                    p.send_signal(signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 30
+        while running and time.time() < deadline:
+            try:
+                done.get(timeout=0.5)
+                running -= 1
+            except queue.Empty:
+                pass
+        raise
+    return n_failed
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def collect(out: Path, jobs: list[Job], default_iterations: int | None) -> tuple[list[dict], dict]:
+    """results rows (targets filled) and each run's eval curve, from the run folders."""
+    import yaml
+
+    rows, curves = [], {}
+    for job in jobs:
+        d = run_dir(out, job)
+        iterations = default_iterations
+        if (d / "config.yaml").exists():
+            iterations = int(yaml.safe_load((d / "config.yaml").read_text())["train"]["iterations"])
+        metrics = read_jsonl(d / "metrics.jsonl")
+        ru_path = Path(f"{log_stem(out, job)}.json")
+        ru = json.loads(ru_path.read_text()) if ru_path.exists() else {}
+        row = {"task": job.task, "preset": job.preset, "seed": job.seed, "iterations": iterations,
+               **run_stats(metrics, iterations if iterations is not None else -1), "peak_rss_mb": ru.get("peak_rss_mb")}
+        if row["status"] != "ok" and ru.get("returncode", 0) != 0:
+            row["status"] = "failed"
+        rows.append(row)
+        curves[(job.task, job.preset, job.seed)] = eval_curve(metrics)
+    fill_targets(rows, curves)
+    return rows, curves
+
+
+def discover(out: Path) -> list[Job]:
+    """Every DIR/runs/TASK/PRESET/seedS folder."""
+    found = []
+    for d in sorted((out / "runs").glob("*/*/seed*")):
+        if d.is_dir() and d.name[4:].lstrip("-").isdigit():
+            found.append(Job(d.parent.parent.name, d.parent.name, int(d.name[4:])))
+    return found
+
+
+def fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: fmt(r.get(c)) for c in columns})
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (task, preset, iterations): mean/std over seeds of each numeric column, reach fraction."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["preset"], r["iterations"]), []).append(r)
+    ref_budget = {(r["task"], r["iterations"]): r["iterations"] for r in rows if r["preset"] == REFERENCE}  # same budget
+    out = []
+    for (task, preset, iterations), rs in groups.items():
+        s = {"task": task, "preset": preset, "iterations": iterations, "seeds": len(rs),
+             "finished": sum(r["status"] == "ok" for r in rs), "target": rs[0]["target"]}
+        for c in NUMERIC:
+            vals = [r[c] for r in rs if r[c] is not None]
+            s[f"{c}_mean"] = statistics.fmean(vals) if vals else None
+            s[f"{c}_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+        s["reached_fraction"] = (sum(r["steps_to_target"] is not None for r in rs) / len(rs)) if s["target"] is not None else None
+        budget = ref_budget.get((task, iterations))
+        m = s["steps_to_target_mean"]
+        s["steps_to_target_fraction_of_budget"] = m / budget if m is not None and budget else None
+        out.append(s)
+    return out
+
+
+SUMMARY_COLUMNS = (["task", "preset", "iterations", "seeds", "finished", "target", "reached_fraction",
+                    "steps_to_target_fraction_of_budget"] + [f"{c}_{s}" for c in NUMERIC for s in ("mean", "std")])
+
+
+def pm(s: dict, c: str, digits: int) -> str:
+    m, sd = s[f"{c}_mean"], s[f"{c}_std"]
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if sd else f"{m:.{digits}f}"
+
+
+def machine() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_v = version("torch")
+    except PackageNotFoundError:
+        torch_v = "?"
+    cpus = os.cpu_count()
+    proc = platform.processor() or platform.machine()
+    return (f"{platform.system()} {platform.release()}, {proc}, {cpus} CPUs, Python {platform.python_version()}, "
+            f"torch {torch_v}")
+
+
+def write_summary_md(path: Path, summary: list[dict], cmdline: str) -> None:
+    lines = [f"Command: `{cmdline}`  ", f"Date: {datetime.date.today().isoformat()}  ", f"Machine: {machine()}", ""]
+    for task in sorted({s["task"] for s in summary}):
+        rs = [s for s in summary if s["task"] == task]
+        rs.sort(key=lambda s: (s["preset"] != REFERENCE, s["preset"], s["iterations"]))
+        tgt = rs[0]["target"]
+        desc = TASKS[task].description if task in TASKS else ""
+        lines += [f"### {task}: {desc}", "",
+                  f"Target: {REFERENCE} mean final eval reward = {tgt:.4f}" if tgt is not None
+                  else f"Target: none ({REFERENCE} has no finished run)", "",
+                  "| preset | iters | seeds | base eval | final eval | reached | iters to target (× budget) "
+                  "| wall s to target | NFE to target | s / iter | NFE / image | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in rs:
+            frac = s["steps_to_target_fraction_of_budget"]
+            reached = "–" if s["reached_fraction"] is None else f"{s['reached_fraction']:.0%}"
+            steps = pm(s, "steps_to_target", 1) + (f" ({frac:.2f})" if frac is not None else "")
+            lines.append(f"| {s['preset']} | {s['iterations']} | {s['finished']}/{s['seeds']} "
+                         f"| {pm(s, 'base_eval_reward', 4)} | {pm(s, 'final_eval_reward', 4)} | {reached} | {steps} "
+                         f"| {pm(s, 'wall_s_to_target', 1)} | {pm(s, 'nfe_to_target', 0)} "
+                         f"| {pm(s, 's_per_iteration', 3)} | {pm(s, 'nfe_per_image', 1)} | {pm(s, 'peak_rss_mb', 0)} |")
+        lines.append("")
+    lines += ["Mean ± std over seeds. \"reached\": fraction of seeds whose eval reward reaches the target at some "
+              "evaluation; iterations / wall s / NFE to target are averaged over the seeds that reach it.", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
+    """plots/TASK_vs_{iterations,wall,nfe}.png: eval reward, mean over seeds, min–max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in sorted({r["task"] for r in rows}):
+        presets = sorted({r["preset"] for r in rows if r["task"] == task}, key=lambda p: (p != REFERENCE, p))
+        tgt = next((r["target"] for r in rows if r["task"] == task and r["target"] is not None), None)
+        for axis, key, label in (("iterations", "step", "iteration"), ("wall", "wall_s", "wall time (s)"),
+                                 ("nfe", "nfe", "model evaluations (NFE)")):
+            fig, ax = plt.subplots(figsize=(7, 4.2))
+            for preset in presets:
+                runs = [curves[(task, preset, r["seed"])] for r in rows
+                        if r["task"] == task and r["preset"] == preset and curves[(task, preset, r["seed"])]]
+                if not runs:
+                    continue
+                steps = sorted(set.intersection(*({e["step"] for e in c} for c in runs)))
+                at = [{e["step"]: e for e in c} for c in runs]
+                x = [statistics.fmean(a[s].get(key) or 0.0 for a in at) for s in steps]
+                ys = [[a[s]["eval_reward_mean"] for a in at] for s in steps]
+                line, = ax.plot(x, [statistics.fmean(y) for y in ys], "o-", ms=3,
+                                lw=2.2 if preset == REFERENCE else 1.4, label=f"{preset} ({len(runs)} seeds)")
+                if len(runs) > 1:
+                    ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+            if tgt is not None:
+                ax.axhline(tgt, ls="--", color="k", lw=1, label=f"target ({REFERENCE} final mean)")
+            ax.set_xlabel(label)
+            ax.set_ylabel("eval reward")
+            ax.set_title(f"{task}: eval reward vs {label} (mean, min–max over seeds)")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            path = out / "plots" / f"{task}_vs_{axis}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def report(out: Path, jobs: list[Job], iterations: int | None, cmdline: str) -> list[dict]:
+    rows, curves = collect(out, jobs, iterations)
+    rows.sort(key=lambda r: (r["task"], r["preset"] != REFERENCE, r["preset"], r["seed"]))
+    write_csv(out / "results.csv", rows, RESULT_COLUMNS)
+    summary = summarize(rows)
+    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    write_summary_md(out / "summary.md", summary, cmdline)
+    plot(out, rows, curves)
+    print(f"bench: wrote {out / 'results.csv'} ({len(rows)} rows), summary.csv, summary.md, plots/", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_presets() -> list[str]:
+    from flowpo.presets import PRESETS
+
+    names = list(PRESETS)
+    return names + sorted(n for n in PRESETS if n.startswith("flowpo_") and n not in names)
+
+
+def default_jobs() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // 2)
+
+
+def csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flowpo bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="tasks:\n" + "\n".join(f"  {k:<10} {t.description}: {' '.join(t.overrides)}"
+                                                              for k, t in TASKS.items()))
+    ap.add_argument("--out", default="runs/bench", help="bench folder (default runs/bench)")
+    ap.add_argument("--presets", type=csv_list, help="comma-separated presets (default: all; flow_grpo is always "
+                                                     "added, it defines the target)")
+    ap.add_argument("--seeds", type=csv_list, help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--tasks", type=csv_list, help=f"comma-separated tasks (default: {','.join(TASKS)})")
+    ap.add_argument("--iterations", type=int, default=None, help="iteration budget of every run (default: the "
+                                                                  "config's train.iterations, 40)")
+    ap.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel (default: usable CPUs // 2); "
+                                                                     "with more than 1, each child uses train.threads=1")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for every run, repeatable (e.g. --set eval.every=5)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="rebuild results.csv, summary and plots from the "
+                                                              "run folders in --out")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flowpo import config
+    from flowpo.presets import PRESETS
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    cmdline = "flowpo bench " + shlex.join(sys.argv[2:] if argv is None else argv)
+    for s in args.sets:
+        if "=" not in s:
+            ap.error(f"--set {s!r}: give key.path=value, e.g. --set eval.every=5")
+    try:
+        seeds = None if args.seeds is None else [int(s) for s in args.seeds]
+    except ValueError:
+        ap.error(f"--seeds {','.join(args.seeds)}: give integers, e.g. --seeds 0,1,2")
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: give at least 1")
+
+    if args.report_only:
+        jobs = [j for j in discover(out) if (args.tasks is None or j.task in args.tasks)
+                and (args.presets is None or j.preset in args.presets)
+                and (seeds is None or j.seed in seeds)]
+        if not jobs:
+            ap.error(f"--report-only: no run folders under {out / 'runs'}; run flowpo bench --out {out} first")
+        saved = out / "command.txt"
+        report(out, jobs, args.iterations, saved.read_text().strip() if saved.exists() else cmdline)
+        return 0
+
+    tasks = args.tasks or list(TASKS)
+    presets = args.presets or default_presets()
+    bad_t = [t for t in tasks if t not in TASKS]
+    bad_p = [p for p in presets if p not in PRESETS]
+    if bad_t:
+        ap.error(f"--tasks: unknown {bad_t}; available: {list(TASKS)}")
+    if bad_p:
+        ap.error(f"--presets: unknown {bad_p}; available: {list(PRESETS)} (flowpo presets)")
+    if REFERENCE not in presets:
+        print(f"bench: adding {REFERENCE} to --presets: it defines the target", flush=True)
+        presets = [REFERENCE] + presets
+    presets = [REFERENCE] + [p for p in dict.fromkeys(presets) if p != REFERENCE]  # reference runs first
+    iterations = args.iterations if args.iterations is not None else config.Config().train.iterations
+    # catch a bad --set or task override now, once, rather than in every child
+    for t in tasks:
+        for p in presets:
+            config.load(None, p, overrides(Job(t, p, seeds[0]), iterations, None, args.sets))
+    seeds = [0, 1, 2] if seeds is None else seeds
+    jobs = [Job(t, p, s) for t in tasks for s in seeds for p in presets]
+    over = [j.name for j in jobs if any(r.get("reward_mean") is not None and r["step"] >= iterations
+                                        for r in read_jsonl(run_dir(out, j) / "metrics.jsonl"))]
+    if over:
+        ap.error(f"--iterations {iterations}: {len(over)} run folders in {out} already trained longer "
+                 f"(e.g. {over[0]}); use another --out, or --report-only")
+    threads = 1 if args.jobs > 1 else None
+
+    if args.dry_run:
+        for job in jobs:
+            cmd, mode = command(out, job, iterations, threads, args.sets)
+            if mode == "skip":
+                print(f"# {job.name}: finished, skipped")
+                continue
+            if mode == "restart":
+                print(f"rm -rf {shlex.quote(str(run_dir(out, job)))}  # started but never checkpointed")
+            print(shlex.join(cmd))
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(cmdline + "\n")
+    t0 = time.time()
+    try:
+        n_failed = run_grid(out, jobs, iterations, args.jobs, args.sets)
+    except KeyboardInterrupt:
+        print(f"bench: interrupted; rerun the same command to resume ({hms(time.time() - t0)} spent)",
+              file=sys.stderr, flush=True)
+        report(out, jobs, iterations, cmdline)
+        return 130
+    rows = report(out, jobs, iterations, cmdline)
+    print(f"bench: done in {hms(time.time() - t0)}; {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} runs "
+          f"finished" + (f", {n_failed} failed (see {out / 'failures.txt'})" if n_failed else ""), flush=True)
+    return 1 if n_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
