@@ -21,7 +21,6 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import queue
@@ -344,7 +343,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["preset"], r["iterations"]), []).append(r)
-    ref_budget = {(r["task"], r["iterations"]): r["iterations"] for r in rows if r["preset"] == REFERENCE}  # same budget
     out = []
     for (task, preset, iterations), rs in groups.items():
         s = {"task": task, "preset": preset, "iterations": iterations, "seeds": len(rs),
@@ -353,10 +351,10 @@ def summarize(rows: list[dict]) -> list[dict]:
             vals = [r[c] for r in rs if r[c] is not None]
             s[f"{c}_mean"] = statistics.fmean(vals) if vals else None
             s[f"{c}_std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
-        s["reached_fraction"] = (sum(r["steps_to_target"] is not None for r in rs) / len(rs)) if s["target"] is not None else None
-        budget = ref_budget.get((task, iterations))
-        m = s["steps_to_target_mean"]
-        s["steps_to_target_fraction_of_budget"] = m / budget if m is not None and budget else None
+        reached = sum(r["steps_to_target"] is not None for r in rs)
+        s["reached_fraction"] = reached / len(rs) if s["target"] is not None else None
+        m = s["steps_to_target_mean"]  # a target exists only where flow_grpo ran this same budget
+        s["steps_to_target_fraction_of_budget"] = m / iterations if m is not None else None
         out.append(s)
     return out
 
@@ -472,10 +470,10 @@ def report(out: Path, jobs: list[Job], iterations: int | None, cmdline: str) -> 
 
 
 def default_presets() -> list[str]:
+    """Every registered preset: the seed methods and the project's own flowpo_* combinations."""
     from flowpo.presets import PRESETS
 
-    names = list(PRESETS)
-    return names + sorted(n for n in PRESETS if n.startswith("flowpo_") and n not in names)
+    return list(PRESETS)
 
 
 def default_jobs() -> int:
@@ -497,10 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "added, it defines the target)")
     ap.add_argument("--seeds", type=csv_list, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--tasks", type=csv_list, help=f"comma-separated tasks (default: {','.join(TASKS)})")
-    ap.add_argument("--iterations", type=int, default=None, help="iteration budget of every run (default: the "
-                                                                  "config's train.iterations, 40)")
-    ap.add_argument("--jobs", type=int, default=default_jobs(), help="runs in parallel (default: usable CPUs // 2); "
-                                                                     "with more than 1, each child uses train.threads=1")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="iteration budget of every run (default: the config's train.iterations, 40)")
+    ap.add_argument("--jobs", type=int, default=default_jobs(),
+                    help="runs in parallel (default: usable CPUs // 2); if > 1, each child uses train.threads=1")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every run, repeatable (e.g. --set eval.every=5)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -516,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     out = Path(args.out)
-    cmdline = "flowpo bench " + shlex.join(sys.argv[2:] if argv is None else argv)
+    cmdline = "flowpo bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     for s in args.sets:
         if "=" not in s:
             ap.error(f"--set {s!r}: give key.path=value, e.g. --set eval.every=5")

@@ -243,9 +243,10 @@ def pretrain(out_dir: str | Path | None = None, seed: int = 0, flow_steps: int =
             "n_train": len(data["y_train"]), "n_test": len(data["y_test"]),
             "wall_s_classifier": t_clf, "wall_s_flow": t_flow, "wall_s": time.time() - t0,
         }
-        meta = {"format": "flowpo-embedded-v1", "net": "FlowNet"}
-        metrics["flow_sha256"] = _save(flow, out / "flow.safetensors", meta)
-        metrics["classifier_sha256"] = _save(clf, out / "classifier.safetensors", {"net": "DigitClassifier"})
+        # one metadata key each: safetensors writes several keys in hash order, which breaks byte equality
+        metrics["flow_sha256"] = _save(flow, out / "flow.safetensors", {"format": "flowpo-embedded-v1 FlowNet"})
+        metrics["classifier_sha256"] = _save(clf, out / "classifier.safetensors",
+                                             {"format": "flowpo-embedded-v1 DigitClassifier"})
         record = {"metrics": metrics, "config": dataclasses.asdict(cfg), "data_sha256": data["sha256"],
                   "torch": torch.__version__}
         (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
