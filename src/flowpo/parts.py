@@ -9,16 +9,36 @@ from flowpo.config import Config
 from flowpo.plans import Plan, build_plan as _build_plan
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if name == "auto":
+        import os
+
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
 def build_policy(m):
-    """The policy adapter for `model.kind` (ModelConfig `m`)."""
+    """The policy adapter for `model.kind` (ModelConfig `m`), on `model.device`."""
+    device = resolve_device(m.device)
     if m.kind == "embedded":
         from flowpo.policy.embedded import EmbeddedPolicy
 
-        return EmbeddedPolicy(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, weights=m.path)
+        policy = EmbeddedPolicy(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, weights=m.path)
+        policy.module.to(device)
+        if getattr(policy, "_ref", None) is not None:
+            policy._ref.to(device)
+        return policy
     from flowpo.policy.registry import build_policy as build_real
 
+    extra = {} if m.max_sequence_length is None else {"max_sequence_length": m.max_sequence_length}
+    if m.kind == "wan":
+        extra["num_frames"] = m.num_frames
     return build_real(m.kind, m.path, mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype,
-                      resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing)
+                      resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing, device=str(device),
+                      **extra)
 
 
 def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:

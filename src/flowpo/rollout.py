@@ -72,8 +72,10 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
     n, T = x_init.shape[0], sigmas.numel() - 1
     dims = tuple(x_init.shape[1:])
     kern = KERNELS[kernel]
-    states = torch.zeros((n, T + 1, *dims))
-    log_probs = torch.zeros((n, T))
+    dev = x_init.device
+    sde, train = sde.to(dev), train.to(dev)
+    states = torch.zeros((n, T + 1, *dims), device=dev)
+    log_probs = torch.zeros((n, T), device=dev)
     x = x_init.float().clone()
     states[:, 0] = x
     nfe = 0
@@ -88,7 +90,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
         x_next = torch.empty_like(x)
         for idx in chunks:
             xc = x[idx]
-            sig = torch.full((len(idx),), s)
+            sig = torch.full((len(idx),), s, device=dev)
             v = policy.velocity(xc, sig, select_cond(cond, idx), guidance)
             nfe += len(idx) * policy.evals_per_row(guidance)
             rows_sde = sde[idx, t]

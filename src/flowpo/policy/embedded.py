@@ -77,7 +77,7 @@ class EmbeddedPolicy:
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
         """v_θ(x, σ | c) with true CFG: x [N, 1, 16, 16], sigma [N] → fp32 [N, 1, 16, 16]."""
-        x, tokens = x.float(), cond["tokens"]
+        x, tokens = x.float(), cond["tokens"].to(x.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [N]
         net = self._net()
         if guidance == 1.0:
