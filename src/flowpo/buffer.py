@@ -73,7 +73,7 @@ class ReplayBuffer:
     # ------------------------------------------------------------------ contents
     def kept_steps(self, train_row: torch.Tensor) -> torch.Tensor:
         """Trained steps of one row minus the truncated late ones → [S] long."""
-        keep = train_row.clone()
+        keep = train_row.cpu().clone()
         if self.truncate_sigma is not None:
             keep &= self.sigmas[:-1] >= self.truncate_sigma
         return torch.nonzero(keep).flatten()

@@ -11,6 +11,7 @@ Bad input exits with status 2 and one line naming the problem and the fix.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,9 +49,11 @@ def _cmd_train(args, rest) -> int:
         out = run
     else:
         cfg = _load_cfg(args, rest)
+        if not args.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("under torchrun give --out DIR: every process must write to the same run folder")
         out = Path(args.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(cfg, out, resume=bool(args.resume))
-    if result:
+    if result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final eval_reward_mean={result['eval_reward_mean']:.4f}  run: {out}")
     return 0
 

@@ -142,10 +142,12 @@ class Dist:
         """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
         if self.world == 1:
             return t
+        home = t.device
+        t = t.to(self.comm_device)  # nccl needs CUDA tensors, gloo takes CPU ones
         parts = [torch.empty_like(t) for _ in range(self.world)]
         with self._guard(f"all_gather {tuple(t.shape)}"):
             dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        return torch.cat(parts).to(home)
 
     def all_gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] (picklable objects; small metadata only)."""
@@ -158,9 +160,19 @@ class Dist:
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
+            buf = t.to(self.comm_device)
             with self._guard(f"all_reduce {tuple(t.shape)}"):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            if buf is not t:
+                t.copy_(buf)
         return t
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective buffers live: the rank's GPU under nccl, else the CPU."""
+        if self.world > 1 and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
 
     def all_true(self, ok: bool) -> bool:
         """True on every rank iff `ok` on every rank (agree before raising, so no rank is left waiting)."""

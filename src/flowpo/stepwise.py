@@ -48,13 +48,13 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     need[:, 1:] |= train
     need[:, T] = False  # the final reward is known
     rows, ts = torch.nonzero(need, as_tuple=True)  # [M], [M]
-    step_rewards = torch.zeros((n, T + 1))
-    step_rewards[:, T] = final_reward
+    step_rewards = torch.zeros((n, T + 1))  # rewards live on the CPU
+    step_rewards[:, T] = final_reward.cpu()
     nfe = 0
     if rows.numel():
         x0, nfe = tweedie_estimate(policy, states[rows, ts], sigmas[ts].float(), select_cond(cond, rows),
                                    substeps=substeps, guidance=guidance, batch_size=batch_size)
         images = policy.decode(x0)
         scores = score_fn(images, [prompts[int(i)] for i in rows])
-        step_rewards[rows, ts] = scores.float()
-    return step_rewards, train.clone(), nfe
+        step_rewards[rows.cpu(), ts.cpu()] = torch.as_tensor(scores).float().cpu()
+    return step_rewards, train.cpu().clone(), nfe

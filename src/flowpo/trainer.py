@@ -20,7 +20,7 @@ from flowpo.buffer import ReplayBuffer, admit
 from flowpo.config import Config
 from flowpo.distributed import Dist
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
-from flowpo.parts import build_plan, build_policy, eval_prompts, train_prompt_pool
+from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
 from flowpo.policy.base import cat_cond, select_cond
 from flowpo.rewards import RewardSet
 from flowpo.rollout import make_chunks, ode_sample, row_noise, sample
@@ -81,6 +81,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.policy = build_policy(cfg.model)
+        self.device = resolve_device(cfg.model.device)
         # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
         self.dist.wrap(self.policy.module, self.policy.trainable_parameters(), full=cfg.model.mode == "full")
         self.params = self.policy.trainable_parameters()
@@ -170,8 +171,9 @@ class Trainer:
         dims = self.policy.latent_shape
         T = s.steps
         init_seeds = [_seed(seed, it, 3, int(groups_all[i]) if s.shared_noise else 10_000 + i) for i in rows]
-        x_init = row_noise(init_seeds, dims)                                                # [n, *D]
-        step_noise = row_noise([_seed(seed, it, 4, i) for i in rows], (T, *dims))          # [n, T, *D]
+        dev = self.device
+        x_init = row_noise(init_seeds, dims).to(dev)                                        # [n, *D]
+        step_noise = row_noise([_seed(seed, it, 4, i) for i in rows], (T, *dims)).to(dev)  # [n, T, *D]
         cond = self.policy.encode_prompts(prompts)
         # chunks are drawn over the N global rows; each rank runs its part of each (distributed.py)
         g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
@@ -256,7 +258,7 @@ class Trainer:
         local = self.dist.split(n * self.dist.world)
         if adv_cfg.kind == "stepwise":
             sr_all = self.dist.all_gather_cat(step_rewards)
-            valid_all = self.dist.all_gather_cat(roll.train)
+            valid_all = self.dist.all_gather_cat(roll.train).cpu()
             if rep:
                 sr_all = torch.cat([sr_all, torch.stack([e.step_rewards if e.step_rewards is not None
                                                          else torch.zeros(T + 1) for _, e in rep])])
@@ -271,7 +273,7 @@ class Trainer:
                                            aggregation=cfg.reward.aggregation, std=adv_cfg.std,
                                            eps=adv_cfg.eps, clip=adv_cfg.clip)[:, None].expand(-1, T)
         adv = adv_all[local]
-        states, train, old, weight, cond = roll.states, roll.train, roll.log_probs, torch.ones(n, T), roll.cond
+        states, train, old, weight, cond = roll.states, roll.train, roll.log_probs, torch.ones(n, T, device=roll.states.device), roll.cond
         chunks = list(roll.chunks)
         chunk_ids = list(roll.extras.get("chunk_ids", range(len(chunks))))
         n_chunks = roll.extras.get("n_chunks", len(chunks))
@@ -285,9 +287,10 @@ class Trainer:
         chunk_ids += [n_chunks + i for i in r_ids]
         n_chunks += len(g_rchunks)
         if mine:
-            r_states = torch.zeros((len(mine), T + 1, *states.shape[2:]))
-            r_train = torch.zeros((len(mine), T), dtype=torch.bool)
-            beta = torch.zeros((len(mine), T))
+            dev = states.device
+            r_states = torch.zeros((len(mine), T + 1, *states.shape[2:]), device=dev)
+            r_train = torch.zeros((len(mine), T), dtype=torch.bool, device=dev)
+            beta = torch.zeros((len(mine), T), device=dev)
             for m, (_, _, e) in enumerate(mine):
                 r_states[m, e.steps], r_states[m, e.steps + 1] = e.x, e.x_next
                 r_train[m, e.steps] = True
@@ -302,7 +305,9 @@ class Trainer:
             old, weight = torch.cat([old, pi_old]), torch.cat([weight, r_weight])
             adv = torch.cat([adv, adv_all[n * self.dist.world + torch.tensor([j for j, _, _ in mine])]])
             cond = cat_cond([cond, r_cond])
-        return UpdateBatch(states, train, old, adv, weight, cond, chunks, chunk_ids, n_chunks), rec
+        dev = states.device
+        return UpdateBatch(states, train.to(dev), old.to(dev), adv.to(dev), weight.to(dev), cond, chunks, chunk_ids,
+                           n_chunks), rec
 
     def _row_mask(self, e) -> torch.Tensor:
         m = torch.zeros(self.cfg.sample.steps, dtype=torch.bool)
@@ -318,10 +323,10 @@ class Trainer:
     def _score_old(self, states, train, cond, chunks) -> torch.Tensor:
         """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
         s = self.cfg.sample
-        out = torch.zeros(train.shape)
+        out = torch.zeros(train.shape, device=states.device)
         for idx in chunks:
             for t in torch.nonzero(train[idx].any(0)).flatten().tolist():
-                sig = torch.full((len(idx),), float(self.sigmas[t]))
+                sig = torch.full((len(idx),), float(self.sigmas[t]), device=states.device)
                 v = self.policy.velocity(states[idx, t], sig, select_cond(cond, idx), s.guidance)
                 st = self.kernel(states[idx, t], v, float(self.sigmas[t]), float(self.sigmas[t + 1]), s.noise_level,
                                  sample=states[idx, t + 1], reduction=s.reduction)
@@ -366,7 +371,7 @@ class Trainer:
         mbs = max(1, min(cfg.train.minibatches, n_chunks))
         groups = [[c for c, g in zip(b.chunks, ids) if g % mbs == i] for i in range(mbs)]
         stats, grad_norms = [], []
-        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1), select_cond(b.cond, slice(0, 1)), 1.0)
+        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device), select_cond(b.cond, slice(0, 1)), 1.0)
         for _ in range(cfg.train.inner_epochs):
             for mb in groups:
                 count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
@@ -399,12 +404,12 @@ class Trainer:
             rows = b.train[idx, t]                                               # [n_c]
             sig, sig_next = float(self.sigmas[t]), float(self.sigmas[t + 1])
             x, x_next = b.states[idx, t], b.states[idx, t + 1]
-            v = self.policy.velocity(x, torch.full((len(idx),), sig), cond, s.guidance)
+            v = self.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, s.guidance)
             st = self.kernel(x, v, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
             kl = None
             if cfg.loss.kl_beta > 0:
                 with torch.no_grad(), self.policy.disable_adapter():
-                    v_ref = self.policy.velocity(x, torch.full((len(idx),), sig), cond, s.guidance)
+                    v_ref = self.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, s.guidance)
                 ref = self.kernel(x, v_ref, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
                 kl = mean_kl(st.mean, ref.mean, st.std, sig_next - sig, cfg.loss.kl_form)[rows]
             loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[idx, t][rows], b.adv[idx, t][rows],
@@ -427,7 +432,7 @@ class Trainer:
         local = self.dist.split(len(prompts_all))
         rows = list(range(len(prompts_all)))[local]
         prompts = prompts_all[local]
-        x_init = row_noise([_seed(e.seed, i) for i in rows], self.policy.latent_shape)
+        x_init = row_noise([_seed(e.seed, i) for i in rows], self.policy.latent_shape).to(self.device)
         if self.ema is not None:
             self.ema.swap()
             self.dist.gather_params()  # FSDP2: the gathered copy must follow the swapped shards
