@@ -2,6 +2,7 @@
 import torch
 
 from flowpo import config
+from flowpo.buffer import importance_weights
 from flowpo.trainer import Trainer
 
 
@@ -19,30 +20,26 @@ def test_replay_with_k0_equals_flow_grpo(tmp_path, tiny):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_importance_weight_is_one_when_behaviour_is_current(tmp_path, tiny):
-    tr = Trainer(config.load(None, "op_grpo", tiny), tmp_path / "r")
+def test_importance_weight_is_one_when_behaviour_is_current():
     kept = torch.tensor([[True, True, False], [True, False, False]])
     lp = torch.randn(2, 3)
     for corr in ("sequence", "per_step"):
         for form in ("product", "geomean"):
-            tr.cfg.replay.is_correction, tr.cfg.replay.is_form = corr, form
-            w, st = tr._importance_weights(lp, lp.clone(), kept)
+            w, st = importance_weights(lp, lp.clone(), kept, correction=corr, form=form, cap=2.0)
             assert torch.equal(w, torch.ones_like(w)) and st["replay/ess"] == 2.0
 
 
-def test_importance_weight_forms_by_hand(tmp_path, tiny):
-    tr = Trainer(config.load(None, "op_grpo", tiny + ["replay.is_cap=null"]), tmp_path / "r")
+def test_importance_weight_forms_by_hand():
     kept = torch.tensor([[True, True, False]])
     pi_old = torch.tensor([[0.0, 0.0, 5.0]])
     beta = torch.tensor([[-0.2, -0.4, 0.0]])   # log π_old − log β = 0.2, 0.4 on kept steps
-    tr.cfg.replay.is_form = "product"
-    w, _ = tr._importance_weights(pi_old, beta, kept)
+    w, _ = importance_weights(pi_old, beta, kept, correction="sequence", form="product")
     assert torch.allclose(w[0, 0], torch.exp(torch.tensor(0.6)))
-    tr.cfg.replay.is_form = "geomean"
-    w, _ = tr._importance_weights(pi_old, beta, kept)
+    w, _ = importance_weights(pi_old, beta, kept, correction="sequence", form="geomean")
     assert torch.allclose(w[0, 0], torch.exp(torch.tensor(0.3)))
-    tr.cfg.replay.is_cap = 1.2
-    w, st = tr._importance_weights(pi_old, beta, kept)
+    w, _ = importance_weights(pi_old, beta, kept, correction="per_step")
+    assert torch.allclose(w[0, :2], torch.exp(torch.tensor([0.2, 0.4])))
+    w, st = importance_weights(pi_old, beta, kept, correction="sequence", form="geomean", cap=1.2)
     assert abs(float(w[0, 0]) - 1.2) < 1e-6 and st["replay/capped_frac"] == 1.0
 
 

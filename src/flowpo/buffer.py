@@ -60,6 +60,45 @@ def admit(rule: str, replay_reward: float, fresh_rewards: torch.Tensor, tol: flo
     raise ValueError(f"replay.rule={rule!r}; allowed: always, beats_best, no_spread, beats_best_or_no_spread")
 
 
+def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor, *,
+                       correction: str = "sequence", form: str = "geomean",
+                       cap: float | None = None) -> tuple[torch.Tensor, dict]:
+    """OP-GRPO importance weights of replayed rows → ([R, T] detached weights, stats).
+
+    pi_old, beta [R, T]: log-probs of the stored transitions under π_old (recomputed at the start
+    of the iteration) and under the behaviour policy β that generated them; kept [R, T] bool.
+        sequence, product:  w = Π_{t∈K} π_old/β = exp(Σ_K (log π_old − log β))
+        sequence, geomean:  w = exp(mean_K (log π_old − log β))
+        per_step:           w_t = π_old(t)/β(t)
+        none:               w = 1
+    Every form is truncated at `cap`. The PPO clip stays on π_θ/π_old; w multiplies the step losses.
+    Stats: mean and max of the sequence weight, the capped fraction of kept steps, and Kish's
+    effective sample size (Σw)²/Σw².
+    """
+    if correction not in ("none", "sequence", "per_step"):
+        raise ValueError(f"replay.is_correction={correction!r}; allowed: none, sequence, per_step")
+    if form not in ("product", "geomean"):
+        raise ValueError(f"replay.is_form={form!r}; allowed: product, geomean")
+    d = (pi_old - beta) * kept                                  # [R, T]
+    cnt = kept.sum(1).clamp_min(1)
+    if correction == "none":
+        w = torch.ones_like(d)
+    elif correction == "per_step":
+        w = d.exp()
+    else:
+        logw = d.sum(1) if form == "product" else d.sum(1) / cnt
+        w = logw.exp()[:, None].expand_as(d).clone()
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    if cap is not None:
+        capped = w > cap
+        w = w.clamp(max=cap)
+    seq = w[:, 0] if correction != "per_step" else (w * kept).sum(1) / cnt
+    ess = float(seq.sum() ** 2 / (seq ** 2).sum().clamp_min(1e-12))
+    return w.detach(), {"replay/w_mean": float(seq.mean()), "replay/w_max": float(seq.max()),
+                        "replay/capped_frac": float((capped & kept).sum() / kept.sum().clamp_min(1)),
+                        "replay/ess": ess}
+
+
 class ReplayBuffer:
     def __init__(self, sigmas: torch.Tensor, *, capacity_per_prompt: int = 2, max_age: int = 8,
                  decay: float = 0.0, truncate_sigma: float | None = None):
@@ -117,6 +156,18 @@ class ReplayBuffer:
     def best(self, prompt: str, iteration: int, k: int) -> list[Entry]:
         lst = sorted(self.entries.get(prompt, []), key=lambda x: self._score(x, iteration), reverse=True)
         return lst[:k]
+
+    def select(self, iteration: int, prompts: list[str], group_ids: torch.Tensor, rewards: torch.Tensor, *,
+               k: int, rule: str) -> list[tuple[int, Entry]]:
+        """For each group (rows of all ranks, in global order) the up-to-k best stored trajectories of
+        its prompt that the admission rule lets in → [(group id, entry)]."""
+        out = []
+        for g in torch.unique(group_ids).tolist():
+            idx = torch.nonzero(group_ids == g).flatten()
+            for e in self.best(prompts[int(idx[0])], iteration, k):
+                if admit(rule, e.reward, rewards[idx]):
+                    out.append((g, e))
+        return out
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.entries.values())

@@ -16,9 +16,10 @@ import torch
 
 from flowpo import checkpoint, config as config_mod
 from flowpo.advantages import aggregate_advantages, stepwise_advantages
-from flowpo.buffer import ReplayBuffer, admit
+from flowpo.buffer import ReplayBuffer, importance_weights
 from flowpo.config import Config
 from flowpo.distributed import Dist
+from flowpo.ema import EMA
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
 from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
 from flowpo.policy.base import cat_cond, select_cond
@@ -51,26 +52,6 @@ class UpdateBatch:
     chunks: list[torch.Tensor]  # row indices; fresh chunks equal the rollout's
     chunk_ids: list[int] | None = None  # global chunk index of each chunk (None: its position)
     n_chunks: int = 0                   # global chunks (fresh + replayed) over all ranks
-
-
-class EMA:
-    """θ_ema ← d·θ_ema + (1−d)·θ over the trainable parameters."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
 
 
 class Trainer:
@@ -237,17 +218,9 @@ class Trainer:
         # replayed rows (OP-GRPO): chosen per group from the buffer, before this iteration's samples go in
         rep = []
         if self.buffer is not None:
-            comb_all = self.dist.all_gather_cat(combined)
-            groups_all = self.dist.all_gather_cat(roll.group_ids)
-            prompts_all = self._gather_prompts(roll.prompts)
-            admitted = 0
-            for g in torch.unique(groups_all).tolist():
-                idx = torch.nonzero(groups_all == g).flatten()
-                for e in self.buffer.best(prompts_all[int(idx[0])], it, cfg.replay.k):
-                    if admit(cfg.replay.rule, e.reward, comb_all[idx]):
-                        rep.append((g, e))
-                        admitted += 1
-            rec["replay/admitted"] = admitted
+            rep = self.buffer.select(it, self._gather_prompts(roll.prompts), self.dist.all_gather_cat(roll.group_ids),
+                                     self.dist.all_gather_cat(combined), k=cfg.replay.k, rule=cfg.replay.rule)
+            rec["replay/admitted"] = len(rep)
         # rewards of all rows (fresh of every rank, then replayed) for group statistics
         raw_all = self.dist.all_gather_cat(raw)
         groups_all = self.dist.all_gather_cat(roll.group_ids)
@@ -297,7 +270,9 @@ class Trainer:
                 beta[m, e.steps] = e.log_prob
             r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
             pi_old = self._score_old(r_states, r_train, r_cond, r_chunks)                    # [R, T]
-            r_weight, wstats = self._importance_weights(pi_old, beta, r_train)
+            rc = cfg.replay
+            r_weight, wstats = importance_weights(pi_old, beta, r_train, correction=rc.is_correction,
+                                                  form=rc.is_form, cap=rc.is_cap)
             rec.update(wstats)
             rec["replay/age_mean"] = sum(it - e.version for _, _, e in mine) / len(mine)
             chunks += [c + n for c in r_chunks]
@@ -333,34 +308,6 @@ class Trainer:
                 out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
         return out
 
-    def _importance_weights(self, pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor):
-        """OP-GRPO weights for replayed rows: [R, T] (detached).
-
-        sequence (product):  w = Π_{t∈K} π_old/β = exp(Σ_K (log π_old − log β))
-        sequence (geomean):  w = exp(mean_K (log π_old − log β))
-        per_step:            w_t = π_old(t)/β(t)
-        none:                w = 1;   every form is truncated at is_cap.
-        """
-        r = self.cfg.replay
-        d = (pi_old - beta) * kept                                  # [R, T]
-        cnt = kept.sum(1).clamp_min(1)
-        if r.is_correction == "none":
-            w = torch.ones_like(d)
-        elif r.is_correction == "per_step":
-            w = d.exp()
-        else:
-            logw = d.sum(1) if r.is_form == "product" else d.sum(1) / cnt
-            w = logw.exp()[:, None].expand_as(d).clone()
-        capped = torch.zeros_like(w, dtype=torch.bool)
-        if r.is_cap is not None:
-            capped = w > r.is_cap
-            w = w.clamp(max=r.is_cap)
-        seq = w[:, 0] if r.is_correction != "per_step" else (w * kept).sum(1) / cnt
-        ess = float(seq.sum() ** 2 / (seq ** 2).sum().clamp_min(1e-12))
-        return w, {"replay/w_mean": float(seq.mean()), "replay/w_max": float(seq.max()),
-                   "replay/capped_frac": float((capped & kept).sum() / kept.sum().clamp_min(1)),
-                   "replay/ess": ess}
-
     # ------------------------------------------------------------------ update
     def _update(self, b: UpdateBatch) -> dict:
         cfg, s = self.cfg, self.cfg.sample
@@ -371,7 +318,8 @@ class Trainer:
         mbs = max(1, min(cfg.train.minibatches, n_chunks))
         groups = [[c for c, g in zip(b.chunks, ids) if g % mbs == i] for i in range(mbs)]
         stats, grad_norms = [], []
-        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device), select_cond(b.cond, slice(0, 1)), 1.0)
+        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device),  # noqa: E731
+                                             select_cond(b.cond, slice(0, 1)), 1.0)
         for _ in range(cfg.train.inner_epochs):
             for mb in groups:
                 count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
@@ -383,6 +331,10 @@ class Trainer:
                     stats += self._chunk_loss(b, idx, count)
                 self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
                 grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
+                if not math.isfinite(grad_norms[-1]):
+                    raise FloatingPointError(
+                        f"non-finite gradient norm ({grad_norms[-1]}) at iteration {self.iteration}; the weights were "
+                        "not updated. Lower train.lr or check the rewards; resume from the last checkpoint")
                 self.opt.step()
                 self.dist.gather_params()
                 if self.ema is not None:
@@ -516,6 +468,3 @@ class Trainer:
 def train(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
     return Trainer(cfg, out, resume=resume).run()
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
