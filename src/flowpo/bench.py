@@ -470,10 +470,11 @@ def report(out: Path, jobs: list[Job], iterations: int | None, cmdline: str) -> 
 
 
 def default_presets() -> list[str]:
-    """Every registered preset: the seed methods and the project's own flowpo_* combinations."""
-    from flowpo.presets import PRESETS
+    """Every registered method preset: the seed methods and the project's own flowpo_* combinations
+    (ablation variants run only when named in --presets)."""
+    from flowpo.presets import methods
 
-    return list(PRESETS)
+    return methods()
 
 
 def default_jobs() -> int:

@@ -26,7 +26,12 @@ def _cmd_presets(_args, _rest) -> int:
 
     width = max(len(n) for n in PRESETS)
     for name, p in PRESETS.items():
-        print(f"{name:<{width}}  {p.description}  [{p.paper}]")
+        if p.ablation_of is None:
+            print(f"{name:<{width}}  {p.description}  [{p.paper}]")
+    print("\nablation variants:")
+    for name, p in PRESETS.items():
+        if p.ablation_of is not None:
+            print(f"{name:<{width}}  {p.description}")
     return 0
 
 

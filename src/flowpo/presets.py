@@ -15,6 +15,7 @@ class Preset:
     description: str
     paper: str
     overrides: dict
+    ablation_of: str | None = None  # set for ablation variants (listed apart, not benchmarked by default)
 
 
 PRESETS: dict[str, Preset] = {
@@ -61,6 +62,33 @@ PRESETS: dict[str, Preset] = {
          "advantage.kind": "stepwise", "advantage.substeps": 5, "advantage.normalize": "joint",
          "sample.shared_noise": True}),
 }
+
+
+_OP = PRESETS["op_grpo"].overrides
+_SW = PRESETS["stepwise_grpo"].overrides
+PRESETS["flowpo_best"] = Preset(
+    "flowpo's combination: Stepwise credit (DDIM SDE, T'=3 Tweedie rewards) + OP-GRPO replay (k=1, "
+    "sequence-level IS, truncation) + 2 clipped passes × 4 minibatches over each iteration's samples",
+    "this project (docs/methods.md)",
+    {**_SW, **{k: v for k, v in _OP.items() if k.startswith("replay.")}, "advantage.substeps": 3,
+     "train.inner_epochs": 2, "train.minibatches": 4})
+PRESETS.update({
+    "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
+                            "op_grpo"),
+    "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",
+                                  {**_OP, "replay.is_correction": "per_step"}, "op_grpo"),
+    "op_grpo_no_trunc": Preset("OP-GRPO ablation: no late-step truncation of replayed steps", "ablation",
+                               {**_OP, "replay.truncate_sigma": None}, "op_grpo"),
+    "op_grpo_always": Preset("OP-GRPO ablation: always mix the replayed trajectory in (no adaptive rule)", "ablation",
+                             {**_OP, "replay.rule": "always"}, "op_grpo"),
+    "stepwise_grpo_per_step": Preset("Stepwise ablation: per-step instead of joint gain normalisation", "ablation",
+                                     {**_SW, "advantage.normalize": "per_step"}, "stepwise_grpo"),
+})
+
+
+def methods() -> list[str]:
+    """The presets that are methods (not ablation variants)."""
+    return [n for n, p in PRESETS.items() if p.ablation_of is None]
 
 
 def apply_preset(cfg: Config, name: str) -> Config:
