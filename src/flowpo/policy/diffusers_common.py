@@ -1,4 +1,4 @@
-"""Shared plumbing for the diffusers-backed policies (sd3.py, flux.py): no RL logic.
+"""Shared plumbing for the diffusers-backed policies (sd3.py, flux.py, wan.py): no RL logic.
 
 - `load_pipeline`: open a local diffusers folder with errors that name the fix; never the hub.
 - `resolve_dtype` / `autocast`: the network runs in bf16/fp16 under autocast; callers return fp32.
@@ -6,6 +6,8 @@
   reference (`disable_adapter`), trainable state dicts, saving in diffusers' LoRA format with its
   config so that α ≠ r reloads at the right scale (scale = α / r).
 - `PromptCache`: text-encoder outputs keyed by prompt string (bounded, least recently used out).
+- `DiffusersPolicy`: the base class of the three adapters: loading, device/dtype placement and the
+  `Policy` members that only delegate to `TrainableTransformer`.
 
 diffusers, transformers and peft are imported lazily (DESIGN.md: `import flowpo` stays fast).
 """
@@ -13,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, ClassVar, Iterator, Literal, TypeVar
 
 import torch
 from torch import nn
+
+from flowpo.policy.base import Cond
 
 INSTALL_HINT = "pip install flowpo[diffusers]"
 _DTYPES = {
@@ -328,3 +333,115 @@ def vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     param = next(vae.parameters())
     images = vae.decode(z.to(device=param.device, dtype=param.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+P = TypeVar("P", bound="DiffusersPolicy")
+
+
+class DiffusersPolicy:
+    """What SD3Policy, FluxPolicy and WanPolicy share: a diffusers pipeline whose transformer is
+    the policy (`TrainableTransformer`) and whose `frozen_components` are placed frozen.
+
+    A subclass sets the class attributes, calls `super().__init__` with its keyword arguments
+    (it owns their defaults and documents them), and implements `velocity`, `encode_prompts`
+    and `_encode(prompts) -> Cond`. `evals_per_row` and `decode` below are the true-CFG, image
+    versions; a subclass overrides them where it differs.
+    """
+
+    pipeline_class_name: ClassVar[str]  # e.g. "FluxPipeline": what `from_pretrained` loads
+    model_kind: ClassVar[str]  # the `model.kind` that errors name, e.g. "flux"
+    default_lora_targets: ClassVar[tuple[str, ...]]  # used when lora_targets is None
+    frozen_components: ClassVar[tuple[str, ...]]  # pipeline attributes placed frozen on `device`
+    negative_prompt: str = ""  # the unconditional prompt of true CFG
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        dtype: str | torch.dtype,
+        mode: Mode,
+        lora_rank: int,
+        lora_alpha: float,
+        lora_targets: list[str] | None,
+        gradient_checkpointing: bool,
+        device: str | torch.device,
+        max_sequence_length: int,
+        prompt_cache_size: int,
+    ):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.max_sequence_length = max_sequence_length
+        place_frozen(pipe, self.frozen_components, self.device, self.dtype)
+        pipe.transformer.to(self.device)
+        self._trainable = TrainableTransformer(
+            pipe.transformer,
+            mode=mode,
+            dtype=self.dtype,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=list(lora_targets or self.default_lora_targets),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self._prompts = PromptCache(self._encode, prompt_cache_size)
+        self._negative: Cond | None = None
+
+    @classmethod
+    def from_pretrained(cls: type[P], path: str | Path, **options) -> P:
+        """Load a local `pipeline_class_name` folder (never the hub) and wrap it: `cls(pipe, **options)`.
+
+        `options` are the keyword arguments of the subclass's `__init__`; they are checked against
+        its signature before anything is loaded.
+        """
+        bound = inspect.signature(cls).bind(None, **options)  # TypeError on an unknown option
+        bound.apply_defaults()
+        dtype = resolve_dtype(bound.arguments["dtype"])
+        return cls(load_pipeline(cls.pipeline_class_name, path, cls.model_kind, dtype), **options)
+
+    # -- Policy interface -------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        return self._trainable.module
+
+    @module.setter
+    def module(self, wrapped: nn.Module) -> None:  # a DDP/FSDP wrapper of the transformer
+        self._trainable.module = wrapped
+
+    def evals_per_row(self, guidance: float) -> int:
+        """True CFG: the unconditional and conditional rows at guidance ≠ 1, one row at 1."""
+        return 1 if guidance == 1.0 else 2
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [N, C, H/8, W/8] → images [N, 3, H, W] fp32 in [0, 1]."""
+        return vae_decode(self.pipe.vae, x)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self._trainable.parameters()
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager:
+        return self._trainable.disable_adapter()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._trainable.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._trainable.load_state_dict(state)
+
+    def save_pretrained(self, directory: str) -> None:
+        """LoRA: `<pipeline class>.load_lora_weights(directory)` loads it back (α kept).
+        Full: `directory/transformer` in diffusers format."""
+        self._trainable.save(directory, type(self.pipe))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        """Text-encoder outputs for `prompts`, one row each (what `PromptCache` stores)."""
+        raise NotImplementedError
+
+    def _negative_cond(self) -> Cond:
+        """`negative_prompt`'s embeddings (one row), encoded once: the unconditional row of CFG."""
+        if self._negative is None:
+            with torch.no_grad():
+                self._negative = self._encode([self.negative_prompt])
+        return self._negative

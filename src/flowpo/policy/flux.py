@@ -15,24 +15,10 @@ Convention: x_σ = (1−σ)·x0 + σ·ε, v = ε − x0 (REFERENCE.md).
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
-from torch import nn
 
 from flowpo.policy.base import Cond
-from flowpo.policy.diffusers_common import (
-    Mode,
-    PromptCache,
-    TrainableTransformer,
-    autocast,
-    image_size,
-    load_pipeline,
-    place_frozen,
-    resolve_dtype,
-    vae_decode,
-)
+from flowpo.policy.diffusers_common import DiffusersPolicy, Mode, autocast, image_size
 
 # Attention q/k/v/out on both streams (double blocks; single blocks share attn.to_q/k/v), the
 # double blocks' feed-forward layers on both streams, and the single blocks' MLP input.
@@ -42,7 +28,6 @@ FLUX_LORA_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     "proj_mlp",
 )
-_FROZEN = ("text_encoder", "text_encoder_2", "vae")
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +51,7 @@ def image_ids(h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
-class FluxPolicy:
+class FluxPolicy(DiffusersPolicy):
     """A FluxPipeline's transformer as the policy; CLIP, T5 and the VAE frozen.
 
     Args:
@@ -82,7 +67,15 @@ class FluxPolicy:
         device: where every component runs.
         max_sequence_length: T5 tokens per prompt (the pipeline's default is 512).
         prompt_cache_size: prompts whose embeddings are kept (least recently used evicted).
+
+    `FluxPolicy.from_pretrained(path, **options)` loads a local FluxPipeline folder (never the
+    hub); `options` are the keyword arguments above.
     """
+
+    pipeline_class_name = "FluxPipeline"
+    model_kind = "flux"
+    default_lora_targets = FLUX_LORA_TARGETS
+    frozen_components = ("text_encoder", "text_encoder_2", "vae")
 
     def __init__(
         self,
@@ -99,69 +92,25 @@ class FluxPolicy:
         max_sequence_length: int = 512,
         prompt_cache_size: int = 1024,
     ):
-        self.pipe = pipe
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.max_sequence_length = max_sequence_length
-        place_frozen(pipe, _FROZEN, self.device, self.dtype)
-        pipe.transformer.to(self.device)
-        self._trainable = TrainableTransformer(
-            pipe.transformer,
-            mode=mode,
-            dtype=self.dtype,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=list(lora_targets or FLUX_LORA_TARGETS),
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        self.has_guidance_embedding = bool(pipe.transformer.config.guidance_embeds)
-        scale = pipe.vae_scale_factor
-        self.height, self.width = image_size(pipe, resolution, 2 * scale)
-        self.latent_shape = (pipe.transformer.config.in_channels // 4, self.height // scale, self.width // scale)
-        self._img_ids = image_ids(self.latent_shape[1], self.latent_shape[2], self.device)  # [S, 3]
-        self._prompts = PromptCache(self._encode, prompt_cache_size)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: str | torch.dtype = "fp32",
-        mode: Mode = "lora",
-        lora_rank: int = 64,
-        lora_alpha: float = 128,
-        lora_targets: list[str] | None = None,
-        resolution: int | tuple[int, int] | None = None,
-        gradient_checkpointing: bool = False,
-        device: str | torch.device = "cpu",
-        max_sequence_length: int = 512,
-        prompt_cache_size: int = 1024,
-    ) -> "FluxPolicy":
-        """Load a local FluxPipeline folder (never the hub) and wrap it."""
-        pipe = load_pipeline("FluxPipeline", path, "flux", resolve_dtype(dtype))
-        return cls(
+        super().__init__(
             pipe,
             dtype=dtype,
             mode=mode,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_targets=lora_targets,
-            resolution=resolution,
             gradient_checkpointing=gradient_checkpointing,
             device=device,
             max_sequence_length=max_sequence_length,
             prompt_cache_size=prompt_cache_size,
         )
+        self.has_guidance_embedding = bool(pipe.transformer.config.guidance_embeds)
+        scale = pipe.vae_scale_factor
+        self.height, self.width = image_size(pipe, resolution, 2 * scale)
+        self.latent_shape = (pipe.transformer.config.in_channels // 4, self.height // scale, self.width // scale)
+        self._img_ids = image_ids(self.latent_shape[1], self.latent_shape[2], self.device)  # [S, 3]
 
-    # -- Policy interface -------------------------------------------------------------------
-
-    @property
-    def module(self) -> nn.Module:
-        return self._trainable.module
-
-    @module.setter
-    def module(self, wrapped: nn.Module) -> None:  # a DDP/FSDP wrapper of the transformer
-        self._trainable.module = wrapped
+    # -- Policy interface (module, decode and the trainable state: DiffusersPolicy) -----------
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """{"prompt_embeds": [N, L, D] T5 tokens, "pooled": [N, P] CLIP pooled output}."""
@@ -195,28 +144,8 @@ class FluxPolicy:
         return unpack_latents(out.float(), h, w)
 
     def evals_per_row(self, guidance: float) -> int:
+        """One evaluation per row: guidance enters through the guidance embedding, not CFG."""
         return 1
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents [N, C, H/8, W/8] → images [N, 3, H, W] fp32 in [0, 1]."""
-        return vae_decode(self.pipe.vae, x)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self._trainable.parameters()
-
-    def disable_adapter(self) -> contextlib.AbstractContextManager:
-        return self._trainable.disable_adapter()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._trainable.state_dict()
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._trainable.load_state_dict(state)
-
-    def save_pretrained(self, directory: str) -> None:
-        """LoRA: `FluxPipeline.load_lora_weights(directory)` loads it back (α kept).
-        Full: `directory/transformer` in diffusers format."""
-        self._trainable.save(directory, type(self.pipe))
 
     # -- internals --------------------------------------------------------------------------
 

@@ -16,30 +16,17 @@ train and how the reference splits is a design question, not an adapter detail.
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import torch
-from torch import nn
 
 from flowpo.policy.base import Cond
-from flowpo.policy.diffusers_common import (
-    Mode,
-    PromptCache,
-    TrainableTransformer,
-    autocast,
-    load_pipeline,
-    place_frozen,
-    resolve_dtype,
-)
+from flowpo.policy.diffusers_common import DiffusersPolicy, Mode, autocast
 
 # Self-attention (attn1) and cross-attention (attn2) projections and the feed-forward network.
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 DEFAULT_SIZE = (480, 832)  # WanPipeline.__call__'s height and width defaults
-_FROZEN = ("text_encoder", "vae")
 
 
-class WanPolicy:
+class WanPolicy(DiffusersPolicy):
     """A WanPipeline's transformer as the policy; UMT5 and the video VAE frozen.
 
     Args:
@@ -50,7 +37,15 @@ class WanPolicy:
         num_frames: video length in frames; (num_frames − 1) must be divisible by 4 (default 81).
         max_sequence_length: UMT5 tokens per prompt (the pipeline's default is 512).
         negative_prompt: the unconditional prompt of CFG (the pipeline's default is "").
+
+    `WanPolicy.from_pretrained(path, **options)` loads a local WanPipeline folder (never the hub);
+    `options` are the keyword arguments above.
     """
+
+    pipeline_class_name = "WanPipeline"
+    model_kind = "wan"
+    default_lora_targets = WAN_LORA_TARGETS
+    frozen_components = ("text_encoder", "vae")
 
     def __init__(
         self,
@@ -76,21 +71,18 @@ class WanPolicy:
             )
         if getattr(pipe.config, "expand_timesteps", False):
             raise ValueError("WanPolicy does not support expand_timesteps pipelines (Wan2.2 TI2V)")
-        self.pipe = pipe
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
-        place_frozen(pipe, _FROZEN, self.device, self.dtype)
-        pipe.transformer.to(self.device)
-        self._trainable = TrainableTransformer(
-            pipe.transformer,
+        super().__init__(
+            pipe,
+            dtype=dtype,
             mode=mode,
-            dtype=self.dtype,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
-            lora_targets=list(lora_targets or WAN_LORA_TARGETS),
+            lora_targets=lora_targets,
             gradient_checkpointing=gradient_checkpointing,
+            device=device,
+            max_sequence_length=max_sequence_length,
+            prompt_cache_size=prompt_cache_size,
         )
         s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         _, p_h, p_w = pipe.transformer.config.patch_size
@@ -106,54 +98,8 @@ class WanPolicy:
         self.height, self.width, self.num_frames = height, width, num_frames
         channels = pipe.transformer.config.in_channels
         self.latent_shape = (channels, (num_frames - 1) // t + 1, height // s, width // s)
-        self._prompts = PromptCache(self._encode, prompt_cache_size)
-        self._negative: Cond | None = None
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: str | torch.dtype = "fp32",
-        mode: Mode = "lora",
-        lora_rank: int = 32,
-        lora_alpha: float = 64,
-        lora_targets: list[str] | None = None,
-        resolution: int | tuple[int, int] | None = None,
-        num_frames: int = 81,
-        gradient_checkpointing: bool = False,
-        device: str | torch.device = "cpu",
-        max_sequence_length: int = 512,
-        negative_prompt: str = "",
-        prompt_cache_size: int = 1024,
-    ) -> "WanPolicy":
-        """Load a local WanPipeline folder (never the hub) and wrap it."""
-        pipe = load_pipeline("WanPipeline", path, "wan", resolve_dtype(dtype))
-        return cls(
-            pipe,
-            dtype=dtype,
-            mode=mode,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_targets=lora_targets,
-            resolution=resolution,
-            num_frames=num_frames,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            max_sequence_length=max_sequence_length,
-            negative_prompt=negative_prompt,
-            prompt_cache_size=prompt_cache_size,
-        )
-
-    # -- Policy interface -------------------------------------------------------------------
-
-    @property
-    def module(self) -> nn.Module:
-        return self._trainable.module
-
-    @module.setter
-    def module(self, wrapped: nn.Module) -> None:
-        self._trainable.module = wrapped
+    # -- Policy interface (module, evals_per_row and the trainable state: DiffusersPolicy) ----
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """{"prompt_embeds": [N, L, D]} UMT5 token embeddings (padding positions zeroed)."""
@@ -170,9 +116,6 @@ class WanPolicy:
         v_u, v_c = out.float().chunk(2)
         return v_u + guidance * (v_c - v_u)
 
-    def evals_per_row(self, guidance: float) -> int:
-        return 1 if guidance == 1.0 else 2
-
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, F, h, w] → videos [N, 3, num_frames, H, W] fp32 in [0, 1].
@@ -187,23 +130,6 @@ class WanPolicy:
         video = vae.decode((x.float() * std + mean).to(param.device, param.dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self._trainable.parameters()
-
-    def disable_adapter(self) -> contextlib.AbstractContextManager:
-        return self._trainable.disable_adapter()
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._trainable.state_dict()
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._trainable.load_state_dict(state)
-
-    def save_pretrained(self, directory: str) -> None:
-        """LoRA: `WanPipeline.load_lora_weights(directory)` loads it back (α kept).
-        Full: `directory/transformer` in diffusers format."""
-        self._trainable.save(directory, type(self.pipe))
-
     # -- internals --------------------------------------------------------------------------
 
     def _encode(self, prompts: list[str]) -> Cond:
@@ -214,12 +140,6 @@ class WanPolicy:
             device=self.device,
         )
         return {"prompt_embeds": embeds}
-
-    def _negative_cond(self) -> Cond:
-        if self._negative is None:
-            with torch.no_grad():
-                self._negative = self._encode([self.negative_prompt])
-        return self._negative
 
     def _transformer(self, x, sigma, embeds) -> torch.Tensor:
         with autocast(self.device, self.dtype):
