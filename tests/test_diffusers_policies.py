@@ -376,3 +376,26 @@ def test_flowpo_train_runs_on_a_tiny_pipeline(kind, folders, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if "reward_mean" in line]
     assert len(train) == 2 and train[0]["stats/ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("preset", ["flow_grpo", "dance_grpo", "mix_grpo_flash", "op_grpo", "stepwise_grpo"])
+def test_every_preset_trains_a_tiny_pipeline_unchanged(kind, preset, folders, tmp_path):
+    """The presets run on the diffusers adapters with no change (the adapters hold no RL logic):
+    one iteration, one minibatch, so the first ratio is exactly 1 and the LoRA weights move."""
+    from flowpo import config
+    from flowpo.trainer import Trainer
+
+    cfg = config.load(None, preset, [
+        f"model.kind={kind}", f"model.path={folders[kind]}", "model.lora_rank=4", "model.lora_alpha=8",
+        f"model.resolution={RES}", "eval.prompts=2", "eval.samples_per_prompt=1", "eval.steps=3",
+        "sample.steps=4", "sample.prompts_per_iteration=2", "sample.group_size=3", "sample.batch_size=6",
+        f"sample.guidance={3.5 if kind == 'flux' else 2.0}", "reward.names=[tiny_pipelines:brightness_reward]",
+        "train.minibatches=1", "train.weight_decay=0", "advantage.substeps=2", "plan.window_size=2",
+        "log.progress=false", "log.tensorboard=false"])
+    tr = Trainer(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.policy.trainable_state_dict().items()}
+    rec = tr.train_iteration(0)
+    assert rec["stats/ratio_mean"] == 1.0 and rec["stats/ratio_max"] == 1.0
+    after = tr.policy.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
