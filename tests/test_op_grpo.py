@@ -58,3 +58,23 @@ def test_replayed_rows_join_the_update(tmp_path, tiny):
     assert r1["replay/admitted"] == 2
     assert r1["stats/transitions"] == 2 * 3 * 3 + 2 * kept
     assert r1["replay/w_mean"] > 0 and r1["replay/ess"] > 0 and r1["replay/bytes_per_trajectory"] > 0
+
+
+def test_resume_continues_with_the_same_buffer(tmp_path, tiny):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 7\nthe digit two\n")
+    base = [x for x in tiny if not x.startswith("train.iterations")] + [
+        "replay.rule=always", f"sample.prompts_file={prompts}"]
+    full = Trainer(config.load(None, "op_grpo", base + ["train.iterations=3"]), tmp_path / "full")
+    full.run()
+    part = Trainer(config.load(None, "op_grpo", base + ["train.iterations=2"]), tmp_path / "part")
+    part.run()
+    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"])
+    resumed = Trainer(cfg, tmp_path / "part", resume=True)
+    assert len(resumed.buffer) == len(part.buffer) > 0
+    for p, lst in part.buffer.entries.items():
+        for a, b in zip(lst, resumed.buffer.entries[p]):
+            assert a.reward == b.reward and a.version == b.version and torch.equal(a.x, b.x)
+    resumed.run()
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

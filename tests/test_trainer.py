@@ -115,3 +115,11 @@ def test_existing_run_needs_resume(tmp_path, tiny):
     make(tmp_path, tiny, "train.iterations=1").run()
     with pytest.raises(FileExistsError, match="--resume"):
         make(tmp_path, tiny, "train.iterations=1")
+
+
+def test_flash_star_pays_only_for_its_window_and_compressed_segment(tmp_path, tiny):
+    # T = 10: window w = 2 at l = 0 (2 grid steps), then ⌈(10 − 2)·0.2⌉ = 2 DPM-Solver++ steps → 4 per row
+    tr = make(tmp_path, tiny, "sample.steps=10", preset="mix_grpo_flash_star")
+    rec = tr.train_iteration(0)
+    assert rec["nfe_per_image"] == 4.0
+    assert rec["stats/transitions"] == 8 * 2  # only the window's steps are re-scored

@@ -72,6 +72,12 @@ PRESETS["flowpo_best"] = Preset(
     "this project (docs/methods.md)",
     {**_SW, **{k: v for k, v in _OP.items() if k.startswith("replay.")}, "advantage.substeps": 3,
      "train.inner_epochs": 2, "train.minibatches": 4})
+PRESETS["flowpo_fast"] = Preset(
+    "flowpo's cheaper combination: flowpo_best's credit and sample reuse, trained only inside a MixGRPO "
+    "progressive window (w=3, τ=15), ODE outside",
+    "this project (docs/methods.md)",
+    {**PRESETS["flowpo_best"].overrides, "plan.kind": "sliding_window", "plan.strategy": "progressive",
+     "plan.window_size": 3, "plan.tau": 15, "plan.stride": 1})
 PRESETS.update({
     "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
                             "op_grpo"),
