@@ -78,3 +78,29 @@ def test_resume_continues_with_the_same_buffer(tmp_path, tiny):
     resumed.run()
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_regenerated_tail_is_scored_with_the_current_policy(tmp_path, tiny):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 7\n")
+    cfg = config.load(None, "op_grpo", tiny + ["replay.rule=always", "train.minibatches=1", f"sample.prompts_file={prompts}",
+                                               "replay.truncate_sigma=0.8", "replay.tail=regenerate"])
+    tr = Trainer(cfg, tmp_path / "r")
+    tr.train_iteration(0)
+    entry = tr.buffer.best("a handwritten 7", 1, 1)[0]
+    kept = entry.steps.tolist()
+    assert kept == [t for t in range(3) if float(tr.sigmas[t]) >= 0.8] and len(kept) < 3
+    r1 = tr.train_iteration(1)
+    c = kept[-1] + 1  # the regenerated tail runs the T − c remaining grid steps for each admitted row
+    assert r1["replay/admitted"] == 2 and r1["replay/regenerate_nfe"] == 2 * (4 - c)
+    assert entry.reward_raw.shape == (1,)  # the stored trajectory is unchanged
+
+
+def test_buffer_truncation_by_fraction():
+    from flowpo.buffer import ReplayBuffer
+    from flowpo.schedule import sigmas
+
+    buf = ReplayBuffer(sigmas(10), truncate_fraction=0.3)
+    train = torch.ones(10, dtype=torch.bool)
+    train[-1] = False
+    assert buf.kept_steps(train).tolist() == list(range(7))  # the last round(0.3·10) = 3 steps dropped

@@ -99,22 +99,53 @@ def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Ten
                         "replay/ess": ess}
 
 
+@torch.no_grad()
+def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guidance: float, batch_size: int,
+                     score) -> tuple[torch.Tensor, int]:
+    """`replay.tail=regenerate`: finish each replayed trajectory from the state after its last kept
+    step with the current policy (Euler ODE on the training grid) and score the new end point.
+
+    Returns (raw rewards [R, K] of the regenerated images, model evaluations). Entries that were
+    not truncated keep their stored rewards (nothing to regenerate). The stored trajectory itself
+    is unchanged: only this iteration's advantage uses the regenerated reward.
+    """
+    from flowpo.rollout import ode_sample
+
+    T = sigmas.numel() - 1
+    raw = torch.stack([e.reward_raw for e in entries]).clone()  # [R, K]
+    nfe = 0
+    starts = [int(e.steps[-1]) + 1 for e in entries]
+    for c in sorted(set(starts)):
+        if c >= T:
+            continue
+        idx = [i for i, s in enumerate(starts) if s == c]
+        x = torch.stack([entries[i].x_next[-1] for i in idx])     # x_c, [n, *D]
+        cond = policy.encode_prompts([entries[i].prompt for i in idx])
+        x0, n_evals = ode_sample(policy, cond, sigmas[c:], x, guidance, batch_size)
+        nfe += n_evals
+        raw[idx] = score(policy.decode(x0), [entries[i].prompt for i in idx]).to(raw.dtype)
+    return raw, nfe
+
+
 class ReplayBuffer:
     def __init__(self, sigmas: torch.Tensor, *, capacity_per_prompt: int = 2, max_age: int = 8,
-                 decay: float = 0.0, truncate_sigma: float | None = None):
+                 decay: float = 0.0, truncate_sigma: float | None = None, truncate_fraction: float | None = None):
         self.sigmas = sigmas
         self.capacity = capacity_per_prompt
         self.max_age = max_age
         self.decay = decay
         self.truncate_sigma = truncate_sigma
+        self.truncate_fraction = truncate_fraction
         self.entries: dict[str, list[Entry]] = {}
 
     # ------------------------------------------------------------------ contents
     def kept_steps(self, train_row: torch.Tensor) -> torch.Tensor:
         """Trained steps of one row minus the truncated late ones → [S] long."""
+        from flowpo.plans import truncation_keep
+
         keep = train_row.cpu().clone()
-        if self.truncate_sigma is not None:
-            keep &= self.sigmas[:-1] >= self.truncate_sigma
+        if self.truncate_sigma is not None or self.truncate_fraction is not None:
+            keep &= truncation_keep(self.sigmas, self.truncate_sigma, self.truncate_fraction)
         return torch.nonzero(keep).flatten()
 
     def add(self, iteration: int, prompts: list[str], states: torch.Tensor, train: torch.Tensor,

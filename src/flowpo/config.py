@@ -158,6 +158,11 @@ class ReplayConfig:
     """Sequence weight: Π_t π_old/β, or its geometric mean over the kept steps."""
     is_cap: Optional[float] = 2.0
     """Truncate the importance weight at this value (None: no cap)."""
+    truncate_fraction: Optional[float] = None
+    """Drop the last fraction of the steps from replayed trajectories (alternative to truncate_sigma)."""
+    tail: Literal["drop", "regenerate"] = "drop"
+    """After truncation: drop the replayed tail, or regenerate it with the current policy (ODE) and
+    use the regenerated image's reward for this iteration's advantage."""
     truncate_sigma: Optional[float] = 0.5
     """Drop replayed steps whose σ_t is below this (late-step truncation of off-policy terms)."""
 
@@ -418,6 +423,7 @@ def validate(cfg: Config) -> Config:
     _check_range("replay.max_age", r.max_age, 1)
     _check_range("replay.is_cap", r.is_cap, 1)
     _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
+    _check_range("replay.truncate_fraction", r.truncate_fraction, 0, 1)
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)

@@ -7,6 +7,7 @@ method's name. Shapes: B prompts, G per group, N rows, T steps, D latent dims, K
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from flowpo import checkpoint, config as config_mod
 from flowpo.advantages import aggregate_advantages, stepwise_advantages
-from flowpo.buffer import ReplayBuffer, importance_weights
+from flowpo.buffer import ReplayBuffer, importance_weights, regenerate_tails
 from flowpo.config import Config
 from flowpo.distributed import Dist
 from flowpo.ema import EMA
@@ -79,7 +80,8 @@ class Trainer:
         self.eval_prompts = eval_prompts(cfg)
         r = cfg.replay
         self.buffer = ReplayBuffer(self.sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
-                                   decay=r.decay, truncate_sigma=r.truncate_sigma) if r.enabled and r.k > 0 else None
+                                   decay=r.decay, truncate_sigma=r.truncate_sigma,
+                                   truncate_fraction=r.truncate_fraction) if r.enabled and r.k > 0 else None
         self.iteration, self.nfe, self.wall_offset = 0, 0, 0.0
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,8 @@ class Trainer:
             rec["stepwise/nfe"] = extra
         batch, rstats = self._assemble(it, roll, raw, combined, step_rewards)
         rec.update(rstats)
+        if self.dist.is_main:  # every rank regenerates the same replayed tails; count them once
+            nfe_it += rstats.get("replay/regenerate_nfe", 0)
         t_adv = time.time()
         rec.update(self._update(batch))
         if self.buffer is not None:
@@ -221,6 +225,12 @@ class Trainer:
             rep = self.buffer.select(it, self._gather_prompts(roll.prompts), self.dist.all_gather_cat(roll.group_ids),
                                      self.dist.all_gather_cat(combined), k=cfg.replay.k, rule=cfg.replay.rule)
             rec["replay/admitted"] = len(rep)
+            if rep and cfg.replay.tail == "regenerate":
+                raw_rep, extra = regenerate_tails(self.policy, [e for _, e in rep], self.sigmas,
+                                                  guidance=cfg.sample.guidance, batch_size=cfg.sample.batch_size,
+                                                  score=self.rewards.score)
+                rep = [(g, dataclasses.replace(e, reward_raw=raw_rep[i])) for i, (g, e) in enumerate(rep)]
+                rec["replay/regenerate_nfe"] = extra
         # rewards of all rows (fresh of every rank, then replayed) for group statistics
         raw_all = self.dist.all_gather_cat(raw)
         groups_all = self.dist.all_gather_cat(roll.group_ids)
