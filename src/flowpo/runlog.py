@@ -91,6 +91,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: str | Path, iteration: int) -> None:
+    """Drop metric lines written after the checkpoint at `iteration` (a run killed mid-way), so a
+    resumed run's log has each step once: training lines < iteration, eval lines ≤ iteration."""
+    p = Path(path)
+    if not p.exists():
+        return
+    keep = [r for r in read_metrics(p)
+            if r["step"] < iteration or ("eval_reward_mean" in r and r["step"] <= iteration)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
 def write_report(out: str | Path, title: str = "flowpo run") -> Path:
     """report.md with the reward curves (PNG) and the sample grids of the run."""
     import matplotlib

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flowpo import checkpoint, config as config_mod
+from flowpo import config as config_mod, resume
 from flowpo.advantages import aggregate_advantages, stepwise_advantages
 from flowpo.buffer import ReplayBuffer, importance_weights, regenerate_tails
 from flowpo.config import Config
@@ -419,60 +419,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        # every rank takes part (FSDP2 gathers the optimizer/EMA shards); rank 0 writes; all wait for it.
-        # Under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full.
-        opt_t, opt_s = checkpoint.optimizer_to_flat(self.opt)
-        opt_t = self.dist.full(opt_t)
-        ema = self.dist.full({str(i): t for i, t in enumerate(self.ema.shadow)}) if self.ema is not None else None
-        if not self.dist.is_main:
-            self.dist.barrier()
-            return
-        tensors = {"trainable": self.policy.trainable_state_dict(), "optimizer": opt_t}
-        state = {"iteration": self.iteration, "nfe": self.nfe, "wall_s": self.wall(), "optimizer": opt_s,
-                 "plan": self.plan.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
-                 "seed": self.cfg.train.seed}
-        if ema is not None:
-            tensors["ema"] = ema
-        if self.buffer is not None:
-            tensors["buffer"], state["buffer"] = self.buffer.state_dict()
-        checkpoint.save(self.out, self.iteration, tensors=tensors, state=state, keep=self.cfg.train.keep_checkpoints)
-        self.dist.barrier()
+        resume.save(self)
 
     def _load_checkpoint(self) -> None:
-        # every rank loads the same checkpoint (the run folder must be visible to all of them)
-        path = checkpoint.latest(self.out)
-        found = self.dist.all_gather_objects(None if path is None else path.name)
-        if path is None or len(set(found)) > 1:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.out}/checkpoints, or ranks "
-                                    f"see different ones ({found}); start a new run without --resume, or put "
-                                    "the run folder on a file system every node shares")
-        tensors, state = checkpoint.load(path)
-        self.dist.shard_params()  # FSDP2: write full tensors into the DTensor shards
-        like = self.dist.like
-        if self.dist.fsdp is not None:
-            tmpl = self.policy.trainable_state_dict()
-            tensors["trainable"] = {k: like(v, tmpl[k]) for k, v in tensors["trainable"].items()}
-            tensors["optimizer"] = {k: like(v, self.params[int(k.split(".")[0])])
-                                    for k, v in tensors.get("optimizer", {}).items()}
-        self.policy.load_trainable_state_dict(tensors["trainable"])
-        checkpoint.optimizer_from_flat(self.opt, tensors.get("optimizer", {}), state["optimizer"])
-        if self.ema is not None and "ema" in tensors:
-            for i, sh in enumerate(self.ema.shadow):
-                sh.copy_(like(tensors["ema"][str(i)], sh))
-        if self.buffer is not None and "buffer" in state:
-            self.buffer.load_state_dict(tensors.get("buffer", {}), state["buffer"])
-        self.plan.load_state_dict(state["plan"])
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self.iteration, self.nfe, self.wall_offset = state["iteration"], state["nfe"], state["wall_s"]
-        # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
-        mpath = self.out / "metrics.jsonl"
-        if self.dist.is_main and mpath.exists():
-            import json
-
-            keep = [line for line in mpath.read_text().splitlines()
-                    if line.strip() and (json.loads(line)["step"] < self.iteration or
-                                         ("eval_reward_mean" in line and json.loads(line)["step"] <= self.iteration))]
-            mpath.write_text("".join(line + "\n" for line in keep))
+        resume.restore(self)
 
 
 def train(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
