@@ -374,74 +374,11 @@ def dump(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False) -> None:
-    if value is None:
-        return
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
-    if bad:
-        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-        hi_s = "" if hi is None else f"<= {hi}"
-        allowed = " and ".join(s for s in (lo_s, hi_s) if s)
-        raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
-
-
 def validate(cfg: Config) -> Config:
-    """Range and cross-field checks; raises ConfigError naming the key."""
-    s, p, t = cfg.sample, cfg.plan, cfg.train
-    _check_range("sample.steps", s.steps, 2)
-    _check_range("sample.shift", s.shift, 0, lo_open=True)
-    _check_range("sample.guidance", s.guidance, 0)
-    _check_range("sample.noise_level", s.noise_level, 0)
-    _check_range("sample.prompts_per_iteration", s.prompts_per_iteration, 1)
-    _check_range("sample.group_size", s.group_size, 2)
-    _check_range("sample.batch_size", s.batch_size, 1)
-    _check_range("plan.train_fraction", p.train_fraction, 0, 1, lo_open=True)
-    _check_range("plan.subset_fraction", p.subset_fraction, 0, 1, lo_open=True)
-    _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
-    _check_range("plan.window_min", p.window_min, 1, p.window_size)
-    _check_range("plan.window_range", p.window_range, 0, 1, lo_open=True)
-    _check_range("plan.tau", p.tau, 1)
-    _check_range("plan.stride", p.stride, 1)
-    _check_range("plan.tau_decay", p.tau_decay, 0, 1, lo_open=True)
-    _check_range("plan.tau_min", p.tau_min, 1)
-    _check_range("plan.truncate_sigma", p.truncate_sigma, 0, 1)
-    _check_range("plan.truncate_fraction", p.truncate_fraction, 0, 1)
-    _check_range("solver.compression", cfg.solver.compression, 0, 1, lo_open=True)
-    if len(cfg.reward.names) == 0:
-        raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")
-    if len(cfg.reward.weights) != len(cfg.reward.names):
-        raise ConfigError(
-            f"reward.weights={cfg.reward.weights!r} has {len(cfg.reward.weights)} values for "
-            f"{len(cfg.reward.names)} rewards {cfg.reward.names!r}; give one weight per reward")
-    _check_range("advantage.eps", cfg.advantage.eps, 0, lo_open=True)
-    _check_range("advantage.clip", cfg.advantage.clip, 0, lo_open=True)
-    _check_range("advantage.substeps", cfg.advantage.substeps, 1)
-    r = cfg.replay
-    _check_range("replay.k", r.k, 0, s.group_size - 1)
-    _check_range("replay.capacity_per_prompt", r.capacity_per_prompt, 1)
-    _check_range("replay.max_age", r.max_age, 1)
-    _check_range("replay.is_cap", r.is_cap, 1)
-    _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
-    _check_range("replay.truncate_fraction", r.truncate_fraction, 0, 1)
-    _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
-    _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
-    _check_range("train.iterations", t.iterations, 0)
-    _check_range("train.lr", t.lr, 0, lo_open=True)
-    _check_range("train.minibatches", t.minibatches, 1, s.prompts_per_iteration * s.group_size)
-    _check_range("train.inner_epochs", t.inner_epochs, 1)
-    _check_range("train.ema", t.ema, 0, 1)
-    _check_range("train.max_grad_norm", t.max_grad_norm, 0, lo_open=True)
-    _check_range("train.checkpoint_every", t.checkpoint_every, 0)
-    _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
-    _check_range("eval.every", cfg.eval.every, 0)
-    _check_range("eval.steps", cfg.eval.steps, 1)
-    _check_range("eval.prompts", cfg.eval.prompts, 1)
-    _check_range("eval.samples_per_prompt", cfg.eval.samples_per_prompt, 1)
-    _check_range("model.lora_rank", cfg.model.lora_rank, 1)
-    if cfg.model.kind != "embedded" and not cfg.model.path:
-        raise ConfigError(f"model.path is required for model.kind={cfg.model.kind!r}; "
-                          "set model.path=/path/to/a/local/diffusers/folder")
+    """Range and cross-field checks (flowpo.config_checks); raises ConfigError naming the key."""
+    from flowpo.config_checks import check
+
+    check(cfg)
     return cfg
 
 
