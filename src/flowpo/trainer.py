@@ -320,7 +320,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ update
     def _update(self, b: UpdateBatch) -> dict:
-        cfg, s = self.cfg, self.cfg.sample
+        cfg = self.cfg
         self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
         # minibatch i = global chunks i, i+mbs, ...: the same rows whatever the number of ranks
         n_chunks = b.n_chunks or len(b.chunks)
