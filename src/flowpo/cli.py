@@ -41,17 +41,21 @@ def _load_cfg(args, rest):
     return config.load(args.config, args.preset, rest)
 
 
+def _run_cfg(run: str, flag: str, rest):
+    """The resolved config.yaml of an earlier run folder, with `rest` overrides applied."""
+    from flowpo import config
+
+    path = Path(run)
+    if not (path / "config.yaml").exists():
+        raise UsageError(f"{flag} {run}: no config.yaml there; give the --out folder of a training run")
+    return config.load(str(path / "config.yaml"), None, rest), path
+
+
 def _cmd_train(args, rest) -> int:
     from flowpo.trainer import train
 
     if args.resume:
-        from flowpo import config
-
-        run = Path(args.resume)
-        if not (run / "config.yaml").exists():
-            raise UsageError(f"--resume {run}: no config.yaml there; give the --out folder of an earlier run")
-        cfg = config.load(str(run / "config.yaml"), None, rest)
-        out = run
+        cfg, out = _run_cfg(args.resume, "--resume", rest)
     else:
         cfg = _load_cfg(args, rest)
         if not args.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -67,14 +71,10 @@ def _cmd_eval(args, rest) -> int:
     import json
     import tempfile
 
-    from flowpo import config
     from flowpo.trainer import Trainer
 
     if args.run:
-        path = Path(args.run)
-        if not (path / "config.yaml").exists():
-            raise UsageError(f"--run {args.run}: no config.yaml there; give the --out folder of a training run")
-        cfg = config.load(str(path / "config.yaml"), None, rest)
+        cfg, path = _run_cfg(args.run, "--run", rest)
     else:
         cfg = _load_cfg(args, rest)
         path = None
@@ -102,13 +102,13 @@ def _cmd_eval(args, rest) -> int:
 def _cmd_sample(args, rest) -> int:
     import torch
 
-    from flowpo import checkpoint, config
+    from flowpo import checkpoint
     from flowpo.parts import build_policy
     from flowpo.rollout import ode_sample, row_noise
     from flowpo.runlog import save_grid
     from flowpo.schedule import sigmas
 
-    cfg = config.load(str(Path(args.run) / "config.yaml"), None, rest) if args.run else _load_cfg(args, rest)
+    cfg = _run_cfg(args.run, "--run", rest)[0] if args.run else _load_cfg(args, rest)
     policy = build_policy(cfg.model)
     if args.run:
         ck = checkpoint.latest(args.run)
