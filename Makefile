@@ -20,6 +20,7 @@ $(STAMP): $(VPY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(VENV)/bin/flowpo train --out runs/demo
 
 test: $(STAMP)
