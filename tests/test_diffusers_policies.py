@@ -26,7 +26,6 @@ from flowpo.policy.base import Policy  # noqa: E402
 from flowpo.policy.diffusers_common import PromptCache, require  # noqa: E402
 from flowpo.policy.flux import FluxPolicy  # noqa: E402
 from flowpo.policy.registry import build_policy  # noqa: E402
-from flowpo.policy.sd3 import SD3Policy  # noqa: E402
 
 RES = 16  # px; the tiny SD3/FLUX VAEs compress 2×, so latents are [4, 8, 8]
 WAN_RES, WAN_FRAMES = 32, 5  # the tiny Wan VAE compresses 8× in space, 4× in time: [4, 2, 4, 4]

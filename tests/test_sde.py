@@ -9,8 +9,6 @@ from flowpo.schedule import sigmas as make_sigmas
 from flowpo.sde import (
     KERNELS,
     Step,
-    cps_step,
-    ddim_step,
     flow_grpo_step,
     kernel_std,
     ode_step,

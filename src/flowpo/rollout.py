@@ -16,7 +16,6 @@ fresh samples, π_θ's log-prob is recomputed bit-identically (ratio exactly 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -39,8 +38,6 @@ class Rollout:
     final: torch.Tensor             # [N, *D] final latent x_T
     chunks: list[torch.Tensor]      # row-index chunks used for every model call
     nfe: int = 0                    # model evaluations (rows × evals per row)
-    images: torch.Tensor | None = None   # [N, C, H, W] decoded final images
-    rewards_raw: torch.Tensor | None = None  # [N, K]
     extras: dict = field(default_factory=dict)
 
 
@@ -94,7 +91,10 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
             v = policy.velocity(xc, sig, select_cond(cond, idx), guidance)
             nfe += len(idx) * policy.evals_per_row(guidance)
             rows_sde = sde[idx, t]
-            if rows_sde.any():
+            if rows_sde.all():
+                st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
+                x_next[idx], log_probs[idx, t] = st.sample, st.log_prob
+            elif rows_sde.any():  # a per-row plan (DanceGRPO-style) mixes SDE and ODE rows in a chunk
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
                 od = ode_step(xc, v, s, s_next, noise_level)
                 mask = rows_sde.view(-1, *([1] * len(dims)))
@@ -108,29 +108,33 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
         n_steps = compressed_steps(T - stop, compression)
         seg = compressed_sigmas(float(sigmas[stop]), 0.0, n_steps, shift)
 
-        def vel(xx: torch.Tensor, sig: torch.Tensor, _cond: Cond = cond) -> torch.Tensor:
-            out = torch.empty_like(xx)
-            for idx in chunks:
-                out[idx] = policy.velocity(xx[idx], sig[idx], select_cond(_cond, idx), guidance)
-            return out
-
-        x, evals = solve(solver, vel, x, seg)
+        x, evals = solve(solver, chunked_velocity(policy, cond, chunks, guidance), x, seg)
         nfe += evals * n * policy.evals_per_row(guidance)
     return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
                    cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
                    final=x, chunks=chunks, nfe=nfe)
 
 
+def chunked_velocity(policy: Policy, cond: Cond, chunks: list[torch.Tensor], guidance: float):
+    """velocity_fn(x [N, *D], sigma [N]) for `flowpo.solvers`: the policy run chunk by chunk."""
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        for idx in chunks:
+            out[idx] = policy.velocity(x[idx], sigma[idx], select_cond(cond, idx), guidance)
+        return out
+
+    return velocity
+
+
 @torch.no_grad()
 def ode_sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, x_init: torch.Tensor, guidance: float,
                batch_size: int) -> tuple[torch.Tensor, int]:
-    """Deterministic Euler sampling (evaluation). Returns (x_0 [N, *D], nfe)."""
+    """Deterministic Euler sampling (evaluation, regenerated replay tails): no states are stored.
+    Returns (x_0 [N, *D], nfe)."""
+    from flowpo.solvers import solve
+
     n = x_init.shape[0]
-    T = sigmas.numel() - 1
-    sde = torch.zeros((n, T), dtype=torch.bool)
-    r = sample(policy, cond, sigmas, x_init=x_init, step_noise=None, sde=sde, train=sde, kernel="ode",
-               noise_level=0.0, guidance=guidance, chunks=make_chunks(n, batch_size, None))
-    return r.final, r.nfe
-
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    x, steps = solve("euler", chunked_velocity(policy, cond, make_chunks(n, batch_size, None), guidance), x_init,
+                     sigmas)
+    return x, steps * n * policy.evals_per_row(guidance)

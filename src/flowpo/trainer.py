@@ -304,17 +304,22 @@ class Trainer:
             return list(prompts)
         return [p for part in self.dist.all_gather_objects(list(prompts)) for p in part]
 
+    def _rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict):
+        """Score the stored transitions x_t → x_{t+1} of rows `idx` under the current velocity: the
+        same model call on the same chunk as the rollout made, so on policy it is bit-identical."""
+        s = self.cfg.sample
+        sig, sig_next = float(self.sigmas[t]), float(self.sigmas[t + 1])
+        x = states[idx, t]
+        v = self.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, s.guidance)
+        return self.kernel(x, v, sig, sig_next, s.noise_level, sample=states[idx, t + 1], reduction=s.reduction)
+
     @torch.no_grad()
     def _score_old(self, states, train, cond, chunks) -> torch.Tensor:
         """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
-        s = self.cfg.sample
         out = torch.zeros(train.shape, device=states.device)
         for idx in chunks:
             for t in torch.nonzero(train[idx].any(0)).flatten().tolist():
-                sig = torch.full((len(idx),), float(self.sigmas[t]), device=states.device)
-                v = self.policy.velocity(states[idx, t], sig, select_cond(cond, idx), s.guidance)
-                st = self.kernel(states[idx, t], v, float(self.sigmas[t]), float(self.sigmas[t + 1]), s.noise_level,
-                                 sample=states[idx, t + 1], reduction=s.reduction)
+                st = self._rescore(states, idx, t, select_cond(cond, idx))
                 out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
         return out
 
@@ -359,21 +364,18 @@ class Trainer:
     def _chunk_loss(self, b: UpdateBatch, idx: torch.Tensor, count: float) -> list:
         """Backward the loss of every trained step of one chunk. The forward runs on the whole chunk
         (the same rows as the rollout call), so π_θ is bit-identical to the rollout's on policy."""
-        cfg, s = self.cfg, self.cfg.sample
+        cfg = self.cfg
         cond = select_cond(b.cond, idx)
         out = []
         for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
             rows = b.train[idx, t]                                               # [n_c]
-            sig, sig_next = float(self.sigmas[t]), float(self.sigmas[t + 1])
-            x, x_next = b.states[idx, t], b.states[idx, t + 1]
-            v = self.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, s.guidance)
-            st = self.kernel(x, v, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
+            st = self._rescore(b.states, idx, t, cond)
             kl = None
             if cfg.loss.kl_beta > 0:
                 with torch.no_grad(), self.policy.disable_adapter():
-                    v_ref = self.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, s.guidance)
-                ref = self.kernel(x, v_ref, sig, sig_next, s.noise_level, sample=x_next, reduction=s.reduction)
-                kl = mean_kl(st.mean, ref.mean, st.std, sig_next - sig, cfg.loss.kl_form)[rows]
+                    ref = self._rescore(b.states, idx, t, cond)
+                dt = float(self.sigmas[t + 1]) - float(self.sigmas[t])
+                kl = mean_kl(st.mean, ref.mean, st.std, dt, cfg.loss.kl_form)[rows]
             loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[idx, t][rows], b.adv[idx, t][rows],
                                            cfg.loss.clip_range, weights=b.weight[idx, t][rows], kl=kl,
                                            kl_beta=cfg.loss.kl_beta, normalizer=count)

@@ -6,7 +6,6 @@ rows can be selected with `select_cond(cond, idx)`.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
@@ -61,6 +60,3 @@ class Policy(Protocol):
 
     def save_pretrained(self, directory: str) -> None: ...
 
-
-def null_context() -> ContextManager:
-    return contextlib.nullcontext()
