@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from flowpo.advantages import aggregate_advantages, group_advantages, stepwise_advantages
+from flowpo.advantages import (aggregate_advantages, aggregate_stepwise_advantages, group_advantages,
+                               stepwise_advantages)
 
 
 def test_group_advantages_by_hand():
@@ -65,3 +66,27 @@ def test_stepwise_per_step_and_valid_mask():
     valid = torch.tensor([[True, False], [True, False]])
     a = stepwise_advantages(sr, g, normalize="joint", eps=0.0, valid=valid)
     assert torch.allclose(a[:, 1], torch.zeros(2)) and torch.allclose(a[:, 0], torch.tensor([-1.0, 1.0]))
+
+
+def test_stepwise_multi_reward_aggregation():
+    torch.manual_seed(1)
+    sr = torch.rand(6, 5, 2)  # N=6, T=4, K=2
+    sr[..., 1] *= 10.0        # the second reward has a 10× larger spread
+    g = torch.tensor([0, 0, 0, 1, 1, 1])
+    w = torch.tensor([1.0, 0.5])
+    s2n = aggregate_stepwise_advantages(sr, w, g, aggregation="sum_then_normalize", eps=0.0, clip=100)
+    assert torch.allclose(s2n, stepwise_advantages(sr @ w, g, eps=0.0, clip=100))
+    n2s = aggregate_stepwise_advantages(sr, w, g, aggregation="normalize_then_sum", eps=0.0, clip=100)
+    z0 = stepwise_advantages(sr[..., 0], g, eps=0.0, clip=100)
+    z1 = stepwise_advantages(sr[..., 1], g, eps=0.0, clip=100)
+    assert torch.allclose(n2s, z0 + 0.5 * z1, atol=1e-5)
+    # normalising each reward first takes the small-spread reward into account; summing first
+    # lets the large-spread reward dominate
+    assert (torch.corrcoef(torch.stack([n2s.flatten(), z0.flatten()]))[0, 1]
+            > torch.corrcoef(torch.stack([s2n.flatten(), z0.flatten()]))[0, 1])
+    # one reward: both aggregations agree
+    one = aggregate_stepwise_advantages(sr[..., :1], w[:1], g, aggregation="normalize_then_sum", eps=0.0)
+    assert torch.allclose(one, aggregate_stepwise_advantages(sr[..., :1], w[:1], g,
+                                                             aggregation="sum_then_normalize", eps=0.0))
+    with pytest.raises(ValueError, match="K=2"):
+        aggregate_stepwise_advantages(sr[..., 0], w, g, aggregation="sum_then_normalize")

@@ -1,4 +1,6 @@
 """Stepwise-Flow-GRPO intermediate rewards."""
+import math
+
 import torch
 
 from flowpo import config
@@ -57,3 +59,16 @@ def test_stepwise_iteration_logs_gain_profile(tmp_path, tiny):
     assert len(prof) == 4 and prof[-1] == 0.0  # the last step is never trained
     # rows × T′ × states needing an estimate (x_0..x_3; x_4 is the final image) × 2 for CFG
     assert rec["stepwise/nfe"] == 8 * 2 * 4 * tr.policy.evals_per_row(tr.cfg.sample.guidance)
+
+
+def test_stepwise_multi_reward_normalize_then_sum(tmp_path, tiny):
+    """Two rewards: the iteration keeps each reward's estimates ([N, T+1, K]) and the two
+    aggregations give different updates from the same rollout."""
+    over = tiny + ["advantage.substeps=1", "reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]"]
+    losses = {}
+    for agg in ("sum_then_normalize", "normalize_then_sum"):
+        tr = Trainer(config.load(None, "stepwise_grpo", over + [f"reward.aggregation={agg}"]), tmp_path / agg)
+        rec = tr.train_iteration(0)
+        assert math.isfinite(rec["loss/policy"]) and len(rec["stepwise/mean_abs_gain_by_step"]) == 4
+        losses[agg] = rec["loss/policy"]
+    assert losses["sum_then_normalize"] != losses["normalize_then_sum"]

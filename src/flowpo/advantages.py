@@ -89,6 +89,30 @@ def stepwise_advantages(step_rewards: torch.Tensor, group_ids: torch.Tensor, *,
     return out.clamp(-clip, clip).to(torch.float32)
 
 
+def aggregate_stepwise_advantages(step_rewards: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor, *,
+                                  aggregation: Literal["sum_then_normalize", "normalize_then_sum"],
+                                  normalize: Literal["joint", "per_step"] = "joint", eps: float = 1e-4,
+                                  clip: float = 5.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Stepwise gain advantages from K rewards: step_rewards [N, T+1, K], weights [K] → [N, T].
+
+    sum_then_normalize:  Ã = z(gains of Σ_k w_k r_k)            (`stepwise_advantages` on the sum)
+    normalize_then_sum:  Ã = Σ_k w_k z(gains of r_k)            (MixGRPO's aggregation, per step)
+    where z is the joint or per-step group z-score of `stepwise_advantages`; the clip applies to
+    the final value. With one reward both give the same result.
+    """
+    if step_rewards.dim() != 3 or step_rewards.shape[2] != weights.numel():
+        raise ValueError(f"step_rewards must be [N, T+1, K={weights.numel()}], got {tuple(step_rewards.shape)}")
+    w = weights.to(step_rewards)
+    if aggregation == "sum_then_normalize":
+        return stepwise_advantages(step_rewards @ w, group_ids, normalize=normalize, eps=eps, clip=clip,
+                                   valid=valid)
+    if aggregation == "normalize_then_sum":
+        z = torch.stack([stepwise_advantages(step_rewards[..., k], group_ids, normalize=normalize, eps=eps,
+                                             clip=float("inf"), valid=valid) for k in range(w.numel())], -1)
+        return (z @ w).clamp(-clip, clip)
+    raise ValueError(f"aggregation={aggregation!r}; allowed: 'sum_then_normalize', 'normalize_then_sum'")
+
+
 def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float) -> torch.Tensor:
     """z-score of g [N, M] within each group over all valid entries of all its rows; 0 where invalid."""
     uniq, inv = torch.unique(group_ids, return_inverse=True)

@@ -28,7 +28,7 @@ class Entry:
     x_next: torch.Tensor          # [S, *D]  x_{t+1}
     log_prob: torch.Tensor        # [S] behaviour log-probs
     version: int                  # iteration that generated it
-    step_rewards: torch.Tensor | None = None  # [T+1] (stepwise credit), optional
+    step_rewards: torch.Tensor | None = None  # [T+1, K] raw rewards of the estimates (stepwise credit), optional
 
     @property
     def nbytes(self) -> int:

@@ -119,7 +119,8 @@ class RewardConfig:
     weights: list[float] = field(default_factory=lambda: [1.0])
     """One weight per reward."""
     aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums."""
+    """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums
+    (with advantage.kind=stepwise: the gains of the sum, or the sum of each reward's normalised gains)."""
 
 
 @dataclass
@@ -127,7 +128,8 @@ class AdvantageConfig:
     kind: Literal["group", "stepwise"] = "group"
     """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO)."""
     std: Literal["global", "group"] = "global"
-    """Denominator: std of all rewards of the iteration (Flow-GRPO default) or of each group."""
+    """kind=group: denominator = std of all rewards of the iteration (Flow-GRPO default) or of each
+    group. Stepwise gains are always z-scored within their group, so this has no effect there."""
     eps: float = 1e-4
     """Added to the std."""
     clip: float = 5.0

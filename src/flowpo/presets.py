@@ -78,7 +78,15 @@ PRESETS["flowpo_fast"] = Preset(
     "this project (docs/methods.md)",
     {**PRESETS["flowpo_best"].overrides, "plan.kind": "sliding_window", "plan.strategy": "progressive",
      "plan.window_size": 3, "plan.tau": 15, "plan.stride": 1})
+PRESETS["flowpo_flash"] = Preset(
+    "flowpo's fastest combination: flowpo_best's credit and sample reuse trained only in a frozen window "
+    "over the 5 noisiest steps, DPM-Solver++ 2M after it (r̃=0.4, as MixGRPO-Flash), learning rate 1e-3",
+    "this project (docs/methods.md)",
+    {**PRESETS["flowpo_best"].overrides, "plan.kind": "sliding_window", "plan.strategy": "frozen",
+     "plan.window_size": 5, "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3})
 PRESETS.update({
+    "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
+                                 {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),
     "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
                             "op_grpo"),
     "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",

@@ -38,9 +38,11 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
                          substeps: int, guidance: float, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Estimates before and after every trained step.
 
-    states [N, T+1, *D], train [N, T], final_reward [N]; score_fn(images, prompts) → [N] combined.
-    Returns (step_rewards [N, T+1], valid [N, T] = train, nfe). r_T is the true final reward;
-    entries that no trained step needs are 0.
+    states [N, T+1, *D], train [N, T], final_reward [N] or [N, K]; score_fn(images, prompts) → [M]
+    or [M, K] (the same trailing shape as final_reward: one reward, or the K raw rewards so that
+    multi-reward gains can be normalised per reward). Returns (step_rewards [N, T+1] or
+    [N, T+1, K], valid [N, T] = train, nfe). r_T is the true final reward; entries that no trained
+    step needs are 0.
     """
     n, T = train.shape
     need = torch.zeros((n, T + 1), dtype=torch.bool)
@@ -48,7 +50,7 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     need[:, 1:] |= train
     need[:, T] = False  # the final reward is known
     rows, ts = torch.nonzero(need, as_tuple=True)  # [M], [M]
-    step_rewards = torch.zeros((n, T + 1))  # rewards live on the CPU
+    step_rewards = torch.zeros((n, T + 1, *final_reward.shape[1:]))  # rewards live on the CPU
     step_rewards[:, T] = final_reward.cpu()
     nfe = 0
     if rows.numel():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from flowpo import config as config_mod, resume
-from flowpo.advantages import aggregate_advantages, stepwise_advantages
+from flowpo.advantages import aggregate_advantages, aggregate_stepwise_advantages
 from flowpo.buffer import ReplayBuffer, importance_weights, regenerate_tails
 from flowpo.config import Config
 from flowpo.distributed import Dist
@@ -178,8 +178,7 @@ class Trainer:
         step_rewards = None
         if cfg.advantage.kind == "stepwise":
             step_rewards, _, extra = intermediate_rewards(
-                self.policy, roll.states, roll.train, self.sigmas, cond, prompts, combined,
-                lambda im, pr: self.rewards.combine(self.rewards.score(im, pr)),
+                self.policy, roll.states, roll.train, self.sigmas, cond, prompts, raw, self.rewards.score,
                 substeps=cfg.advantage.substeps, guidance=s.guidance, batch_size=max(4 * s.batch_size, 256))
             nfe_it += extra
             rec["stepwise/nfe"] = extra
@@ -240,15 +239,18 @@ class Trainer:
         adv_cfg = cfg.advantage
         local = self.dist.split(n * self.dist.world)
         if adv_cfg.kind == "stepwise":
-            sr_all = self.dist.all_gather_cat(step_rewards)
+            sr_all = self.dist.all_gather_cat(step_rewards)                                # [N, T+1, K]
+            K = sr_all.shape[2]
             valid_all = self.dist.all_gather_cat(roll.train).cpu()
             if rep:
                 sr_all = torch.cat([sr_all, torch.stack([e.step_rewards if e.step_rewards is not None
-                                                         else torch.zeros(T + 1) for _, e in rep])])
+                                                         else torch.zeros(T + 1, K) for _, e in rep])])
                 valid_all = torch.cat([valid_all, torch.stack([self._row_mask(e) for _, e in rep])])
-            adv_all = stepwise_advantages(sr_all, groups_all, normalize=adv_cfg.normalize, eps=adv_cfg.eps,
-                                          clip=adv_cfg.clip, valid=valid_all)               # [N+R, T]
-            gains = (sr_all[:, 1:] - sr_all[:, :-1]).abs() * valid_all
+            adv_all = aggregate_stepwise_advantages(
+                sr_all, self.rewards.weights, groups_all, aggregation=cfg.reward.aggregation,
+                normalize=adv_cfg.normalize, eps=adv_cfg.eps, clip=adv_cfg.clip, valid=valid_all)  # [N+R, T]
+            sr_comb = sr_all @ self.rewards.weights.to(sr_all)
+            gains = (sr_comb[:, 1:] - sr_comb[:, :-1]).abs() * valid_all
             rec["stepwise/mean_abs_gain_by_step"] = [round(float(x), 5) for x in
                                                      (gains.sum(0) / valid_all.sum(0).clamp_min(1))]
         else:
