@@ -18,33 +18,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from flowpo.bench import overrides
+from flowpo.bench_report import REFERENCE, Job, eval_curve, first_reach, is_finished, read_jsonl, run_stats, targets
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"alignment": ["reward.names=[digit_alignment]"],
-         "multi": ["reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]"]}
 
 
-def targets(results: Path) -> dict[str, float]:
-    """flow_grpo's mean final eval reward per task in the committed results."""
-    rows = [r for r in csv.DictReader(results.open()) if r["preset"] == "flow_grpo" and r["status"] == "ok"]
-    out: dict[str, list[float]] = {}
-    for r in rows:
-        out.setdefault(r["task"], []).append(float(r["final_eval_reward"]))
-    return {t: statistics.mean(v) for t, v in out.items()}
-
-
-def evals(run: Path) -> list[dict]:
-    f = run / "metrics.jsonl"
-    if not f.exists():
-        return []
-    lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    return [x for x in lines if "eval_reward_mean" in x]
+def bench_targets(results: Path) -> dict[str, float]:
+    """Each task's target in the committed results: flow_grpo's mean final eval at the bench budget."""
+    rows = [{**r, "iterations": int(r["iterations"]),
+             "final_eval_reward": float(r["final_eval_reward"]) if r["final_eval_reward"] else None}
+            for r in csv.DictReader(results.open()) if r["preset"] == REFERENCE]
+    return {task: v for (task, _), v in targets(rows).items()}
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
-    tgt = targets(Path(a.results))
+    tgt = bench_targets(Path(a.results))
     seeds = [int(s) for s in a.seeds.split(",")]
     tasks = a.tasks.split(",")
     cands = []
@@ -73,13 +64,11 @@ def main() -> None:
         for task in tasks:
             for seed in seeds:
                 run = out / name / task / f"seed{seed}"
-                done = any(e["step"] >= a.iterations for e in evals(run))
-                if done or a.report_only:
+                if a.report_only or is_finished(run, a.iterations):
                     continue
+                extra = ["log.grids=false", f"eval.every={a.every}", "train.checkpoint_every=0", *over]
                 cmd = [sys.executable, "-m", "flowpo", "train", "--preset", preset, "--out", str(run),
-                       f"train.seed={seed}", f"train.iterations={a.iterations}", "log.progress=false",
-                       "log.tensorboard=false", "log.grids=false", "train.threads=1", f"eval.every={a.every}",
-                       "train.checkpoint_every=0", *TASKS[task], *over]
+                       *overrides(Job(task, preset, seed), a.iterations, 1, extra)]
                 jobs.append((run, cmd))
 
     def launch(job):
@@ -101,19 +90,18 @@ def main() -> None:
         for task in tasks:
             hits, walls, finals, spi = [], [], [], []
             for seed in seeds:
-                ev = evals(out / name / task / f"seed{seed}")
-                if not ev:
+                rows = read_jsonl(out / name / task / f"seed{seed}" / "metrics.jsonl")
+                ev = eval_curve(rows)
+                if not ev or ev[-1]["step"] != a.iterations:  # unfinished or failed: rerun the command
                     continue
-                hit = next((e for e in ev if e["eval_reward_mean"] >= tgt[task] - 1e-9), None)
+                hit = first_reach(ev, tgt[task])
                 hits.append(hit["step"] if hit else None)
                 walls.append(hit["wall_s"] if hit else None)
                 finals.append(ev[-1]["eval_reward_mean"])
-                if ev[-1]["step"]:
-                    spi.append(ev[-1]["wall_s"] / ev[-1]["step"])
+                spi.append(run_stats(rows, a.iterations)["s_per_iteration"])
             if not finals:
                 continue
             r = [h for h in hits if h is not None]
-            w = [x for x in walls if x is not None]
             print(f"{name:28s} {task:9s} {len(r)}/{len(hits)}      "
                   f"{' '.join(str(h) if h is not None else '-' for h in hits):20s} "
                   f"{' '.join(f'{x:.0f}' if x is not None else '-' for x in walls):20s} "
