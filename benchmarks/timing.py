@@ -9,11 +9,16 @@ iteration it records wall time, model evaluations (nfe) per image, and the time 
 model's forward passes (a timer around the policy network's `forward`) and inside `backward()`
 (a timer around `torch.Tensor.backward`). Framework overhead = 1 − (forward + backward)/iteration.
 Reward scoring and decoding count as overhead here (they are not the policy's passes).
+
+On a GPU (`model.device=cuda`) every timer synchronises the device before reading the clock, so
+the forward/backward times are the kernels' and not just their launches (the synchronisation
+itself slows the iteration a little); peak GPU memory per iteration goes into the table.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import tempfile
@@ -24,6 +29,12 @@ import torch
 
 from flowpo import config
 from flowpo.trainer import Trainer
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a CPU clock reading covers it (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class Timers:
@@ -37,8 +48,10 @@ def instrument(tr: Trainer, timers: Timers) -> None:
     orig_forward = net.forward
 
     def timed_forward(*a, **k):
+        _sync()
         t = time.perf_counter()
         out = orig_forward(*a, **k)
+        _sync()
         timers.fwd += time.perf_counter() - t
         return out
 
@@ -66,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     current = {"p": None}
 
     def timed_backward(self, *a, **k):
+        _sync()
         t = time.perf_counter()
         r = orig_backward(self, *a, **k)
+        _sync()
         timers[current["p"]].bwd += time.perf_counter() - t
         return r
 
@@ -80,16 +95,22 @@ def main(argv: list[str] | None = None) -> int:
                 tm.fwd = tm.bwd = 0.0
                 current["p"] = p
                 # the forward timer also runs inside backward's recomputation-free autograd: none here
+                gpu = torch.cuda.is_available() and tr.device.type == "cuda"
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats(tr.device)
+                _sync()
                 t0 = time.perf_counter()
                 rec = tr.train_iteration(rnd)
+                _sync()
                 dt = time.perf_counter() - t0
+                peak = torch.cuda.max_memory_allocated(tr.device) / 2**20 if gpu else float("nan")
                 if rnd == 0:
                     continue  # warm-up
                 rows.append({"preset": p, "round": rnd, "s_per_iteration": dt, "nfe_per_image": rec["nfe_per_image"],
                              "forward_s": tm.fwd, "backward_s": tm.bwd,
                              "model_share": (tm.fwd + tm.bwd) / dt,
                              "rollout_s": rec["time/rollout_s"], "update_s": rec["time/update_s"],
-                             "reward_s": rec["time/reward_s"]})
+                             "reward_s": rec["time/reward_s"], "peak_gpu_mib": peak})
                 print(f"round {rnd} {p:<20} {dt:6.2f} s  nfe/img {rec['nfe_per_image']:6.1f}  "
                       f"model share {(tm.fwd + tm.bwd) / dt:5.1%}", flush=True)
     finally:
@@ -101,14 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     ref = "dance_grpo" if "dance_grpo" in presets else presets[0]
     med = {p: statistics.median(r["s_per_iteration"] for r in rows if r["preset"] == p) for p in presets}
     lines = [f"| preset | s / iteration (median of {args.rounds}) | × {ref} | nfe / image | × {ref} | "
-             "forward+backward share |", "|---|---|---|---|---|---|"]
+             "forward+backward share | peak GPU MiB |", "|---|---|---|---|---|---|---|"]
     nfe = {p: statistics.mean(r["nfe_per_image"] for r in rows if r["preset"] == p) for p in presets}
     for p in presets:
         share = statistics.median(r["model_share"] for r in rows if r["preset"] == p)
+        peak = max(r["peak_gpu_mib"] for r in rows if r["preset"] == p)
         lines.append(f"| {p} | {med[p]:.3f} | {med[p] / med[ref]:.2f} | {nfe[p]:.1f} | {nfe[p] / nfe[ref]:.2f} | "
-                     f"{share:.1%} |")
+                     f"{share:.1%} | {'–' if math.isnan(peak) else f'{peak:.0f}'} |")
     text = "\n".join(lines)
-    (out / "timing.md").write_text(f"command: {' '.join(sys.argv)}\n\n{text}\n")
+    dev = next(iter(trainers.values())).device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    (out / "timing.md").write_text(f"command: {' '.join(sys.argv)}\ndevice: {where}; torch {torch.__version__}\n\n"
+                                   f"{text}\n")
     print(text)
     return 0
 

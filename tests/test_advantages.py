@@ -68,6 +68,24 @@ def test_stepwise_per_step_and_valid_mask():
     assert torch.allclose(a[:, 1], torch.zeros(2)) and torch.allclose(a[:, 0], torch.tensor([-1.0, 1.0]))
 
 
+def test_stepwise_global_gain_std_shrinks_a_saturated_group():
+    """gain_std='global': group mean, batch std. A group whose gains are all tiny (saturated reward)
+    keeps small advantages; with the group's own std its noise is blown up to unit scale."""
+    sr = torch.tensor([[0.0, 1.0, 1.0], [0.0, 3.0, 1.0],            # group 0: gains (1, 0), (3, -2)
+                       [0.99, 0.991, 0.992], [0.99, 0.989, 0.990]])  # group 1: gains ±0.001
+    g = torch.tensor([0, 0, 1, 1])
+    gains = (sr[:, 1:] - sr[:, :-1]).double()
+    glob = stepwise_advantages(sr, g, eps=0.0, clip=100, std="global")
+    scale = gains.std(unbiased=False)  # over all 8 gains of the batch
+    expect = torch.cat([gains[:2] - gains[:2].mean(), gains[2:] - gains[2:].mean()]) / scale
+    assert torch.allclose(glob.double(), expect, atol=1e-5)
+    assert glob[2:].abs().max() < 0.01
+    local = stepwise_advantages(sr, g, eps=0.0, clip=100, std="group")
+    assert local[2:].abs().max() > 0.9  # the saturated group's noise at unit scale
+    with pytest.raises(ValueError, match="std='batch'"):
+        stepwise_advantages(sr, g, std="batch")
+
+
 def test_stepwise_multi_reward_aggregation():
     torch.manual_seed(1)
     sr = torch.rand(6, 5, 2)  # N=6, T=4, K=2

@@ -60,3 +60,30 @@ def test_cli_prints_one_line_no_traceback():
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr
     assert "train.iteratoins" in lines[0] and "iterations" in lines[0]
+
+
+def test_attention_kernel_switch_is_process_wide_and_validated():
+    """model.attention=math turns the fused CUDA SDPA kernels off (flags readable on CPU builds too);
+    'auto' leaves the flags alone; unknown values are refused by the config with the allowed list."""
+    import torch
+
+    from flowpo.parts import set_attention
+
+    cuda = torch.backends.cuda
+    saved = (cuda.math_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+             cuda.cudnn_sdp_enabled())
+    try:
+        set_attention("math")
+        assert cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
+                                                or cuda.cudnn_sdp_enabled())
+        set_attention("auto")  # unchanged
+        assert cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled()
+        set_attention("flash")
+        assert cuda.flash_sdp_enabled() and not cuda.math_sdp_enabled()
+    finally:
+        cuda.enable_math_sdp(saved[0])
+        cuda.enable_flash_sdp(saved[1])
+        cuda.enable_mem_efficient_sdp(saved[2])
+        cuda.enable_cudnn_sdp(saved[3])
+    with pytest.raises(config.ConfigError, match=r"model.attention='fast' is not allowed.*'math'"):
+        config.load(None, "flow_grpo", ["model.attention=fast"])

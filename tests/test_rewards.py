@@ -61,3 +61,13 @@ def test_nan_reward_never_reaches_the_weights(tmp_path, tiny):
         tr.train_iteration(0)
     after = tr.policy.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rewards_come_back_fp32_detached_on_the_cpu():
+    """Whatever a scorer returns (float64, requiring grad; on a GPU, a CUDA tensor) the raw rewards
+    are fp32 CPU tensors without autograd history (the trainer keeps rewards on the CPU)."""
+    _install("f64_scorers", lambda images, prompts: torch.ones(images.shape[0], dtype=torch.float64,
+                                                               requires_grad=True) * 0.5)
+    raw = RewardSet(["f64_scorers:score"], [1.0]).score(torch.zeros(3, 1, 4, 4), ["a", "b", "c"])
+    assert raw.dtype == torch.float32 and raw.device.type == "cpu" and not raw.requires_grad
+    assert torch.equal(raw, torch.full((3, 1), 0.5))

@@ -123,3 +123,17 @@ def test_flash_star_pays_only_for_its_window_and_compressed_segment(tmp_path, ti
     rec = tr.train_iteration(0)
     assert rec["nfe_per_image"] == 4.0
     assert rec["stats/transitions"] == 8 * 2  # only the window's steps are re-scored
+
+
+@pytest.mark.parametrize("dtype, hint", [("fp32", False), ("bf16", True)])
+def test_non_finite_gradient_stops_before_the_step_and_names_the_fixes(tmp_path, tiny, dtype, hint):
+    """A NaN gradient raises before the optimizer step (weights untouched); in bf16 the message also
+    names the attention-kernel switch (a fused SDPA backward returned NaN for tiny FLUX on a GPU)."""
+    tr = Trainer(config.load(None, "flow_grpo", tiny + [f"model.dtype={dtype}"]), tmp_path / "r")
+    before = [p.detach().clone() for p in tr.params]
+    for p in tr.params:
+        p.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm") as err:
+        tr.train_iteration(0)
+    assert ("model.attention=math" in str(err.value)) == hint
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params))

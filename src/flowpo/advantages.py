@@ -62,7 +62,8 @@ def aggregate_advantages(raw: torch.Tensor, weights: torch.Tensor, group_ids: to
 
 def stepwise_advantages(step_rewards: torch.Tensor, group_ids: torch.Tensor, *,
                         normalize: Literal["joint", "per_step"] = "joint", eps: float = 1e-4,
-                        clip: float = 5.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+                        clip: float = 5.0, valid: torch.Tensor | None = None,
+                        std: Literal["group", "global"] = "group") -> torch.Tensor:
     """Stepwise-Flow-GRPO gain advantages (arXiv 2603.28718).
 
     step_rewards [N, T+1]: r_t = R(x̂0(x_t)) before each step t and, last, the reward after step T−1.
@@ -72,18 +73,24 @@ def stepwise_advantages(step_rewards: torch.Tensor, group_ids: torch.Tensor, *,
       per_step: Ã_{i,t} = (g_{i,t} − mean_{group} g_{·,t}) / (std_{group} g_{·,t} + eps)
     clipped to ±clip. `valid` [N, T] (optional) restricts the statistics to the steps that have an
     estimate (for example only a MixGRPO window); invalid entries get advantage 0.
+
+    std='global' keeps the group mean but divides by the std of all valid gains of the batch (of
+    step t, with per_step) — Flow-GRPO's global std carried over to gains: a group whose samples all
+    score alike (a saturated reward) then gets small advantages instead of unit-scale noise.
     """
     if step_rewards.dim() != 2:
         raise ValueError(f"step_rewards must be [N, T+1], got shape {tuple(step_rewards.shape)}")
     g = (step_rewards[:, 1:] - step_rewards[:, :-1]).to(torch.float64)  # [N, T]
     if valid is None:
         valid = torch.ones_like(g, dtype=torch.bool)
+    if std not in ("group", "global"):
+        raise ValueError(f"std={std!r}; allowed: 'group', 'global'")
     if normalize == "joint":
-        out = _masked_group_z(g, valid, group_ids, eps)
+        out = _masked_group_z(g, valid, group_ids, eps, std)
     elif normalize == "per_step":
         out = torch.zeros_like(g)
         for t in range(g.shape[1]):
-            out[:, t] = _masked_group_z(g[:, t:t + 1], valid[:, t:t + 1], group_ids, eps)[:, 0]
+            out[:, t] = _masked_group_z(g[:, t:t + 1], valid[:, t:t + 1], group_ids, eps, std)[:, 0]
     else:
         raise ValueError(f"normalize={normalize!r}; allowed: 'joint', 'per_step'")
     return out.clamp(-clip, clip).to(torch.float32)
@@ -92,7 +99,8 @@ def stepwise_advantages(step_rewards: torch.Tensor, group_ids: torch.Tensor, *,
 def aggregate_stepwise_advantages(step_rewards: torch.Tensor, weights: torch.Tensor, group_ids: torch.Tensor, *,
                                   aggregation: Literal["sum_then_normalize", "normalize_then_sum"],
                                   normalize: Literal["joint", "per_step"] = "joint", eps: float = 1e-4,
-                                  clip: float = 5.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+                                  clip: float = 5.0, valid: torch.Tensor | None = None,
+                                  std: Literal["group", "global"] = "group") -> torch.Tensor:
     """Stepwise gain advantages from K rewards: step_rewards [N, T+1, K], weights [K] → [N, T].
 
     sum_then_normalize:  Ã = z(gains of Σ_k w_k r_k)            (`stepwise_advantages` on the sum)
@@ -105,20 +113,29 @@ def aggregate_stepwise_advantages(step_rewards: torch.Tensor, weights: torch.Ten
     w = weights.to(step_rewards)
     if aggregation == "sum_then_normalize":
         return stepwise_advantages(step_rewards @ w, group_ids, normalize=normalize, eps=eps, clip=clip,
-                                   valid=valid)
+                                   valid=valid, std=std)
     if aggregation == "normalize_then_sum":
         z = torch.stack([stepwise_advantages(step_rewards[..., k], group_ids, normalize=normalize, eps=eps,
-                                             clip=float("inf"), valid=valid) for k in range(w.numel())], -1)
+                                             clip=float("inf"), valid=valid, std=std) for k in range(w.numel())], -1)
         return (z @ w).clamp(-clip, clip)
     raise ValueError(f"aggregation={aggregation!r}; allowed: 'sum_then_normalize', 'normalize_then_sum'")
 
 
-def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float) -> torch.Tensor:
-    """z-score of g [N, M] within each group over all valid entries of all its rows; 0 where invalid."""
+def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float,
+                    std: str = "group") -> torch.Tensor:
+    """(g − group mean) / (std + eps) over the valid entries of g [N, M]; 0 where invalid. std:
+    'group' = each group's std over all valid entries of its rows, 'global' = the std of all valid
+    entries of g."""
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     v = valid.to(g.dtype)
     n = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, v.sum(1)).clamp_min(1)
     mean = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (g * v).sum(1)) / n
     var = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (((g - mean[inv, None]) ** 2) * v).sum(1)) / n
-    z = (g - mean[inv, None]) / (var.sqrt()[inv, None] + eps)
+    if std == "global":
+        n_all = v.sum().clamp_min(1)
+        mu = (g * v).sum() / n_all
+        scale = ((((g - mu) ** 2) * v).sum() / n_all).sqrt()
+    else:
+        scale = var.sqrt()[inv, None]
+    z = (g - mean[inv, None]) / (scale + eps)
     return z * v

@@ -101,13 +101,14 @@ def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Ten
 
 @torch.no_grad()
 def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guidance: float, batch_size: int,
-                     score) -> tuple[torch.Tensor, int]:
+                     score, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """`replay.tail=regenerate`: finish each replayed trajectory from the state after its last kept
     step with the current policy (Euler ODE on the training grid) and score the new end point.
 
     Returns (raw rewards [R, K] of the regenerated images, model evaluations). Entries that were
     not truncated keep their stored rewards (nothing to regenerate). The stored trajectory itself
-    is unchanged: only this iteration's advantage uses the regenerated reward.
+    is unchanged: only this iteration's advantage uses the regenerated reward. `device`: where
+    the policy runs (entries are stored on the CPU).
     """
     from flowpo.rollout import ode_sample
 
@@ -119,7 +120,7 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
         if c >= T:
             continue
         idx = [i for i, s in enumerate(starts) if s == c]
-        x = torch.stack([entries[i].x_next[-1] for i in idx])     # x_c, [n, *D]
+        x = torch.stack([entries[i].x_next[-1] for i in idx]).to(device)  # x_c, [n, *D] on the policy's device
         cond = policy.encode_prompts([entries[i].prompt for i in idx])
         x0, n_evals = ode_sample(policy, cond, sigmas[c:], x, guidance, batch_size)
         nfe += n_evals
@@ -158,10 +159,12 @@ class ReplayBuffer:
             steps = self.kept_steps(train[i])
             if steps.numel() == 0:
                 continue
-            e = Entry(prompt=p, reward=float(rewards[i]), reward_raw=rewards_raw[i].clone(), steps=steps,
-                      x=states[i, steps].clone(), x_next=states[i, steps + 1].clone(),
-                      log_prob=log_probs[i, steps].clone(), version=iteration,
-                      step_rewards=None if step_rewards is None else step_rewards[i].clone())
+            # entries live on the CPU (GPU memory is for the model); indexing with `steps` copies
+            e = Entry(prompt=p, reward=float(rewards[i]), reward_raw=rewards_raw[i].detach().cpu().clone(),
+                      steps=steps, x=states[i, steps.to(states.device)].detach().cpu(),
+                      x_next=states[i, (steps + 1).to(states.device)].detach().cpu(),
+                      log_prob=log_probs[i, steps.to(log_probs.device)].detach().cpu(), version=iteration,
+                      step_rewards=None if step_rewards is None else step_rewards[i].detach().cpu().clone())
             lst = self.entries.setdefault(p, [])
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, iteration), reverse=True)

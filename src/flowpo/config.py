@@ -40,6 +40,10 @@ class ModelConfig:
     """Recompute activations in the backward pass (real models)."""
     device: str = "auto"
     """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), or an explicit torch device."""
+    attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+    """CUDA attention kernel of torch's scaled_dot_product_attention, for the whole process: 'auto'
+    (torch chooses), 'math' (the reference kernel: use it if bf16 gradients turn NaN/inf), or one
+    fused kernel alone (torch raises if it cannot take the inputs). No effect on the CPU."""
     max_sequence_length: Optional[int] = None
     """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Wan 512)."""
     num_frames: int = 81
@@ -129,7 +133,10 @@ class AdvantageConfig:
     """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO)."""
     std: Literal["global", "group"] = "global"
     """kind=group: denominator = std of all rewards of the iteration (Flow-GRPO default) or of each
-    group. Stepwise gains are always z-scored within their group, so this has no effect there."""
+    group. No effect on stepwise gains (see gain_std)."""
+    gain_std: Literal["group", "global"] = "group"
+    """kind=stepwise: gains minus their group mean, divided by the group's std (the paper) or by the
+    std of all gains of the iteration (small advantages for groups whose rewards saturate)."""
     eps: float = 1e-4
     """Added to the std."""
     clip: float = 5.0

@@ -20,8 +20,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+ATTENTION_BACKENDS = ("math", "flash", "efficient", "cudnn")
+
+
+def set_attention(kind: str) -> None:
+    """`model.attention`: switch torch's CUDA scaled-dot-product-attention kernels process-wide.
+
+    Process-wide (torch.backends.cuda flags) rather than a context manager on purpose: gradient
+    checkpointing recomputes the forward inside backward(), outside any context the forward ran in,
+    and the recomputation must use the same kernel. 'auto' leaves the flags as they are.
+    """
+    if kind == "auto":
+        return
+    if kind not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention={kind!r} is unknown; allowed: auto, {', '.join(ATTENTION_BACKENDS)}")
+    cuda = torch.backends.cuda
+    cuda.enable_math_sdp(kind == "math")
+    cuda.enable_flash_sdp(kind == "flash")
+    cuda.enable_mem_efficient_sdp(kind == "efficient")
+    cuda.enable_cudnn_sdp(kind == "cudnn")
+
+
 def build_policy(m):
     """The policy adapter for `model.kind` (ModelConfig `m`), on `model.device`."""
+    set_attention(m.attention)
     device = resolve_device(m.device)
     if m.kind == "embedded":
         from flowpo.policy.embedded import EmbeddedPolicy

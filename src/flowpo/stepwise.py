@@ -45,6 +45,7 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     step needs are 0.
     """
     n, T = train.shape
+    train = train.cpu()  # masks, indices and rewards on the CPU; states stay where the rollout put them
     need = torch.zeros((n, T + 1), dtype=torch.bool)
     need[:, :-1] |= train
     need[:, 1:] |= train
@@ -54,9 +55,11 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     step_rewards[:, T] = final_reward.cpu()
     nfe = 0
     if rows.numel():
-        x0, nfe = tweedie_estimate(policy, states[rows, ts], sigmas[ts].float(), select_cond(cond, rows),
+        dev = states.device
+        x0, nfe = tweedie_estimate(policy, states[rows.to(dev), ts.to(dev)], sigmas[ts].float().to(dev),
+                                   select_cond(cond, rows.to(dev)),
                                    substeps=substeps, guidance=guidance, batch_size=batch_size)
         images = policy.decode(x0)
         scores = score_fn(images, [prompts[int(i)] for i in rows])
-        step_rewards[rows.cpu(), ts.cpu()] = torch.as_tensor(scores).float().cpu()
-    return step_rewards, train.cpu().clone(), nfe
+        step_rewards[rows, ts] = torch.as_tensor(scores).float().cpu()
+    return step_rewards, train.clone(), nfe

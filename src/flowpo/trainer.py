@@ -227,7 +227,7 @@ class Trainer:
             if rep and cfg.replay.tail == "regenerate":
                 raw_rep, extra = regenerate_tails(self.policy, [e for _, e in rep], self.sigmas,
                                                   guidance=cfg.sample.guidance, batch_size=cfg.sample.batch_size,
-                                                  score=self.rewards.score)
+                                                  score=self.rewards.score, device=self.device)
                 rep = [(g, dataclasses.replace(e, reward_raw=raw_rep[i])) for i, (g, e) in enumerate(rep)]
                 rec["replay/regenerate_nfe"] = extra
         # rewards of all rows (fresh of every rank, then replayed) for group statistics
@@ -248,7 +248,8 @@ class Trainer:
                 valid_all = torch.cat([valid_all, torch.stack([self._row_mask(e) for _, e in rep])])
             adv_all = aggregate_stepwise_advantages(
                 sr_all, self.rewards.weights, groups_all, aggregation=cfg.reward.aggregation,
-                normalize=adv_cfg.normalize, eps=adv_cfg.eps, clip=adv_cfg.clip, valid=valid_all)  # [N+R, T]
+                normalize=adv_cfg.normalize, eps=adv_cfg.eps, clip=adv_cfg.clip, valid=valid_all,
+                std=adv_cfg.gain_std)                                                        # [N+R, T]
             sr_comb = sr_all @ self.rewards.weights.to(sr_all)
             gains = (sr_comb[:, 1:] - sr_comb[:, :-1]).abs() * valid_all
             rec["stepwise/mean_abs_gain_by_step"] = [round(float(x), 5) for x in
@@ -276,10 +277,11 @@ class Trainer:
             r_states = torch.zeros((len(mine), T + 1, *states.shape[2:]), device=dev)
             r_train = torch.zeros((len(mine), T), dtype=torch.bool, device=dev)
             beta = torch.zeros((len(mine), T), device=dev)
-            for m, (_, _, e) in enumerate(mine):
-                r_states[m, e.steps], r_states[m, e.steps + 1] = e.x, e.x_next
-                r_train[m, e.steps] = True
-                beta[m, e.steps] = e.log_prob
+            for m, (_, _, e) in enumerate(mine):  # entries live on the CPU (buffer.py)
+                steps = e.steps.to(dev)
+                r_states[m, steps], r_states[m, steps + 1] = e.x.to(dev), e.x_next.to(dev)
+                r_train[m, steps] = True
+                beta[m, steps] = e.log_prob.to(dev)
             r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
             pi_old = self._score_old(r_states, r_train, r_cond, r_chunks)                    # [R, T]
             rc = cfg.replay
@@ -351,7 +353,10 @@ class Trainer:
                 if not math.isfinite(grad_norms[-1]):
                     raise FloatingPointError(
                         f"non-finite gradient norm ({grad_norms[-1]}) at iteration {self.iteration}; the weights were "
-                        "not updated. Lower train.lr or check the rewards; resume from the last checkpoint")
+                        "not updated. Lower train.lr or check the rewards; resume from the last checkpoint"
+                        + (". In bf16/fp16 on a GPU, also try model.attention=math (a fused attention kernel's "
+                           "backward can return NaN/inf; docs/gpu.md) or model.dtype=fp32"
+                           if cfg.model.dtype != "fp32" and cfg.model.attention != "math" else ""))
                 self.opt.step()
                 self.dist.gather_params()
                 if self.ema is not None:

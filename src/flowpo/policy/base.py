@@ -15,7 +15,9 @@ Cond = dict[str, torch.Tensor]
 
 
 def select_cond(cond: Cond, idx: torch.Tensor | slice) -> Cond:
-    """Rows `idx` of every tensor in `cond`."""
+    """Rows `idx` of every tensor in `cond` (a tensor index is moved to each tensor's device)."""
+    if isinstance(idx, torch.Tensor):
+        return {k: v[idx.to(v.device)] for k, v in cond.items()}
     return {k: v[idx] for k, v in cond.items()}
 
 

@@ -54,7 +54,8 @@ def get_scorer(name: str) -> Scorer:
 
 
 class RewardSet:
-    """Several weighted scorers. `score(images, prompts) -> [N, K]` raw rewards (K scorers)."""
+    """Several weighted scorers. `score(images, prompts) -> [N, K]` raw rewards (K scorers), fp32 on
+    the CPU whatever device a scorer returns them on."""
 
     def __init__(self, names: list[str], weights: list[float]):
         if len(names) != len(weights):
@@ -74,7 +75,7 @@ class RewardSet:
             except Exception as e:  # noqa: BLE001 - re-raised with the reward's name
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e} "
                                   f"(scoring {n} samples)") from e
-            r = torch.as_tensor(r, dtype=torch.float32).reshape(-1)
+            r = torch.as_tensor(r).detach().to("cpu", torch.float32).reshape(-1)  # rewards live on the CPU
             if r.numel() != n:
                 raise RewardError(f"reward {name!r} returned {r.numel()} values for {n} samples; "
                                   "a scorer must return one value per image")
