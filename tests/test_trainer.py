@@ -1,5 +1,6 @@
 """Trainer properties on the embedded model with a tiny budget (seconds)."""
 import json
+import math
 
 import pytest
 import torch
@@ -137,3 +138,34 @@ def test_non_finite_gradient_stops_before_the_step_and_names_the_fixes(tmp_path,
         tr.train_iteration(0)
     assert ("model.attention=math" in str(err.value)) == hint
     assert all(torch.equal(a, b) for a, b in zip(before, tr.params))
+
+
+@pytest.mark.parametrize("schedule, half", [("constant", 1.0), ("linear", 0.55), ("cosine", 0.55)])
+def test_lr_schedule_depends_on_the_iteration_only(tmp_path, tiny, schedule, half):
+    """lr·(lr_final + (1 − lr_final)·f(it/iterations)): f = 1 − x (linear), (1 + cos πx)/2 (cosine);
+    the optimizer uses it and the log records it; AdamW gets train.adam_eps."""
+    cfg = config.load(None, "flow_grpo", tiny + ["train.iterations=10", "train.lr=1e-3", "train.lr_final=0.1",
+                                                 f"train.lr_schedule={schedule}", "train.adam_eps=1e-6"])
+    tr = Trainer(cfg, tmp_path / "r")
+    assert tr.lr_at(0) == pytest.approx(1e-3)
+    assert tr.lr_at(5) == pytest.approx(1e-3 * half)
+    assert tr.lr_at(10) == pytest.approx(1e-3 if schedule == "constant" else 1e-4)
+    if schedule == "cosine":
+        assert tr.lr_at(2) == pytest.approx(1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * 0.2)) / 2))
+    tr.iteration = 5
+    rec = tr.train_iteration(5)
+    assert rec["train/lr"] == pytest.approx(1e-3 * half)
+    assert all(g["lr"] == pytest.approx(1e-3 * half) and g["eps"] == 1e-6 for g in tr.opt.param_groups)
+
+
+def test_minibatches_are_whole_chunks_and_the_cap_is_said(tmp_path, tiny, capsys):
+    """8 rows in chunks of 4 → at most 2 minibatches per pass: asking for 4 runs 2 (said once on
+    stderr, logged as train/optimizer_steps); chunks of 2 give the 4 asked for."""
+    over = ["train.minibatches=4", "train.inner_epochs=2"]
+    tr = Trainer(config.load(None, "flow_grpo", tiny + over), tmp_path / "a")
+    assert tr.train_iteration(0)["train/optimizer_steps"] == 4.0  # 2 passes × 2
+    tr.train_iteration(1)
+    assert capsys.readouterr().err.count("train.minibatches=4 but iteration 0 has only 2 rollout chunks") == 1
+    tr = Trainer(config.load(None, "flow_grpo", tiny + over + ["sample.batch_size=2"]), tmp_path / "b")
+    assert tr.train_iteration(0)["train/optimizer_steps"] == 8.0  # 2 passes × 4
+    assert "train.minibatches" not in capsys.readouterr().err

@@ -193,7 +193,15 @@ class TrainConfig:
     seed: int = 0
     """Seed for every random stream (prompts, noise, plans, dropout-free model init of LoRA)."""
     lr: float = 3e-4
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over the run: constant, or decayed from `lr` at iteration 0 to
+    `lr_final`·`lr` at `iterations` (linear or cosine)."""
+    lr_final: float = 0.0
+    """Final learning rate as a fraction of `lr` (lr_schedule linear/cosine)."""
+    adam_eps: float = 1e-8
+    """AdamW ε. Steps are lr·m/(√v + ε): with ε well above the gradients' scale they shrink with the
+    gradients (SGD-like) instead of keeping size lr whatever the signal."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)

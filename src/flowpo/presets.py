@@ -68,7 +68,8 @@ _OP = PRESETS["op_grpo"].overrides
 _SW = PRESETS["stepwise_grpo"].overrides
 PRESETS["flowpo_best"] = Preset(
     "flowpo's combination: Stepwise credit (DDIM SDE, T'=3 Tweedie rewards) + OP-GRPO replay (k=1, "
-    "sequence-level IS, truncation) + 2 clipped passes × 4 minibatches over each iteration's samples",
+    "sequence-level IS, truncation) + 2 clipped passes over each iteration's samples in up to 4 minibatches "
+    "(whole rollout chunks: 2-3 at the embedded default's batch size 32)",
     "this project (docs/methods.md)",
     {**_SW, **{k: v for k, v in _OP.items() if k.startswith("replay.")}, "advantage.substeps": 3,
      "train.inner_epochs": 2, "train.minibatches": 4})
@@ -79,11 +80,17 @@ PRESETS["flowpo_fast"] = Preset(
     {**PRESETS["flowpo_best"].overrides, "plan.kind": "sliding_window", "plan.strategy": "progressive",
      "plan.window_size": 3, "plan.tau": 15, "plan.stride": 1})
 PRESETS["flowpo_flash"] = Preset(
-    "flowpo's fastest combination: flowpo_best's credit and sample reuse trained only in a frozen window "
+    "flowpo's frozen-window combination: flowpo_best's credit and sample reuse trained only in a frozen window "
     "over the 5 noisiest steps, DPM-Solver++ 2M after it (r̃=0.4, as MixGRPO-Flash), learning rate 1e-3",
     "this project (docs/methods.md)",
     {**PRESETS["flowpo_best"].overrides, "plan.kind": "sliding_window", "plan.strategy": "frozen",
      "plan.window_size": 5, "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3})
+PRESETS["flowpo_flash2"] = Preset(
+    "flowpo_flash with 3 clipped passes per iteration and the learning rate decayed from 1e-3 to 1e-4 "
+    "along a cosine over train.iterations (stable past the target)",
+    "this project (docs/methods.md)",
+    {**PRESETS["flowpo_flash"].overrides, "train.inner_epochs": 3, "train.lr_schedule": "cosine",
+     "train.lr_final": 0.1})
 PRESETS.update({
     "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
                                  {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),

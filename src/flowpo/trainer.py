@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ class Trainer:
         # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
         self.dist.wrap(self.policy.module, self.policy.trainable_parameters(), full=cfg.model.mode == "full")
         self.params = self.policy.trainable_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
                                      weight_decay=cfg.train.weight_decay)
         self.ema = EMA(self.params, cfg.train.ema) if cfg.train.ema > 0 else None
         self.rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
@@ -83,6 +84,7 @@ class Trainer:
                                    decay=r.decay, truncate_sigma=r.truncate_sigma,
                                    truncate_fraction=r.truncate_fraction) if r.enabled and r.k > 0 else None
         self.iteration, self.nfe, self.wall_offset = 0, 0, 0.0
+        self._warned_minibatches = False
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -328,13 +330,37 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ update
+    def lr_at(self, it: int) -> float:
+        """train.lr_schedule: lr·f(it/iterations), f(0) = 1, f(1) = lr_final; a function of the
+        iteration alone, so a resumed run follows the same schedule."""
+        t = self.cfg.train
+        frac = min(1.0, it / max(1, t.iterations))
+        if t.lr_schedule == "linear":
+            f = 1.0 - frac
+        elif t.lr_schedule == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * frac))
+        else:
+            return t.lr
+        return t.lr * (t.lr_final + (1.0 - t.lr_final) * f)
+
     def _update(self, b: UpdateBatch) -> dict:
         cfg = self.cfg
+        lr = self.lr_at(self.iteration)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
         # minibatch i = global chunks i, i+mbs, ...: the same rows whatever the number of ranks
         n_chunks = b.n_chunks or len(b.chunks)
         ids = b.chunk_ids if b.chunk_ids is not None else list(range(len(b.chunks)))
+        # a minibatch is a set of whole rollout chunks (so the first ratio is exactly 1): at most
+        # n_chunks of them, whatever train.minibatches asks for
         mbs = max(1, min(cfg.train.minibatches, n_chunks))
+        if mbs < cfg.train.minibatches and not self._warned_minibatches and self.dist.is_main:
+            self._warned_minibatches = True
+            print(f"flowpo: train.minibatches={cfg.train.minibatches} but iteration {self.iteration} has only "
+                  f"{n_chunks} rollout chunks of <= sample.batch_size={cfg.sample.batch_size} rows, and a minibatch "
+                  f"is whole chunks: ran {mbs} minibatches per pass (logged as train/optimizer_steps). Lower "
+                  "sample.batch_size for more. (Said once per run.)", file=sys.stderr, flush=True)
         groups = [[c for c, g in zip(b.chunks, ids) if g % mbs == i] for i in range(mbs)]
         stats, grad_norms = [], []
         probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device),  # noqa: E731
@@ -366,6 +392,8 @@ class Trainer:
         out = merge_stats(stats)
         if grad_norms:
             out["stats/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/lr"] = lr
+        out["train/optimizer_steps"] = float(len(grad_norms))
         return out
 
     def _chunk_loss(self, b: UpdateBatch, idx: torch.Tensor, count: float) -> list:
