@@ -98,6 +98,23 @@ def _sdpa(math_only: bool):
     return sdpa_kernel(SDPBackend.MATH)
 
 
+class _SdpaFlags:
+    """Save torch's process-wide SDPA kernel flags and put them back (model.attention sets them)."""
+
+    def __enter__(self):
+        c = torch.backends.cuda
+        self.saved = (c.math_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(),
+                      c.cudnn_sdp_enabled())
+        return self
+
+    def __exit__(self, *exc):
+        c = torch.backends.cuda
+        for enable, on in zip((c.enable_math_sdp, c.enable_flash_sdp, c.enable_mem_efficient_sdp,
+                               c.enable_cudnn_sdp), self.saved):
+            enable(on)
+        return False
+
+
 def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: list[str]) -> list[dict]:
     from tiny_pipelines import T5_LENGTH, save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
@@ -140,7 +157,8 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
             print(f"tiny {kind} {dtn} velocity |cpu−dev| {d:.2e} (|v| {scale:.2f}); grad |cpu−dev| {gd:.2e} "
                   f"(|g| {gs:.2e}), non-finite {nonfinite}", flush=True)
         for mode in modes:
-            dtype, ckpt, math_sdpa = mode.split("+")[0], "ckpt" in mode, "math" in mode
+            parts = mode.split("+")
+            dtype, ckpt, math_sdpa, attn = parts[0], "ckpt" in parts, "math" in parts, "attn" in parts
             for p in presets:
                 cfg = config.load(None, p, QUIET + [
                     f"model.kind={kind}", f"model.path={folder}", f"model.device={device}", f"model.dtype={dtype}",
@@ -151,9 +169,11 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
                     "sample.prompts_per_iteration=2", "sample.group_size=3", "sample.batch_size=6",
                     f"sample.guidance={3.5 if kind == 'flux' else 2.0}",
                     "reward.names=[tiny_pipelines:brightness_reward]", "train.minibatches=1", "train.weight_decay=0",
-                    "advantage.substeps=2", "plan.window_size=2"])
+                    "advantage.substeps=2", "plan.window_size=2",
+                    *(["model.attention=math"] if attn else [])])
                 row = {"kind": kind, "preset": p, "check": f"{mode}: one iteration"}
                 tr = None
+                flags = _SdpaFlags().__enter__()
                 try:
                     tr = Trainer(cfg, tmp / "tiny_runs" / kind / mode / p)
                     before = {k: t.detach().clone() for k, t in tr.policy.trainable_state_dict().items()}
@@ -183,6 +203,8 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
                                detail=f"{type(e).__name__}: {e}; non-finite grads in {len(bad_grads)} tensors, "
                                       f"e.g. {bad_grads[:3]}")
                     traceback.print_exc()
+                finally:
+                    flags.__exit__(None, None, None)
                 rows.append(row)
                 print(f"tiny {kind} {mode} {p:<16} ok={row['ok']} ratio {row['value']:.4f}  {row.get('detail', '')}",
                       flush=True)
@@ -235,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default="sd3,flux,wan")
     ap.add_argument("--modes", default="bf16+ckpt",
                     help="tiny-pipeline training modes: dtype (bf16/fp32), +ckpt (gradient checkpointing), "
-                         "+math (PyTorch's math attention kernel), e.g. bf16+ckpt,fp32,bf16+ckpt+math")
+                         "+math (PyTorch's math attention kernel as a context around the iteration), +attn "
+                         "(the same through the config: model.attention=math), e.g. bf16+ckpt,fp32,bf16+ckpt+attn")
     ap.add_argument("--cli", type=int, default=1, help="also run `flowpo train` + --resume on tiny SD3 (1/0)")
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--threads", type=int, default=4)
