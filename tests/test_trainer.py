@@ -146,12 +146,14 @@ def test_lr_schedule_depends_on_the_iteration_only(tmp_path, tiny, schedule, hal
     the optimizer uses it and the log records it; AdamW gets train.adam_eps."""
     cfg = config.load(None, "flow_grpo", tiny + ["train.iterations=10", "train.lr=1e-3", "train.lr_final=0.1",
                                                  f"train.lr_schedule={schedule}", "train.adam_eps=1e-6"])
+    from flowpo.optim import lr_at
+
     tr = Trainer(cfg, tmp_path / "r")
-    assert tr.lr_at(0) == pytest.approx(1e-3)
-    assert tr.lr_at(5) == pytest.approx(1e-3 * half)
-    assert tr.lr_at(10) == pytest.approx(1e-3 if schedule == "constant" else 1e-4)
+    assert lr_at(cfg.train, 0) == pytest.approx(1e-3)
+    assert lr_at(cfg.train, 5) == pytest.approx(1e-3 * half)
+    assert lr_at(cfg.train, 10) == pytest.approx(1e-3 if schedule == "constant" else 1e-4)
     if schedule == "cosine":
-        assert tr.lr_at(2) == pytest.approx(1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * 0.2)) / 2))
+        assert lr_at(cfg.train, 2) == pytest.approx(1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * 0.2)) / 2))
     tr.iteration = 5
     rec = tr.train_iteration(5)
     assert rec["train/lr"] == pytest.approx(1e-3 * half)

@@ -23,6 +23,7 @@ from flowpo.config import Config
 from flowpo.distributed import Dist
 from flowpo.ema import EMA
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
+from flowpo.optim import build_optimizer, lr_at, set_lr
 from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
 from flowpo.policy.base import cat_cond, select_cond
 from flowpo.rewards import RewardSet
@@ -68,8 +69,7 @@ class Trainer:
         # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
         self.dist.wrap(self.policy.module, self.policy.trainable_parameters(), full=cfg.model.mode == "full")
         self.params = self.policy.trainable_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
-                                     weight_decay=cfg.train.weight_decay)
+        self.opt = build_optimizer(self.params, cfg.train)
         self.ema = EMA(self.params, cfg.train.ema) if cfg.train.ema > 0 else None
         self.rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
         s = cfg.sample
@@ -330,24 +330,10 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ update
-    def lr_at(self, it: int) -> float:
-        """train.lr_schedule: lr·f(it/iterations), f(0) = 1, f(1) = lr_final; a function of the
-        iteration alone, so a resumed run follows the same schedule."""
-        t = self.cfg.train
-        frac = min(1.0, it / max(1, t.iterations))
-        if t.lr_schedule == "linear":
-            f = 1.0 - frac
-        elif t.lr_schedule == "cosine":
-            f = 0.5 * (1.0 + math.cos(math.pi * frac))
-        else:
-            return t.lr
-        return t.lr * (t.lr_final + (1.0 - t.lr_final) * f)
-
     def _update(self, b: UpdateBatch) -> dict:
         cfg = self.cfg
-        lr = self.lr_at(self.iteration)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        lr = lr_at(cfg.train, self.iteration)
+        set_lr(self.opt, lr)
         self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
         # minibatch i = global chunks i, i+mbs, ...: the same rows whatever the number of ranks
         n_chunks = b.n_chunks or len(b.chunks)

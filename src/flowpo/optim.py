@@ -1,0 +1,32 @@
+"""The optimizer and its learning-rate schedule (`train.*` in flowpo.config.TrainConfig)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with train.lr, betas, adam_eps and weight_decay."""
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
+def lr_at(t, it: int) -> float:
+    """Learning rate of iteration `it` under train.lr_schedule, with x = it / train.iterations:
+
+        constant: lr
+        linear:   lr·(lr_final + (1 − lr_final)·(1 − x))
+        cosine:   lr·(lr_final + (1 − lr_final)·(1 + cos πx)/2)
+
+    A function of the iteration alone, so a resumed run follows the same schedule.
+    """
+    if t.lr_schedule == "constant":
+        return t.lr
+    x = min(1.0, it / max(1, t.iterations))
+    f = 1.0 - x if t.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * x))
+    return t.lr * (t.lr_final + (1.0 - t.lr_final) * f)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
