@@ -36,13 +36,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_pipelines
 
 from flowpo import config  # noqa: E402
+from flowpo.parts import restore_attention, set_attention  # noqa: E402
 from flowpo.trainer import Trainer  # noqa: E402
 
 QUIET = ["log.tensorboard=false", "log.progress=false", "log.grids=false"]
 PARITY_KEYS = ["reward_mean", "stats/ratio_mean", "stats/approx_kl", "loss/policy", "stats/grad_norm"]
 
 
-def _finite_numbers(rec: dict) -> list[str]:
+def _non_finite_keys(rec: dict) -> list[str]:
     return [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
 
 
@@ -68,7 +69,7 @@ def parity(presets: list[str], device: str, iterations: int, tmp: Path, threads:
         (rc, ec, init, pc), (rd, ed, _, pd) = res
         moved = max(float((a - b).abs().max()) for a, b in zip(pc, init))
         wdiff = max(float((a - b).abs().max()) for a, b in zip(pc, pd))
-        bad = _finite_numbers(rd[-1]) + _finite_numbers(ed)
+        bad = _non_finite_keys(rd[-1]) + _non_finite_keys(ed)
         for i in range(iterations):
             for k in PARITY_KEYS:
                 if k in rc[i]:
@@ -96,23 +97,6 @@ def _sdpa(math_only: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-class _SdpaFlags:
-    """Save torch's process-wide SDPA kernel flags and put them back (model.attention sets them)."""
-
-    def __enter__(self):
-        c = torch.backends.cuda
-        self.saved = (c.math_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(),
-                      c.cudnn_sdp_enabled())
-        return self
-
-    def __exit__(self, *exc):
-        c = torch.backends.cuda
-        for enable, on in zip((c.enable_math_sdp, c.enable_flash_sdp, c.enable_mem_efficient_sdp,
-                               c.enable_cudnn_sdp), self.saved):
-            enable(on)
-        return False
 
 
 def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: list[str]) -> list[dict]:
@@ -173,7 +157,7 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
                     *(["model.attention=math"] if attn else [])])
                 row = {"kind": kind, "preset": p, "check": f"{mode}: one iteration"}
                 tr = None
-                flags = _SdpaFlags().__enter__()
+                flags = set_attention("auto")  # the flags now; model.attention may change them
                 try:
                     tr = Trainer(cfg, tmp / "tiny_runs" / kind / mode / p)
                     before = {k: t.detach().clone() for k, t in tr.policy.trainable_state_dict().items()}
@@ -189,7 +173,7 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
                     peak = torch.cuda.max_memory_allocated(tr.device) / 2**20 if gpu else float("nan")
                     after = tr.policy.trainable_state_dict()
                     moved = any(not torch.equal(before[k], after[k]) for k in before)
-                    bad = _finite_numbers(rec)
+                    bad = _non_finite_keys(rec)
                     ev = tr.evaluate()
                     row.update(value=rec["stats/ratio_mean"], scale=rec["stats/ratio_max"],
                                ok=moved and not bad and math.isfinite(ev["eval_reward_mean"])
@@ -204,7 +188,7 @@ def tiny(device: str, presets: list[str], tmp: Path, kinds: list[str], modes: li
                                       f"e.g. {bad_grads[:3]}")
                     traceback.print_exc()
                 finally:
-                    flags.__exit__(None, None, None)
+                    restore_attention(flags)
                 rows.append(row)
                 print(f"tiny {kind} {mode} {p:<16} ok={row['ok']} ratio {row['value']:.4f}  {row.get('detail', '')}",
                       flush=True)

@@ -67,23 +67,18 @@ def test_attention_kernel_switch_is_process_wide_and_validated():
     'auto' leaves the flags alone; unknown values are refused by the config with the allowed list."""
     import torch
 
-    from flowpo.parts import set_attention
+    from flowpo.parts import restore_attention, set_attention
 
     cuda = torch.backends.cuda
-    saved = (cuda.math_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
-             cuda.cudnn_sdp_enabled())
+    saved = set_attention("math")
     try:
-        set_attention("math")
         assert cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
                                                 or cuda.cudnn_sdp_enabled())
-        set_attention("auto")  # unchanged
-        assert cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled()
+        assert set_attention("auto")["math"] and cuda.math_sdp_enabled() and not cuda.flash_sdp_enabled()  # unchanged
         set_attention("flash")
         assert cuda.flash_sdp_enabled() and not cuda.math_sdp_enabled()
     finally:
-        cuda.enable_math_sdp(saved[0])
-        cuda.enable_flash_sdp(saved[1])
-        cuda.enable_mem_efficient_sdp(saved[2])
-        cuda.enable_cudnn_sdp(saved[3])
+        restore_attention(saved)
+    assert (cuda.math_sdp_enabled(), cuda.flash_sdp_enabled()) == (saved["math"], saved["flash"])
     with pytest.raises(config.ConfigError, match=r"model.attention='fast' is not allowed.*'math'"):
         config.load(None, "flow_grpo", ["model.attention=fast"])

@@ -23,22 +23,37 @@ def resolve_device(name: str) -> torch.device:
 ATTENTION_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 
-def set_attention(kind: str) -> None:
+def _sdpa_switches() -> dict:
+    """ATTENTION_BACKENDS → (getter, setter) of torch's process-wide CUDA SDPA kernel flags."""
+    c = torch.backends.cuda
+    return {"math": (c.math_sdp_enabled, c.enable_math_sdp), "flash": (c.flash_sdp_enabled, c.enable_flash_sdp),
+            "efficient": (c.mem_efficient_sdp_enabled, c.enable_mem_efficient_sdp),
+            "cudnn": (c.cudnn_sdp_enabled, c.enable_cudnn_sdp)}
+
+
+def set_attention(kind: str) -> dict[str, bool]:
     """`model.attention`: switch torch's CUDA scaled-dot-product-attention kernels process-wide.
 
     Process-wide (torch.backends.cuda flags) rather than a context manager on purpose: gradient
     checkpointing recomputes the forward inside backward(), outside any context the forward ran in,
-    and the recomputation must use the same kernel. 'auto' leaves the flags as they are.
+    and the recomputation must use the same kernel. 'auto' leaves the flags as they are. Returns the
+    flags as they were before, for `restore_attention`.
     """
+    switches = _sdpa_switches()
+    before = {name: get() for name, (get, _) in switches.items()}
     if kind == "auto":
-        return
+        return before
     if kind not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention={kind!r} is unknown; allowed: auto, {', '.join(ATTENTION_BACKENDS)}")
-    cuda = torch.backends.cuda
-    cuda.enable_math_sdp(kind == "math")
-    cuda.enable_flash_sdp(kind == "flash")
-    cuda.enable_mem_efficient_sdp(kind == "efficient")
-    cuda.enable_cudnn_sdp(kind == "cudnn")
+    for name, (_, enable) in switches.items():
+        enable(name == kind)
+    return before
+
+
+def restore_attention(flags: dict[str, bool]) -> None:
+    """Put back flags returned by `set_attention`."""
+    for name, (_, enable) in _sdpa_switches().items():
+        enable(flags[name])
 
 
 def build_policy(m):

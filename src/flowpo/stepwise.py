@@ -56,8 +56,9 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     nfe = 0
     if rows.numel():
         dev = states.device
-        x0, nfe = tweedie_estimate(policy, states[rows.to(dev), ts.to(dev)], sigmas[ts].float().to(dev),
-                                   select_cond(cond, rows.to(dev)),
+        rows_d = rows.to(dev)
+        x0, nfe = tweedie_estimate(policy, states[rows_d, ts.to(dev)], sigmas[ts].float().to(dev),
+                                   select_cond(cond, rows_d),
                                    substeps=substeps, guidance=guidance, batch_size=batch_size)
         images = policy.decode(x0)
         scores = score_fn(images, [prompts[int(i)] for i in rows])
