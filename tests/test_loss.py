@@ -11,7 +11,7 @@ def test_on_policy_ratio_one_gives_minus_mean_advantage():
     adv = torch.tensor([1.0, -2.0, 0.5])
     loss, st = clipped_surrogate(lp, lp.detach(), adv, 0.2, normalizer=3)
     # ρ = 1 everywhere → ℓ = −A; mean = −(1 − 2 + 0.5)/3 = 1/6
-    assert math.isclose(float(loss), 1 / 6, rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), 1 / 6, rel_tol=1e-6)
     assert st.ratio_sum == 3.0 and st.clipped == 0
     loss.backward()
     # ∂ℓ/∂log π = −A·ρ/3

@@ -275,7 +275,7 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
         for axis, key, label in (("iterations", "step", "iteration"), ("wall", "wall_s", "wall time (s)"),
                                  ("nfe", "nfe", "model evaluations (NFE)")):
             fig, ax = plt.subplots(figsize=(7, 4.2))
-            for preset in presets:
+            for i, preset in enumerate(presets):
                 runs = [curves[(task, preset, r["seed"])] for r in rows
                         if r["task"] == task and r["preset"] == preset and curves[(task, preset, r["seed"])]]
                 if not runs:
@@ -284,8 +284,10 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
                 at = [{e["step"]: e for e in c} for c in runs]
                 x = [statistics.fmean(a[s].get(key) or 0.0 for a in at) for s in steps]
                 ys = [[a[s]["eval_reward_mean"] for a in at] for s in steps]
-                line, = ax.plot(x, [statistics.fmean(y) for y in ys], "o-", ms=3,
-                                lw=2.2 if preset == REFERENCE else 1.4, label=f"{preset} ({len(runs)} seeds)")
+                # ten colours, then the same colours dashed with square markers: no two presets look alike
+                line, = ax.plot(x, [statistics.fmean(y) for y in ys], "o-" if i < 10 else "s--", ms=3,
+                                color=f"C{i % 10}", lw=2.2 if preset == REFERENCE else 1.4,
+                                label=f"{preset} ({len(runs)} seeds)")
                 if len(runs) > 1:
                     ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
             if tgt is not None:

@@ -91,9 +91,19 @@ PRESETS["flowpo_flash2"] = Preset(
     "this project (docs/methods.md)",
     {**PRESETS["flowpo_flash"].overrides, "train.inner_epochs": 3, "train.lr_schedule": "cosine",
      "train.lr_final": 0.1})
+_MIX = PRESETS["mix_grpo"].overrides
+PRESETS["flowpo_mix"] = Preset(
+    "flowpo's cheap combination: MixGRPO's 2-step progressive window (ODE outside) + OP-GRPO replay (k=1, "
+    "sequence-level IS, truncation) + 3 clipped passes per iteration + per-group advantage std, learning "
+    "rate 1e-3 decayed along a cosine to 1e-4 over train.iterations",
+    "this project (docs/methods.md)",
+    {**_MIX, **{k: v for k, v in _OP.items() if k.startswith("replay.")}, "advantage.std": "group",
+     "train.inner_epochs": 3, "train.lr": 1e-3, "train.lr_schedule": "cosine", "train.lr_final": 0.1})
 PRESETS.update({
     "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
                                  {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),
+    "mix_grpo_lr1e3": Preset("MixGRPO control: the seed preset at flowpo_mix's starting learning rate 1e-3 "
+                             "(constant, one pass)", "ablation", {**_MIX, "train.lr": 1e-3}, "mix_grpo"),
     "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
                             "op_grpo"),
     "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",
