@@ -30,3 +30,16 @@ def lr_at(t, it: int) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+def check_grad_norm(norm: float, iteration: int, model) -> None:
+    """Raise before the optimizer step when the clipped gradient norm is NaN/inf, naming the fixes
+    (in bf16/fp16 also the attention kernel); `model` is the config's ModelConfig."""
+    if math.isfinite(norm):
+        return
+    raise FloatingPointError(
+        f"non-finite gradient norm ({norm}) at iteration {iteration}; the weights were not updated. Lower "
+        "train.lr or check the rewards; resume from the last checkpoint"
+        + (". In bf16/fp16 on a GPU, also try model.attention=math (a fused attention kernel's backward can "
+           "return NaN/inf; docs/gpu.md) or model.dtype=fp32"
+           if model.dtype != "fp32" and model.attention != "math" else ""))

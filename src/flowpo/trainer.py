@@ -8,7 +8,6 @@ method's name. Shapes: B prompts, G per group, N rows, T steps, D latent dims, K
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from flowpo.config import Config
 from flowpo.distributed import Dist
 from flowpo.ema import EMA
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
-from flowpo.optim import build_optimizer, lr_at, set_lr
+from flowpo.optim import build_optimizer, check_grad_norm, lr_at, set_lr
 from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
 from flowpo.policy.base import cat_cond, select_cond
 from flowpo.rewards import RewardSet
@@ -362,13 +361,7 @@ class Trainer:
                     stats += self._chunk_loss(b, idx, count)
                 self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
                 grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
-                if not math.isfinite(grad_norms[-1]):
-                    raise FloatingPointError(
-                        f"non-finite gradient norm ({grad_norms[-1]}) at iteration {self.iteration}; the weights were "
-                        "not updated. Lower train.lr or check the rewards; resume from the last checkpoint"
-                        + (". In bf16/fp16 on a GPU, also try model.attention=math (a fused attention kernel's "
-                           "backward can return NaN/inf; docs/gpu.md) or model.dtype=fp32"
-                           if cfg.model.dtype != "fp32" and cfg.model.attention != "math" else ""))
+                check_grad_norm(grad_norms[-1], self.iteration, cfg.model)
                 self.opt.step()
                 self.dist.gather_params()
                 if self.ema is not None:
