@@ -82,3 +82,8 @@ def test_attention_kernel_switch_is_process_wide_and_validated():
     assert (cuda.math_sdp_enabled(), cuda.flash_sdp_enabled()) == (saved["math"], saved["flash"])
     with pytest.raises(config.ConfigError, match=r"model.attention='fast' is not allowed.*'math'"):
         config.load(None, "flow_grpo", ["model.attention=fast"])
+    # the config's allowed values and the switch's kernels are one list
+    import typing
+
+    from flowpo.parts import ATTENTION_BACKENDS
+    assert typing.get_args(typing.get_type_hints(config.ModelConfig)["attention"]) == ("auto", *ATTENTION_BACKENDS)
