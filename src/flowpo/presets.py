@@ -99,20 +99,21 @@ PRESETS["flowpo_mix"] = Preset(
     "this project (docs/methods.md)",
     {**_MIX, **{k: v for k, v in _OP.items() if k.startswith("replay.")}, "advantage.std": "group",
      "train.inner_epochs": 3, "train.lr": 1e-3, "train.lr_schedule": "cosine", "train.lr_final": 0.1})
+_P16 = {"sample.prompts_per_iteration": 16}  # flowpo_mix_p16's batch, also given to its controls
 PRESETS["flowpo_mix_p16"] = Preset(
     "flowpo_mix with 16 prompts per iteration (128 samples, twice the seed presets'): fewer iterations to "
     "a target at about twice the cost of an iteration; for when a round of rollouts and rewards is the cost",
     "this project (docs/methods.md)",
-    {**PRESETS["flowpo_mix"].overrides, "sample.prompts_per_iteration": 16})
+    {**PRESETS["flowpo_mix"].overrides, **_P16})
 PRESETS.update({
     "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
                                  {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),
     "mix_grpo_lr1e3": Preset("MixGRPO control: the seed preset at flowpo_mix's starting learning rate 1e-3 "
                              "(constant, one pass)", "ablation", {**_MIX, "train.lr": 1e-3}, "mix_grpo"),
     "flow_grpo_p16": Preset("Flow-GRPO control: 16 prompts per iteration (flowpo_mix_p16's batch)", "ablation",
-                            {**PRESETS["flow_grpo"].overrides, "sample.prompts_per_iteration": 16}, "flow_grpo"),
+                            {**PRESETS["flow_grpo"].overrides, **_P16}, "flow_grpo"),
     "mix_grpo_p16": Preset("MixGRPO control: 16 prompts per iteration (flowpo_mix_p16's batch)", "ablation",
-                           {**_MIX, "sample.prompts_per_iteration": 16}, "mix_grpo"),
+                           {**_MIX, **_P16}, "mix_grpo"),
     "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
                             "op_grpo"),
     "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",
