@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_pipelines
 
 from flowpo import config  # noqa: E402
 from flowpo.parts import restore_attention, set_attention  # noqa: E402
-from flowpo.trainer import Trainer  # noqa: E402
+from flowpo.training.trainer import Trainer  # noqa: E402
 
 QUIET = ["log.tensorboard=false", "log.progress=false", "log.grids=false"]
 PARITY_KEYS = ["reward_mean", "stats/ratio_mean", "stats/approx_kl", "loss/policy", "stats/grad_norm"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from flowpo import config
-from flowpo.trainer import Trainer
+from flowpo.training.trainer import Trainer
 
 
 def _sync() -> None:

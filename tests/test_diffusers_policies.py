@@ -383,7 +383,7 @@ def test_every_preset_trains_a_tiny_pipeline_unchanged(kind, preset, folders, tm
     """The presets run on the diffusers adapters with no change (the adapters hold no RL logic):
     one iteration, one minibatch, so the first ratio is exactly 1 and the LoRA weights move."""
     from flowpo import config
-    from flowpo.trainer import Trainer
+    from flowpo.training.trainer import Trainer
 
     cfg = config.load(None, preset, [
         f"model.kind={kind}", f"model.path={folders[kind]}", "model.lora_rank=4", "model.lora_alpha=8",

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowpo import config
-from flowpo.trainer import Trainer
+from flowpo.training.trainer import Trainer
 
 # rewards with spread (stroke_quality), no weight decay, so the weights really move
 SETTINGS = ["reward.names=[stroke_quality]", "train.weight_decay=0", "log.grids=false"]
@@ -113,7 +113,7 @@ def _free_port() -> int:
 def _stall_worker(rank: int, port: int, mode: str, timeout_s: int, q) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), FLOWPO_DIST_TIMEOUT_S=str(timeout_s))
-    from flowpo.distributed import Dist, DistributedError
+    from flowpo.training.distributed import Dist, DistributedError
 
     d = Dist()
     d.all_gather_cat(torch.ones(2))              # both ranks are up

@@ -3,7 +3,7 @@ import torch
 
 from flowpo import config
 from flowpo.buffer import importance_weights
-from flowpo.trainer import Trainer
+from flowpo.training.trainer import Trainer
 
 
 def _weights(tr):

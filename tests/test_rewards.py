@@ -52,7 +52,7 @@ def test_raising_reward_and_bad_names():
 
 def test_nan_reward_never_reaches_the_weights(tmp_path, tiny):
     from flowpo import config
-    from flowpo.trainer import Trainer
+    from flowpo.training.trainer import Trainer
 
     _install("nan_scorers", lambda images, prompts: torch.full((images.shape[0],), float("nan")))
     tr = Trainer(config.load(None, None, tiny + ["reward.names=[nan_scorers:score]"]), tmp_path / "n")

@@ -8,7 +8,7 @@ from flowpo.parts import build_policy
 from flowpo.rollout import ode_sample
 from flowpo.schedule import sigmas
 from flowpo.stepwise import intermediate_rewards, tweedie_estimate
-from flowpo.trainer import Trainer
+from flowpo.training.trainer import Trainer
 
 
 def test_tweedie_with_many_substeps_approaches_the_ode_end_point():

@@ -7,7 +7,7 @@ import torch
 
 from flowpo import config
 from flowpo.presets import PRESETS
-from flowpo.trainer import Trainer
+from flowpo.training.trainer import Trainer
 
 
 def make(tmp_path, tiny, *extra, preset=None, name="run"):
@@ -102,7 +102,7 @@ def test_resume_matches_uninterrupted(tmp_path, tiny):
 
 
 def test_partial_checkpoint_is_ignored(tmp_path, tiny):
-    from flowpo import checkpoint
+    from flowpo.training import checkpoint
 
     tr = make(tmp_path, tiny, "train.iterations=1")
     tr.run()
@@ -147,7 +147,7 @@ def test_lr_schedule_depends_on_the_iteration_only(tmp_path, tiny, schedule, hal
     the optimizer uses it and the log records it; AdamW gets train.adam_eps."""
     cfg = config.load(None, "flow_grpo", tiny + ["train.iterations=10", "train.lr=1e-3", "train.lr_final=0.1",
                                                  f"train.lr_schedule={schedule}", "train.adam_eps=1e-6"])
-    from flowpo.optim import lr_at
+    from flowpo.training.optim import lr_at
 
     tr = Trainer(cfg, tmp_path / "r")
     assert lr_at(cfg.train, 0) == pytest.approx(1e-3)

@@ -139,3 +139,61 @@ def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tenso
         scale = var.sqrt()[inv, None]
     z = (g - mean[inv, None]) / (scale + eps)
     return z * v
+
+
+# ----------------------------------------------------------------------------- the advantage part
+class GroupEstimator:
+    """advantage.kind=group: one GRPO z-score per sample (`aggregate_advantages`), the same at every step."""
+
+    def __init__(self, cfg, rewards):
+        self.cfg, self.rewards = cfg, rewards
+
+    def intermediate(self, policy, roll, sigmas, raw) -> tuple[None, int, dict]:
+        """Extra rewards the estimator needs besides the final ones: none."""
+        return None, 0, {}
+
+    def estimate(self, gb, rr) -> tuple[torch.Tensor, dict]:
+        """Advantages of the global rows (fresh, then replayed `rr`) → ([N+R, T], stats)."""
+        a = self.cfg.advantage
+        raw, groups = gb.raw, gb.group_ids
+        if rr is not None:
+            raw, groups = torch.cat([raw, rr.raw]), torch.cat([groups, rr.group_ids])
+        adv = aggregate_advantages(raw, self.rewards.weights, groups, aggregation=self.cfg.reward.aggregation,
+                                   std=a.std, eps=a.eps, clip=a.clip)
+        return adv[:, None].expand(-1, gb.train.shape[1]), {}
+
+
+class StepwiseEstimator:
+    """advantage.kind=stepwise: Stepwise-Flow-GRPO's per-step gains of Tweedie intermediate rewards
+    (arXiv 2603.28718; `flowpo.stepwise`, `aggregate_stepwise_advantages`)."""
+
+    def __init__(self, cfg, rewards):
+        self.cfg, self.rewards = cfg, rewards
+
+    def intermediate(self, policy, roll, sigmas, raw) -> tuple[torch.Tensor, int, dict]:
+        """r_t = R(x̂0(x_t)) before and after every trained step of this rank's rows → [n, T+1, K]."""
+        from flowpo.stepwise import intermediate_rewards
+
+        a = self.cfg.advantage
+        sr, _, extra = intermediate_rewards(policy, roll.states, roll.train, sigmas, roll.cond, roll.prompts, raw,
+                                            self.rewards.score, substeps=a.substeps,
+                                            guidance=self.cfg.sample.guidance, batch_size=a.estimate_batch_size)
+        return sr, extra, {"stepwise/nfe": extra}
+
+    def estimate(self, gb, rr) -> tuple[torch.Tensor, dict]:
+        a = self.cfg.advantage
+        sr, valid, groups = gb.step_rewards, gb.train.cpu(), gb.group_ids
+        if rr is not None:
+            sr, valid = torch.cat([sr, rr.step_rewards]), torch.cat([valid, rr.valid])
+            groups = torch.cat([groups, rr.group_ids])
+        adv = aggregate_stepwise_advantages(sr, self.rewards.weights, groups, aggregation=self.cfg.reward.aggregation,
+                                            normalize=a.normalize, eps=a.eps, clip=a.clip, valid=valid,
+                                            std=a.gain_std)                                  # [N+R, T]
+        comb = sr @ self.rewards.weights.to(sr)
+        gains = (comb[:, 1:] - comb[:, :-1]).abs() * valid
+        by_step = gains.sum(0) / valid.sum(0).clamp_min(1)
+        return adv, {"stepwise/mean_abs_gain_by_step": [round(float(x), 5) for x in by_step]}
+
+
+ESTIMATORS: dict[str, type] = {"group": GroupEstimator, "stepwise": StepwiseEstimator}
+"""advantage.kind → estimator class (the only list of the names)."""

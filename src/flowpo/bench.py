@@ -54,7 +54,7 @@ def command(out: Path, job: Job, iterations: int, threads: int | None, sets: lis
     if is_finished(d, iterations):
         return [], "skip"
     if d.exists():
-        from flowpo import checkpoint
+        from flowpo.training import checkpoint
 
         if (d / "config.yaml").exists() and checkpoint.latest(d) is not None:
             return [sys.executable, "-m", "flowpo", "train", "--resume", str(d), *ov], "resume"

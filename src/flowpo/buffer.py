@@ -29,12 +29,12 @@ class Entry:
     log_prob: torch.Tensor        # [S] behaviour log-probs
     version: int                  # iteration that generated it
     step_rewards: torch.Tensor | None = None  # [T+1, K] raw rewards of the estimates (stepwise credit), optional
+    final: torch.Tensor | None = None         # [*D] final latent (objectives on final samples), optional
 
     @property
     def nbytes(self) -> int:
         ts = [self.reward_raw, self.steps, self.x, self.x_next, self.log_prob]
-        if self.step_rewards is not None:
-            ts.append(self.step_rewards)
+        ts += [t for t in (self.step_rewards, self.final) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
 
@@ -105,8 +105,9 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
     """`replay.tail=regenerate`: finish each replayed trajectory from the state after its last kept
     step with the current policy (Euler ODE on the training grid) and score the new end point.
 
-    Returns (raw rewards [R, K] of the regenerated images, model evaluations). Entries that were
-    not truncated keep their stored rewards (nothing to regenerate). The stored trajectory itself
+    Returns (raw rewards [R, K] of the regenerated images, their final latents [R, *D] on the CPU,
+    model evaluations). Entries that were not truncated keep their stored rewards and final latent
+    (nothing to regenerate). The stored trajectory itself
     is unchanged: only this iteration's advantage uses the regenerated reward. `device`: where
     the policy runs (entries are stored on the CPU).
     """
@@ -114,6 +115,8 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
 
     T = sigmas.numel() - 1
     raw = torch.stack([e.reward_raw for e in entries]).clone()  # [R, K]
+    dims = entries[0].x.shape[1:]
+    final = torch.stack([e.final if e.final is not None else torch.zeros(dims) for e in entries])  # [R, *D]
     nfe = 0
     starts = [int(e.steps[-1]) + 1 for e in entries]
     for c in sorted(set(starts)):
@@ -125,7 +128,8 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
         x0, n_evals = ode_sample(policy, cond, sigmas[c:], x, guidance, batch_size)
         nfe += n_evals
         raw[idx] = score(policy.decode(x0), [entries[i].prompt for i in idx]).to(raw.dtype)
-    return raw, nfe
+        final[idx] = x0.detach().cpu()
+    return raw, final, nfe
 
 
 class ReplayBuffer:
@@ -151,9 +155,10 @@ class ReplayBuffer:
 
     def add(self, iteration: int, prompts: list[str], states: torch.Tensor, train: torch.Tensor,
             log_probs: torch.Tensor, rewards: torch.Tensor, rewards_raw: torch.Tensor,
-            step_rewards: torch.Tensor | None = None) -> int:
+            step_rewards: torch.Tensor | None = None, finals: torch.Tensor | None = None) -> int:
         """Offer N fresh trajectories (states [N, T+1, *D], train [N, T], log_probs [N, T],
-        rewards [N], rewards_raw [N, K]); returns how many were kept."""
+        rewards [N], rewards_raw [N, K], optional step_rewards [N, T+1, K] and final latents
+        [N, *D]); returns how many were kept."""
         added = 0
         for i, p in enumerate(prompts):
             steps = self.kept_steps(train[i])
@@ -164,7 +169,8 @@ class ReplayBuffer:
                       steps=steps, x=states[i, steps.to(states.device)].detach().cpu(),
                       x_next=states[i, (steps + 1).to(states.device)].detach().cpu(),
                       log_prob=log_probs[i, steps.to(log_probs.device)].detach().cpu(), version=iteration,
-                      step_rewards=None if step_rewards is None else step_rewards[i].detach().cpu().clone())
+                      step_rewards=None if step_rewards is None else step_rewards[i].detach().cpu().clone(),
+                      final=None if finals is None else finals[i].detach().cpu().clone())
             lst = self.entries.setdefault(p, [])
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, iteration), reverse=True)
@@ -217,7 +223,7 @@ class ReplayBuffer:
         j = 0
         for p, lst in self.entries.items():
             for e in lst:
-                for name in ("reward_raw", "steps", "x", "x_next", "log_prob", "step_rewards"):
+                for name in ("reward_raw", "steps", "x", "x_next", "log_prob", "step_rewards", "final"):
                     t = getattr(e, name)
                     if t is not None:
                         tensors[f"{j}.{name}"] = t.contiguous()
@@ -231,5 +237,5 @@ class ReplayBuffer:
             e = Entry(prompt=m["prompt"], reward=m["reward"], version=m["version"],
                       reward_raw=tensors[f"{j}.reward_raw"], steps=tensors[f"{j}.steps"], x=tensors[f"{j}.x"],
                       x_next=tensors[f"{j}.x_next"], log_prob=tensors[f"{j}.log_prob"],
-                      step_rewards=tensors.get(f"{j}.step_rewards"))
+                      step_rewards=tensors.get(f"{j}.step_rewards"), final=tensors.get(f"{j}.final"))
             self.entries.setdefault(m["prompt"], []).append(e)

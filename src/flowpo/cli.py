@@ -1,4 +1,4 @@
-"""Command line: flowpo train | eval | sample | pretrain | bench | presets.
+"""Command line: flowpo train | eval | sample | pretrain | bench | presets | config.
 
     flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
     flowpo eval --run DIR [key.path=value ...]
@@ -6,6 +6,7 @@
     flowpo pretrain [--out DIR] [--seed N]
     flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
     flowpo presets
+    flowpo config [--preset NAME] [key.path=value ...]   (every key: type, value, allowed, help)
 Bad input exits with status 2 and one line naming the problem and the fix.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _run_cfg(run: str, flag: str, rest):
 
 
 def _cmd_train(args, rest) -> int:
-    from flowpo.trainer import train
+    from flowpo.training.trainer import train
 
     if args.resume:
         cfg, out = _run_cfg(args.resume, "--resume", rest)
@@ -69,43 +70,46 @@ def _cmd_train(args, rest) -> int:
 
 def _cmd_eval(args, rest) -> int:
     import json
-    import tempfile
 
-    from flowpo.trainer import Trainer
+    from flowpo.parts import eval_prompts, resolve_device
+    from flowpo.rewards import RewardSet
+    from flowpo.schedule import sigmas
+    from flowpo.training.state import load_policy
+    from flowpo.training.trainer import evaluate_policy
 
-    if args.run:
-        cfg, path = _run_cfg(args.run, "--run", rest)
-    else:
-        cfg = _load_cfg(args, rest)
-        path = None
-    cfg.log.tensorboard = False
-    cfg.log.grids = False
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(cfg, tmp)
-        if path is not None:
-            from flowpo import checkpoint
+    cfg, path = _run_cfg(args.run, "--run", rest) if args.run else (_load_cfg(args, rest), None)
+    try:
+        policy, iteration = load_policy(cfg, path)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    rec, _ = evaluate_policy(cfg, policy, RewardSet(cfg.reward.names, cfg.reward.weights), eval_prompts(cfg),
+                             sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
+    print(json.dumps({"step": iteration, **rec}))
+    return 0
 
-            ck = checkpoint.latest(path)
-            if ck is None:
-                raise UsageError(f"--run {path}: no checkpoint under {path}/checkpoints")
-            tensors, state = checkpoint.load(ck)
-            tr.policy.load_trainable_state_dict(tensors["trainable"])
-            if tr.ema is not None and "ema" in tensors:
-                for i, sh in enumerate(tr.ema.shadow):
-                    sh.copy_(tensors["ema"][str(i)])
-            tr.iteration = state["iteration"]
-        rec = tr.evaluate()
-    print(json.dumps(rec))
+
+def _cmd_config(args, rest) -> int:
+    """Print every config key: type, default (or the preset's value), allowed values, help."""
+    from flowpo import config
+
+    cfg = _load_cfg(args, rest) if (args.preset or args.config or rest) else config.Config()
+    for key, typ, value, allowed, doc in config.describe(cfg):
+        line = f"{key} ({typ}) = {value!r}"
+        if allowed:
+            line += f"   allowed: {', '.join(map(str, allowed))}"
+        print(line)
+        if doc:
+            print("    " + doc.replace("\n", "\n    "))
     return 0
 
 
 def _cmd_sample(args, rest) -> int:
     import torch
 
-    from flowpo import checkpoint
+    from flowpo.training import checkpoint
     from flowpo.parts import build_policy
     from flowpo.rollout import ode_sample, row_noise
-    from flowpo.runlog import save_grid
+    from flowpo.training.runlog import save_grid
     from flowpo.schedule import sigmas
 
     cfg = _run_cfg(args.run, "--run", rest)[0] if args.run else _load_cfg(args, rest)
@@ -142,11 +146,16 @@ def _cmd_bench(_args, rest) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flowpo", description="GRPO-family RL post-training for flow-matching models")
     sub = ap.add_subparsers(dest="verb", required=True)
-    for verb in ("train", "eval", "sample"):
-        sp = sub.add_parser(verb)
+    for verb in ("train", "eval", "sample", "config"):
+        sp = sub.add_parser(verb, help="print every config key with its type, value, allowed values and help"
+                            if verb == "config" else None)
         sp.add_argument("--config", help="YAML config file (see configs/)")
         sp.add_argument("--preset", help="preset name (flowpo presets)")
+        if verb == "config":
+            continue
         if verb == "train":
+            sp.add_argument("--help-config", action="store_true",
+                            help="print every config key with its help (as `flowpo config`) and exit")
             sp.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
             sp.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
         else:
@@ -175,12 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key.path=value)")
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "pretrain": _cmd_pretrain,
-                "bench": _cmd_bench, "presets": _cmd_presets}
+                "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config}
+    if getattr(args, "help_config", False):
+        args.verb = "config"
     try:
         return handlers[args.verb](args, rest)
     except (ConfigError, UsageError, FileNotFoundError, FileExistsError) as e:
         print(f"flowpo: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `flowpo config | head`
+        return 0
     except KeyboardInterrupt:
         print("flowpo: interrupted; resume with flowpo train --resume DIR", file=sys.stderr)
         return 130

@@ -16,8 +16,24 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A bad config key or value; the message is one line naming key, value and what is allowed."""
+from flowpo.errors import ConfigError  # noqa: E402  (re-exported: flowpo.config.ConfigError)
+
+CHOICES: dict[str, str] = {
+    "sample.kernel": "flowpo.sde:KERNELS",
+    "plan.kind": "flowpo.plans:PLANS",
+    "solver.kind": "flowpo.solvers:TAILS",
+    "advantage.kind": "flowpo.advantages:ESTIMATORS",
+    "objective.kind": "flowpo.objectives:OBJECTIVES",
+}
+"""Fields whose allowed values are the keys of a part's registry (the registries are the only list)."""
+
+
+def choices(key: str) -> list[str]:
+    """Allowed values of a registry-backed field `key` (see CHOICES)."""
+    import importlib
+
+    mod, _, attr = CHOICES[key].partition(":")
+    return list(getattr(importlib.import_module(mod), attr))
 
 
 @dataclass
@@ -60,7 +76,7 @@ class SampleConfig:
     """Guidance scale during rollouts and the loss (true CFG, or FLUX's guidance embedding). The
     embedded default uses 1.0: at CFG 4.5 its base model already aligns 99.8% of the time, leaving
     nothing to learn (the GPU configs set the papers' 4.5 / 3.5)."""
-    kernel: Literal["flow_grpo", "dance_grpo", "cps", "ddim", "ode"] = "flow_grpo"
+    kernel: str = "flow_grpo"
     """Step kernel for the stochastic steps (flowpo.sde.KERNELS)."""
     noise_level: float = 0.7
     """Kernel noise: a (Flow-GRPO, CPS), η (DanceGRPO, DDIM)."""
@@ -80,8 +96,8 @@ class SampleConfig:
 
 @dataclass
 class PlanConfig:
-    kind: Literal["all_but_last", "random_subset", "random_window", "sliding_window"] = "all_but_last"
-    """Which steps are SDE and trained each iteration (flowpo.plans)."""
+    kind: str = "all_but_last"
+    """Which steps are SDE and trained each iteration (flowpo.plans.PLANS)."""
     train_fraction: float = 0.99
     """all_but_last: fraction of steps trained (Flow-GRPO's timestep_fraction)."""
     subset_fraction: float = 0.6
@@ -110,8 +126,9 @@ class PlanConfig:
 
 @dataclass
 class SolverConfig:
-    kind: Literal["euler", "dpm2m"] = "euler"
-    """Deterministic solver for the ODE steps after the last SDE step (dpm2m: MixGRPO-Flash)."""
+    kind: str = "euler"
+    """Deterministic solver for the ODE steps after the last SDE step (dpm2m: MixGRPO-Flash;
+    flowpo.solvers.TAILS)."""
     compression: float = 1.0
     """r̃: the post-window segment uses ceil((T − l − w)·r̃) steps (dpm2m only)."""
 
@@ -129,8 +146,9 @@ class RewardConfig:
 
 @dataclass
 class AdvantageConfig:
-    kind: Literal["group", "stepwise"] = "group"
-    """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO)."""
+    kind: str = "group"
+    """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO;
+    flowpo.advantages.ESTIMATORS)."""
     std: Literal["global", "group"] = "global"
     """kind=group: denominator = std of all rewards of the iteration (Flow-GRPO default) or of each
     group. No effect on stepwise gains (see gain_std)."""
@@ -145,14 +163,16 @@ class AdvantageConfig:
     """stepwise: T' Euler ODE sub-steps from x_t to σ = 0 for the intermediate estimate (1 = Tweedie)."""
     normalize: Literal["joint", "per_step"] = "joint"
     """stepwise: normalise all gains of a group jointly, or each step separately."""
+    estimate_batch_size: int = 256
+    """stepwise: rows per model call of the intermediate (Tweedie) estimates; lower it on a GPU at
+    SD3/FLUX sizes."""
 
 
 @dataclass
 class ReplayConfig:
-    enabled: bool = False
-    """OP-GRPO replay buffer."""
-    k: int = 1
-    """Replayed trajectories per group (the group becomes G − k fresh + k replayed)."""
+    k: int = 0
+    """OP-GRPO replay: replayed trajectories per group (the group becomes G − k fresh + k replayed);
+    0 turns replay off."""
     capacity_per_prompt: int = 2
     """Best trajectories kept per prompt."""
     max_age: int = 8
@@ -168,7 +188,8 @@ class ReplayConfig:
     is_cap: Optional[float] = 2.0
     """Truncate the importance weight at this value (None: no cap)."""
     truncate_fraction: Optional[float] = None
-    """Drop the last fraction of the steps from replayed trajectories (alternative to truncate_sigma)."""
+    """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
+    set truncate_sigma=null with it)."""
     tail: Literal["drop", "regenerate"] = "drop"
     """After truncation: drop the replayed tail, or regenerate it with the current policy (ODE) and
     use the regenerated image's reward for this iteration's advantage."""
@@ -184,6 +205,32 @@ class LossConfig:
     """β of the KL to the reference policy on the step means (Flow-GRPO)."""
     kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"
     """KL on step means: divided by 2·s_t² as Flow-GRPO's code (β values carry over), or by 2·s² (exact)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "clipped_surrogate"
+    """What the update minimises (flowpo.objectives.OBJECTIVES): the clipped surrogate on stored
+    transitions (options under loss.*), DiffusionNFT or AWM on final samples (options below)."""
+    nft_beta: float = 1.0
+    """diffusion_nft: β of the implicit policies v± (the paper: 1, 0.1 for OCR and multi-reward)."""
+    adv_max: float = 5.0
+    """diffusion_nft, awm: A_max; NFT's optimality r = ½ + ½·clip(A/A_max, −1, 1), AWM's A' = clip(A)/A_max."""
+    ref_beta: float = 1e-4
+    """diffusion_nft, awm: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
+    old_ramp: float = 0.0
+    """diffusion_nft, awm: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
+    0 keeps θ_old = θ at each iteration start (no copy kept)."""
+    old_max: float = 0.5
+    """diffusion_nft, awm: the largest η of old_ramp."""
+    anchor_beta: float = 0.0
+    """awm: weight of mean (v_θ − v_old)² to the soft copy θ_old (the paper's EMA term: 1)."""
+    awm_weighting: Literal["uniform", "t", "ghuber"] = "ghuber"
+    """awm: the log-likelihood surrogate ℓ = −φ(matching error, σ) (the paper's default: ghuber)."""
+    awm_p: float = 0.25
+    """awm: the ghuber exponent p."""
+    awm_clip: float = 1.0
+    """awm: clip range ε of the ratio exp(ℓ_θ − ℓ_old) (the paper's configs: 1)."""
 
 
 @dataclass
@@ -264,6 +311,7 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -334,7 +382,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
 
 
+_REMOVED = {"replay.enabled": "replay.enabled was removed: replay is on when replay.k > 0 (set replay.k=1 "
+                               "to turn it on, replay.k=0 to turn it off)"}
+
+
 def _unknown_key(prefix: str, name: str, allowed: list[str]) -> ConfigError:
+    if f"{prefix}{name}" in _REMOVED:
+        return ConfigError(_REMOVED[f"{prefix}{name}"])
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
     full = f"{prefix}{name}"
     if close:
@@ -354,7 +408,14 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{prefix}{k} must be a mapping of its fields, got {v!r}")
             _apply(cur, v, f"{prefix}{k}.")
         else:
-            setattr(obj, k, _coerce(f"{prefix}{k}", v, hints[k]))
+            key = f"{prefix}{k}"
+            val = _coerce(key, v, hints[k])
+            if key in CHOICES and val not in choices(key):
+                allowed = choices(key)
+                close = difflib.get_close_matches(str(val), allowed, n=1)
+                hint_s = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{key}={val!r} is not allowed; choose one of {allowed}{hint_s}")
+            setattr(obj, k, val)
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
@@ -393,7 +454,7 @@ def dump(cfg: Config, path: str | Path) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and cross-field checks (flowpo.config_checks); raises ConfigError naming the key."""
-    from flowpo.config_checks import check
+    from flowpo.config_checks import check  # imports flowpo.errors only: no import circle
 
     check(cfg)
     return cfg
@@ -402,8 +463,6 @@ def validate(cfg: Config) -> Config:
 def load(config_file: str | None = None, preset: str | None = None,
          overrides: list[str] | None = None) -> Config:
     """Defaults ← preset ← YAML file ← `key=value` overrides, then validate."""
-    from flowpo.presets import apply_preset
-
     cfg = Config()
     data: dict = {}
     if config_file:
@@ -431,3 +490,70 @@ def from_dict(data: dict) -> Config:
     cfg = Config()
     _apply(cfg, data)
     return validate(cfg)
+
+
+def apply_preset(cfg: Config, name: str) -> Config:
+    """Set the fields of preset `name` (flowpo.presets.PRESETS) on `cfg`."""
+    from flowpo.presets import PRESETS  # plain data: presets import nothing from flowpo
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; available: {sorted(PRESETS)} (flowpo presets)")
+    for k, v in PRESETS[name].overrides.items():
+        set_key(cfg, k, v)
+    cfg.preset = name
+    return cfg
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # pragma: no cover - no source available
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "str"
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def describe(cfg: Config) -> list[tuple[str, str, Any, list, str]]:
+    """Every leaf key of `cfg` → (key, type, value, allowed values or [], help text)."""
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints, docs = _hints(type(obj)), _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(val):
+                walk(val, key + ".")
+                continue
+            hint = hints[f.name]
+            lit = [a for a in (typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,))
+                   if typing.get_origin(a) is Literal]
+            allowed = choices(key) if key in CHOICES else (list(typing.get_args(lit[0])) if lit else [])
+            out.append((key, _type_name(hint), list(val) if isinstance(val, tuple) else val, allowed,
+                        docs.get(f.name, "")))
+
+    walk(cfg, "")
+    return out

@@ -4,7 +4,7 @@ Each failure is one ConfigError line: the key, the bad value, and what is allowe
 """
 from __future__ import annotations
 
-from flowpo.config import Config, ConfigError
+from flowpo.errors import ConfigError
 
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -19,7 +19,13 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
-def check(cfg: Config) -> None:
+def _exclusive(key_a: str, a, key_b: str, b) -> None:
+    if a is not None and b is not None:
+        raise ConfigError(f"{key_a}={a!r} and {key_b}={b!r} are both set; they are alternatives: set the one "
+                          f"you want and the other to null (e.g. {key_a}=null)")
+
+
+def check(cfg) -> None:
     """Range and cross-field checks of a whole config; raises ConfigError naming the key."""
     s, p, t = cfg.sample, cfg.plan, cfg.train
     _check_range("sample.steps", s.steps, 2)
@@ -57,6 +63,18 @@ def check(cfg: Config) -> None:
     _check_range("replay.is_cap", r.is_cap, 1)
     _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
     _check_range("replay.truncate_fraction", r.truncate_fraction, 0, 1)
+    _exclusive("replay.truncate_sigma", r.truncate_sigma, "replay.truncate_fraction", r.truncate_fraction)
+    _exclusive("plan.truncate_sigma", p.truncate_sigma, "plan.truncate_fraction", p.truncate_fraction)
+    _check_range("advantage.estimate_batch_size", cfg.advantage.estimate_batch_size, 1)
+    o = cfg.objective
+    _check_range("objective.nft_beta", o.nft_beta, 0, lo_open=True)
+    _check_range("objective.adv_max", o.adv_max, 0, lo_open=True)
+    _check_range("objective.ref_beta", o.ref_beta, 0)
+    _check_range("objective.old_ramp", o.old_ramp, 0, 1)
+    _check_range("objective.old_max", o.old_max, 0, 1)
+    _check_range("objective.anchor_beta", o.anchor_beta, 0)
+    _check_range("objective.awm_p", o.awm_p, 0, 1, lo_open=True)
+    _check_range("objective.awm_clip", o.awm_clip, 0, lo_open=True)
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)

@@ -42,8 +42,7 @@ __all__ = [
     "WINDOW_STRATEGIES",
 ]
 
-PlanKind = Literal["all_but_last", "random_subset", "random_window", "sliding_window"]
-PLAN_KINDS = ("all_but_last", "random_subset", "random_window", "sliding_window")
+PlanKind = str  # a key of PLANS
 WindowStrategy = Literal["frozen", "random", "progressive", "progressive_decay"]
 WINDOW_STRATEGIES = ("frozen", "random", "progressive", "progressive_decay")
 
@@ -320,16 +319,23 @@ def build_plan(
     - random_window: window_min, window_max, window_range
     - sliding_window: window_size, strategy, stride, interval (τ), decay (γ), min_interval (τ_min)
     """
-    if kind == "all_but_last":
-        plan: Plan = AllButLast(sigmas, train_fraction)
-    elif kind == "random_subset":
-        plan = RandomSubset(sigmas, subset_fraction, share_in_group)
-    elif kind == "random_window":
-        plan = RandomWindow(sigmas, window_min, window_max, window_range)
-    elif kind == "sliding_window":
-        plan = SlidingWindow(sigmas, window_size, strategy, stride, interval, decay, min_interval)
-    else:
-        _fail("kind", kind, str(PLAN_KINDS))
+    if kind not in PLANS:
+        _fail("kind", kind, str(list(PLANS)))
+    plan: Plan = PLANS[kind](sigmas, dict(
+        train_fraction=train_fraction, subset_fraction=subset_fraction, share_in_group=share_in_group,
+        window_min=window_min, window_max=window_max, window_range=window_range, window_size=window_size,
+        strategy=strategy, stride=stride, interval=interval, decay=decay, min_interval=min_interval))
     if truncate_sigma_min is not None or truncate_fraction is not None:
         plan = Truncate(plan, truncate_sigma_min, truncate_fraction)
     return plan
+
+
+PLANS: dict[str, Any] = {
+    "all_but_last": lambda sig, a: AllButLast(sig, a["train_fraction"]),
+    "random_subset": lambda sig, a: RandomSubset(sig, a["subset_fraction"], a["share_in_group"]),
+    "random_window": lambda sig, a: RandomWindow(sig, a["window_min"], a["window_max"], a["window_range"]),
+    "sliding_window": lambda sig, a: SlidingWindow(sig, a["window_size"], a["strategy"], a["stride"], a["interval"],
+                                                   a["decay"], a["min_interval"]),
+}
+"""plan.kind → builder from (σ grid, the plan's keyword fields); the only list of the plan names."""
+PLAN_KINDS = tuple(PLANS)

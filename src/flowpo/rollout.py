@@ -15,12 +15,13 @@ fresh samples, π_θ's log-prob is recomputed bit-identically (ratio exactly 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from flowpo.policy.base import Cond, Policy, select_cond
-from flowpo.sde import KERNELS, ode_step
+from flowpo.sde import ode_step
 
 
 @dataclass
@@ -38,7 +39,6 @@ class Rollout:
     final: torch.Tensor             # [N, *D] final latent x_T
     chunks: list[torch.Tensor]      # row-index chunks used for every model call
     nfe: int = 0                    # model evaluations (rows × evals per row)
-    extras: dict = field(default_factory=dict)
 
 
 def make_chunks(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -56,19 +56,34 @@ def row_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Tensor,
-           step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor,
-           kernel: str, noise_level: float, guidance: float, chunks: list[torch.Tensor],
-           reduction: str = "mean", solver: str = "euler", compression: float = 1.0,
-           shift: float = 3.0, prompts: list[str] | None = None,
-           group_ids: torch.Tensor | None = None) -> Rollout:
-    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere)."""
-    from flowpo.solvers import compressed_sigmas, compressed_steps, solve
+def stream_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (so every stream is a function of seed, iteration, row)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
 
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How a rollout steps: the kernel function (flowpo.sde), its settings, and the tail part that
+    may replace the ODE steps after the last stochastic one (flowpo.solvers.TAILS)."""
+
+    kernel: Callable
+    noise_level: float
+    guidance: float
+    reduction: str
+    tail: object
+
+
+@torch.no_grad()
+def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, *, x_init: torch.Tensor,
+           step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor, chunks: list[torch.Tensor],
+           prompts: list[str] | None = None, group_ids: torch.Tensor | None = None) -> Rollout:
+    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere)."""
     n, T = x_init.shape[0], sigmas.numel() - 1
     dims = tuple(x_init.shape[1:])
-    kern = KERNELS[kernel]
+    kern, guidance, noise_level, reduction = spec.kernel, spec.guidance, spec.noise_level, spec.reduction
     dev = x_init.device
     sde, train = sde.to(dev), train.to(dev)
     states = torch.zeros((n, T + 1, *dims), device=dev)
@@ -78,10 +93,8 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
     nfe = 0
     sde_any = sde.any(0)  # [T]
     last_sde = int(torch.nonzero(sde_any).max()) + 1 if sde_any.any() else 0
-    # grid steps run one by one; after `stop` a compressed solver segment may take over
-    stop = T
-    if solver == "dpm2m" and last_sde < T:
-        stop = last_sde
+    # grid steps run one by one; after `stop` the tail part (a compressed solver segment) may take over
+    stop = spec.tail.stop(T, last_sde)
     for t in range(stop):
         s, s_next = float(sigmas[t]), float(sigmas[t + 1])
         x_next = torch.empty_like(x)
@@ -105,10 +118,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, *, x_init: torch.Te
         x = x_next
         states[:, t + 1] = x
     if stop < T:
-        n_steps = compressed_steps(T - stop, compression)
-        seg = compressed_sigmas(float(sigmas[stop]), 0.0, n_steps, shift)
-
-        x, evals = solve(solver, chunked_velocity(policy, cond, chunks, guidance), x, seg)
+        x, evals = spec.tail.finish(chunked_velocity(policy, cond, chunks, guidance), x, float(sigmas[stop]), T - stop)
         nfe += evals * n * policy.evals_per_row(guidance)
     return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
                    cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,

@@ -31,7 +31,6 @@ from torch import Tensor
 from flowpo.schedule import shift_sigma, unshift_sigma
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
-SOLVERS = ("euler", "dpm2m")
 
 
 def _check_segment(sigmas: Tensor) -> list[float]:
@@ -86,7 +85,8 @@ def dpm2m(velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, i
     return x, len(s) - 1
 
 
-_SOLVER_FNS = {"euler": euler, "dpm2m": dpm2m}
+SOLVERS: dict[str, Callable] = {"euler": euler, "dpm2m": dpm2m}
+"""Segment solvers by name (the only list of them)."""
 
 
 def solve(name: str, velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, int]:
@@ -94,9 +94,9 @@ def solve(name: str, velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tupl
 
     Returns (x_end [N, *D] fp32, n_evals = K). A one-element segment returns (x, 0).
     """
-    if name not in _SOLVER_FNS:
+    if name not in SOLVERS:
         raise ValueError(f"solver name={name!r} is unknown; allowed: {list(SOLVERS)}")
-    return _SOLVER_FNS[name](velocity_fn, x, sigmas)
+    return SOLVERS[name](velocity_fn, x, sigmas)
 
 
 def compressed_steps(n_steps: int, ratio: float) -> int:
@@ -130,3 +130,37 @@ def compressed_sigmas(sigma_a: float, sigma_b: float, n_steps: int, shift: float
     out = shift_sigma(t, shift).to(torch.float32)
     out[0], out[-1] = sigma_a, sigma_b
     return out
+
+
+# ----------------------------------------------------------------------------- the tail part
+class GridTail:
+    """solver.kind=euler: every step of the training grid runs one by one (the ODE steps are Euler)."""
+
+    def stop(self, T: int, last_sde: int) -> int:
+        """The grid step after which this tail takes over (T: never)."""
+        return T
+
+    def finish(self, velocity_fn: VelocityFn, x: Tensor, sigma_from: float, grid_steps: int) -> tuple[Tensor, int]:
+        raise AssertionError("GridTail never takes over")  # pragma: no cover
+
+
+class CompressedTail:
+    """After the last stochastic step e, one `solver` segment from σ_e to 0 in
+    ⌈(T − e)·r̃⌉ steps on the shifted schedule (MixGRPO-Flash, arXiv 2507.21802 §3.3)."""
+
+    def __init__(self, solver: str, compression: float, shift: float):
+        self.solver, self.compression, self.shift = solver, compression, shift
+
+    def stop(self, T: int, last_sde: int) -> int:
+        return last_sde if last_sde < T else T
+
+    def finish(self, velocity_fn: VelocityFn, x: Tensor, sigma_from: float, grid_steps: int) -> tuple[Tensor, int]:
+        seg = compressed_sigmas(sigma_from, 0.0, compressed_steps(grid_steps, self.compression), self.shift)
+        return solve(self.solver, velocity_fn, x, seg)
+
+
+TAILS: dict[str, Callable] = {
+    "euler": lambda cfg: GridTail(),
+    "dpm2m": lambda cfg: CompressedTail("dpm2m", cfg.solver.compression, cfg.sample.shift),
+}
+"""solver.kind → builder of the tail part from the run config (the only list of the names)."""

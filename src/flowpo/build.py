@@ -1,0 +1,87 @@
+"""The one builder: a run config resolved into part objects, once (DESIGN.md, STYLE.md guideline 1).
+
+Each part has a registry that is the only list of its names (the config's allowed values come
+from it, flowpo.config.CHOICES):
+
+| part | config | registry |
+|---|---|---|
+| policy | model.* | flowpo.policy.registry (+ the embedded model) |
+| schedule | sample.steps, sample.shift | flowpo.schedule |
+| kernel | sample.kernel | flowpo.sde.KERNELS |
+| tail solver | solver.* | flowpo.solvers.TAILS |
+| plan | plan.* | flowpo.plans.PLANS |
+| rollout | sample.* | flowpo.rollout.RolloutSpec |
+| rewards | reward.* | flowpo.rewards |
+| advantage | advantage.* | flowpo.advantages.ESTIMATORS |
+| replay | replay.* | flowpo.replay (k = 0: NoReplay) |
+| objective | objective.*, loss.* | flowpo.objectives.OBJECTIVES |
+| optimizer + lr schedule | train.* | flowpo.training.optim |
+| EMA | train.ema | flowpo.training.ema |
+
+The trainer gets a `Parts` and calls the parts; it branches on no part's name or flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flowpo.config import Config
+
+
+@dataclass
+class Parts:
+    policy: object
+    device: torch.device
+    params: list
+    sigmas: torch.Tensor          # [T+1] training grid
+    eval_sigmas: torch.Tensor     # [T_eval+1]
+    spec: object                  # flowpo.rollout.RolloutSpec (kernel, its settings, tail solver)
+    plan: object                  # flowpo.plans.Plan
+    rewards: object               # flowpo.rewards.RewardSet
+    advantage: object             # an estimator of flowpo.advantages.ESTIMATORS
+    replay: object                # flowpo.replay.NoReplay / OPReplay
+    objective: object             # an objective of flowpo.objectives.OBJECTIVES
+    opt: torch.optim.Optimizer
+    ema: object | None            # flowpo.training.ema.EMA (train.ema > 0)
+    pool: list[str]               # training prompts
+    eval_prompts: list[str]
+
+
+def build(cfg: Config, dist) -> Parts:
+    """Every part of a training run. `dist` is the run's flowpo.training.distributed.Dist (the
+    policy's module is wrapped for it before the optimizer is built)."""
+    from flowpo.advantages import ESTIMATORS
+    from flowpo.objectives import Context, build_objective
+    from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
+    from flowpo.replay import build_replay
+    from flowpo.rewards import RewardSet
+    from flowpo.rollout import RolloutSpec
+    from flowpo.schedule import sigmas as make_sigmas
+    from flowpo.sde import KERNELS
+    from flowpo.solvers import TAILS
+    from flowpo.training.ema import EMA
+    from flowpo.training.optim import build_optimizer
+
+    s = cfg.sample
+    policy = build_policy(cfg.model)
+    device = resolve_device(cfg.model.device)
+    # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
+    dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full")
+    params = policy.trainable_parameters()
+    opt = build_optimizer(params, cfg.train)
+    ema = EMA(params, cfg.train.ema) if cfg.train.ema > 0 else None
+    rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
+    sigmas = make_sigmas(s.steps, s.shift)
+    kernel = KERNELS[s.kernel]
+    spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
+                       tail=TAILS[cfg.solver.kind](cfg))
+    ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
+                  reduction=s.reduction, seed=cfg.train.seed, params=params)
+    ctx.resync = dist.gather_params  # FSDP2: the gathered copy must follow swapped weights
+    return Parts(policy=policy, device=device, params=params, sigmas=sigmas,
+                 eval_sigmas=make_sigmas(cfg.eval.steps, s.shift), spec=spec, plan=build_plan(cfg, sigmas),
+                 rewards=rewards, advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),
+                 replay=build_replay(cfg, sigmas, policy, rewards, dist, device),
+                 objective=build_objective(cfg.objective.kind, ctx, cfg), opt=opt, ema=ema,
+                 pool=train_prompt_pool(cfg), eval_prompts=eval_prompts(cfg))

@@ -1,0 +1,86 @@
+"""`clipped_surrogate`: Flow-GRPO's clipped ratio on the stored SDE transitions (arXiv 2505.05470).
+
+Per trained transition (row i, step t), Eq. 5–6 of Flow-GRPO:
+
+    ρ_{i,t} = exp(log π_θ(x_{t+1}|x_t) − log π_old(x_{t+1}|x_t))
+    ℓ_{i,t} = −w_{i,t} · min(ρ·A_{i,t}, clip(ρ, 1−ε, 1+ε)·A_{i,t}) + β·KL_{i,t}
+
+w is OP-GRPO's detached importance weight of a replayed row (arXiv 2604.04142; 1 for fresh rows),
+A the group or stepwise advantage, KL the Gaussian KL of the step means to the reference policy
+(adapter disabled, or the frozen copy in full fine-tuning) — `flowpo.loss.mean_kl`. π_θ is
+re-scored on the same chunk of rows as the rollout used, so on policy the first ratio is exactly 1.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
+from flowpo.policy.base import select_cond
+
+
+class ClippedSurrogate:
+    """objective.kind=clipped_surrogate; options under `loss.*` (clip_range, kl_beta, kl_form)."""
+
+    def __init__(self, ctx, cfg):
+        self.ctx, self.loss = ctx, cfg.loss
+
+    # ------------------------------------------------------------------ protocol
+    def sampling(self):
+        return contextlib.nullcontext()
+
+    def rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict):
+        """Score the stored transitions x_t → x_{t+1} of rows `idx` under the current velocity."""
+        c = self.ctx
+        sig, sig_next = float(c.sigmas[t]), float(c.sigmas[t + 1])
+        x = states[idx, t]
+        v = c.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, c.guidance)
+        return c.kernel(x, v, sig, sig_next, c.noise_level, sample=states[idx, t + 1], reduction=c.reduction)
+
+    @torch.no_grad()
+    def old_log_probs(self, states, train, cond, chunks) -> torch.Tensor:
+        """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
+        out = torch.zeros(train.shape, device=states.device)
+        for idx in chunks:
+            for t in torch.nonzero(train[idx].any(0)).flatten().tolist():
+                st = self.rescore(states, idx, t, select_cond(cond, idx))
+                out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
+        return out
+
+    def begin(self, batch, iteration: int) -> None:
+        pass
+
+    def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
+        """Backward the loss of every trained step of one chunk. The forward runs on the whole chunk
+        (the same rows as the rollout call), so π_θ is bit-identical to the rollout's on policy."""
+        lc, c = self.loss, self.ctx
+        cond = select_cond(b.cond, idx)
+        out = []
+        for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+            rows = b.train[idx, t]                                               # [n_c]
+            st = self.rescore(b.states, idx, t, cond)
+            kl = None
+            if lc.kl_beta > 0:
+                with torch.no_grad(), c.policy.disable_adapter():
+                    ref = self.rescore(b.states, idx, t, cond)
+                dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
+                kl = mean_kl(st.mean, ref.mean, st.std, dt, lc.kl_form)[rows]
+            loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[idx, t][rows], b.adv[idx, t][rows],
+                                           lc.clip_range, weights=b.weight[idx, t][rows], kl=kl,
+                                           kl_beta=lc.kl_beta, normalizer=count)
+            loss.backward()
+            out.append(stat)
+        return out
+
+    def merge(self, stats: list) -> dict:
+        return merge_stats(stats)
+
+    def end(self, iteration: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,159 @@
+"""What the objectives on final samples share (DiffusionNFT, AWM): forward-process noising of the
+final latents at the plan's trained steps, the reference and old-policy predictions.
+
+For every trained (row i, step t) of the update batch, with the final latent x0_i of the rollout
+(or of the replayed trajectory) and a fresh ε_{i,t} ~ N(0, I) drawn from a per-row stream
+(seed, iteration, global row id — so 1 and N processes draw the same):
+
+    σ = σ_t (the rollout grid),   x_σ = (1 − σ)·x0 + σ·ε,   target velocity u = ε − x0.
+
+The plan decides the training timesteps: the rollout's own grid steps it trains (DiffusionNFT and
+AWM train on the sampler's discrete timesteps too; a MixGRPO window restricts them to the window).
+
+Old policy (`objective.old_ramp`, `objective.old_max`): a soft copy of the trainable weights,
+θ_old ← η_i·θ_old + (1 − η_i)·θ after iteration i's updates, η_i = min(old_ramp·i, old_max)
+(DiffusionNFT's decay schedule, AWM's EMA anchor). old_ramp = 0 keeps θ_old = θ at the start of
+every iteration and stores no copy.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from flowpo.policy.base import select_cond
+
+
+class SoftCopy:
+    """θ_old ← η·θ_old + (1 − η)·θ over the trainable parameters, and a context that swaps it in."""
+
+    def __init__(self, params: list, resync=None):
+        self.params = params
+        self.shadow = [p.detach().clone() for p in params]
+        self.resync = resync or (lambda: None)  # FSDP2: refresh the gathered copy after a swap
+
+    @torch.no_grad()
+    def update(self, eta: float) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - eta)
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+        self.resync()
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+
+class FinalSampleObjective:
+    """Base of the objectives that train v_θ on noised final samples. Subclasses define
+    `_prepare(b)` (no-grad predictions before the first optimizer step) and
+    `_term(b, idx, t, rows, sig, x, u, v, cond) -> (per-row loss [r], stats dict)`."""
+
+    def __init__(self, ctx, cfg):
+        self.ctx, self.o = ctx, cfg.objective
+        self.old = SoftCopy(ctx.params, getattr(ctx, "resync", None)) if self.o.old_ramp > 0 else None
+        self.noise = None
+
+    # ------------------------------------------------------------------ protocol
+    def sampling(self):
+        """The rollout samples with θ_old (DiffusionNFT's behaviour policy)."""
+        return self.old.swapped() if self.old is not None else contextlib.nullcontext()
+
+    def old_log_probs(self, states, train, cond, chunks):
+        return None  # no likelihood: replayed rows enter with weight 1
+
+    def begin(self, b, iteration: int) -> None:
+        from flowpo.rollout import row_noise, stream_seed
+
+        T = b.train.shape[1]
+        dims = tuple(b.final.shape[1:])
+        seeds = [stream_seed(self.ctx.seed, iteration, 6, int(r)) for r in b.row_ids]
+        self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
+        with torch.no_grad():
+            self._prepare(b)
+
+    def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
+        cond = select_cond(b.cond, idx)
+        out = []
+        for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+            rows = b.train[idx, t]                                            # [n_c]
+            sig, x, u = self._noised(b, idx, t)
+            v = self._velocity(x, sig, cond)
+            per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
+            per = per * b.weight[idx, t][rows].detach()
+            (per.sum() / count).backward()
+            out.append(stat)
+        return out
+
+    def merge(self, stats: list) -> dict:
+        from flowpo.objectives import merge_sums
+
+        return merge_sums(stats)
+
+    def end(self, iteration: int) -> None:
+        if self.old is not None:
+            self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
+        self.noise = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.old is None:
+            return {}
+        return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.old is not None:
+            for i, s in enumerate(self.old.shadow):
+                s.copy_(tensors[f"old.{i}"])
+
+    # ------------------------------------------------------------------ helpers
+    def _noised(self, b, idx: torch.Tensor, t: int):
+        """(σ_t, x_σ [n_c, *D], u = ε − x0 [n_c, *D]) for the rows of chunk `idx` at step t."""
+        sig = float(self.ctx.sigmas[t])
+        x0 = b.final[idx].float()
+        eps = self.noise[idx, t]
+        return sig, (1.0 - sig) * x0 + sig * eps, eps - x0
+
+    def _velocity(self, x: torch.Tensor, sig: float, cond) -> torch.Tensor:
+        c = self.ctx
+        return c.policy.velocity(x, torch.full((x.shape[0],), sig, device=x.device), cond, c.guidance).float()
+
+    def _each_trained(self, b):
+        """(idx, t, rows, σ, x_σ, u, cond) over every chunk and trained step of the batch."""
+        for idx in b.chunks:
+            cond = select_cond(b.cond, idx)
+            for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+                sig, x, u = self._noised(b, idx, t)
+                yield idx, t, b.train[idx, t], sig, x, u, cond
+
+    def _ref_velocity(self, x, sig, cond) -> torch.Tensor:
+        with torch.no_grad(), self.ctx.policy.disable_adapter():
+            return self._velocity(x, sig, cond)
+
+    def _ref_term(self, v: torch.Tensor, x, sig, cond, rows) -> torch.Tensor:
+        """objective.ref_beta · mean_D (v_θ − v_ref)² per trained row (0 without a reference term)."""
+        if self.o.ref_beta <= 0:
+            return torch.zeros(int(rows.sum()), device=v.device)
+        v_ref = self._ref_velocity(x, sig, cond)
+        return self.o.ref_beta * ((v - v_ref) ** 2).flatten(1).mean(1)[rows]
+
+    def _store(self, b, name: str, fn) -> torch.Tensor:
+        """Fill a [M, T, ...] table with fn(idx, t, rows, σ, x, u, cond) → [n_c, ...] over all trained pairs."""
+        table = None
+        for idx, t, rows, sig, x, u, cond in self._each_trained(b):
+            val = fn(idx, t, rows, sig, x, u, cond)
+            if table is None:
+                table = torch.zeros((b.train.shape[0], b.train.shape[1], *val.shape[1:]), dtype=val.dtype,
+                                    device=val.device)
+            table[idx, t] = val
+        setattr(self, name, table)
+        return table

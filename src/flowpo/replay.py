@@ -1,0 +1,169 @@
+"""The replay part (OP-GRPO, arXiv 2604.04142): which past trajectories join this iteration's
+groups, with what reward, and with what importance weight. `replay.k = 0` is `NoReplay`.
+
+The trainer calls, in order, on every rank:
+    select(it, gb)            → rep: [(group id, Entry)] chosen on the *global* batch (a plain
+                                function of it: every rank chooses the same), tails finished
+                                (`replay.tail`): regenerated once, each rank its share, and shared
+    reward_rows(rep)          → ReplayRows for the advantage estimator (None when rep is empty)
+    extend(batch, rep, adv_all, it, objective) → this rank's share of the replayed rows appended
+                                to its update batch, with the objective's π_old and the IS weights
+    observe(it, gb)           after the update: expire old entries, offer the fresh rows
+
+The buffer's data structure and the weight formulas are in `flowpo.buffer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch
+from flowpo.buffer import ReplayBuffer, importance_weights, regenerate_tails
+from flowpo.policy.base import cat_cond
+
+
+class NoReplay:
+    """replay.k = 0: groups are G fresh samples."""
+
+    k = 0
+
+    def select(self, it: int, gb: GlobalBatch) -> tuple[list, dict, int]:
+        return [], {}, 0
+
+    def reward_rows(self, rep: list) -> None:
+        return None
+
+    def extend(self, batch: UpdateBatch, rep: list, adv_all: torch.Tensor, it: int, objective) -> tuple[UpdateBatch, dict]:
+        return batch, {}
+
+    def observe(self, it: int, gb: GlobalBatch) -> dict:
+        return {}
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, tensors, meta) -> None:
+        pass
+
+
+class OPReplay:
+    """replay.k ≥ 1: each group is G − k fresh samples plus up to k replayed ones."""
+
+    def __init__(self, cfg, sigmas: torch.Tensor, policy, rewards, dist, device):
+        r = cfg.replay
+        self.cfg, self.r, self.sigmas, self.policy, self.rewards, self.dist, self.device = \
+            cfg, r, sigmas, policy, rewards, dist, device
+        self.k = r.k
+        self.buffer = ReplayBuffer(sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
+                                   decay=r.decay, truncate_sigma=r.truncate_sigma,
+                                   truncate_fraction=r.truncate_fraction)
+
+    # ------------------------------------------------------------------ before the advantages
+    def select(self, it: int, gb: GlobalBatch) -> tuple[list, dict, int]:
+        """Choose on the global batch; regenerate truncated tails (replay.tail=regenerate) once:
+        rank r regenerates its contiguous share and all ranks exchange the results."""
+        rep = self.buffer.select(it, gb.prompts, gb.group_ids, gb.raw @ self.rewards.weights, k=self.k,
+                                 rule=self.r.rule)
+        stats: dict = {"replay/admitted": len(rep)}
+        nfe = 0
+        if rep and self.r.tail == "regenerate":
+            mine = slice(*self._share(len(rep)))
+            entries = [e for _, e in rep[mine]]
+            raw, final, nfe = (regenerate_tails(self.policy, entries, self.sigmas, guidance=self.cfg.sample.guidance,
+                                                batch_size=self.cfg.sample.batch_size, score=self.rewards.score,
+                                                device=self.device) if entries else (None, None, 0))
+            parts = self.dist.all_gather_objects((raw, None if final is None else final.cpu()))
+            raw_all = torch.cat([p[0] for p in parts if p[0] is not None])
+            fin_all = torch.cat([p[1] for p in parts if p[1] is not None])
+            rep = [(g, dataclasses.replace(e, reward_raw=raw_all[i], final=fin_all[i])) for i, (g, e) in enumerate(rep)]
+            stats["replay/regenerate_nfe"] = float(self.dist.all_reduce_sum(torch.tensor([float(nfe)])))
+        return rep, stats, nfe
+
+    def _share(self, R: int) -> tuple[int, int]:
+        W, rank = self.dist.world, self.dist.rank
+        return rank * R // W, (rank + 1) * R // W
+
+    def reward_rows(self, rep: list) -> ReplayRows | None:
+        if not rep:
+            return None
+        T = self.sigmas.numel() - 1
+        K = len(self.rewards.names)
+        return ReplayRows(raw=torch.stack([e.reward_raw for _, e in rep]),
+                          group_ids=torch.tensor([g for g, _ in rep]),
+                          valid=torch.stack([self._row_mask(e, T) for _, e in rep]),
+                          step_rewards=torch.stack([e.step_rewards if e.step_rewards is not None
+                                                    else torch.zeros(T + 1, K) for _, e in rep]))
+
+    @staticmethod
+    def _row_mask(e, T: int) -> torch.Tensor:
+        m = torch.zeros(T, dtype=torch.bool)
+        m[e.steps] = True
+        return m
+
+    # ------------------------------------------------------------------ the update batch
+    def extend(self, b: UpdateBatch, rep: list, adv_all: torch.Tensor, it: int, objective) -> tuple[UpdateBatch, dict]:
+        """Append this rank's share of the replayed rows: global chunks of their own (an exact π_old
+        recompute), after the fresh ones; rank r holds rows [r·R/W, (r+1)·R/W)."""
+        from flowpo.rollout import make_chunks
+
+        R = len(rep)
+        if R == 0:
+            return b, {}
+        n_global = adv_all.shape[0] - R
+        lo, hi = self._share(R)
+        mine = [(j, g, e) for j, (g, e) in enumerate(rep)][lo:hi]
+        g_rchunks = make_chunks(R, self.cfg.sample.batch_size, None)
+        r_chunks, r_ids = self.dist.local_chunks(g_rchunks, slice(lo, hi))
+        chunk_ids = b.chunk_ids + [b.n_chunks + i for i in r_ids]
+        n_chunks = b.n_chunks + len(g_rchunks)
+        if not mine:
+            return dataclasses.replace(b, chunk_ids=chunk_ids, n_chunks=n_chunks), {}
+        T = b.train.shape[1]
+        dev = b.states.device
+        n = b.states.shape[0]
+        r_states = torch.zeros((len(mine), T + 1, *b.states.shape[2:]), device=dev)
+        r_train = torch.zeros((len(mine), T), dtype=torch.bool, device=dev)
+        beta = torch.zeros((len(mine), T), device=dev)
+        for m, (_, _, e) in enumerate(mine):  # entries live on the CPU (buffer.py)
+            steps = e.steps.to(dev)
+            r_states[m, steps], r_states[m, steps + 1] = e.x.to(dev), e.x_next.to(dev)
+            r_train[m, steps] = True
+            beta[m, steps] = e.log_prob.to(dev)
+        r_final = torch.stack([e.final if e.final is not None else torch.zeros(b.final.shape[1:]) for _, _, e in mine]).to(dev)
+        r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
+        pi_old = objective.old_log_probs(r_states, r_train, r_cond, r_chunks)              # [R_mine, T] or None
+        stats: dict = {"replay/age_mean": sum(it - e.version for _, _, e in mine) / len(mine)}
+        if pi_old is None:  # an objective without likelihood: replayed rows enter with weight 1
+            pi_old, r_weight = torch.zeros_like(beta), torch.ones_like(beta)
+        else:
+            r_weight, wstats = importance_weights(pi_old, beta, r_train, correction=self.r.is_correction,
+                                                  form=self.r.is_form, cap=self.r.is_cap)
+            stats.update(wstats)
+        rows = torch.tensor([j for j, _, _ in mine])
+        return UpdateBatch(
+            states=torch.cat([b.states, r_states]), final=torch.cat([b.final, r_final]),
+            train=torch.cat([b.train, r_train.to(b.train.device)]), old_log_prob=torch.cat([b.old_log_prob, pi_old.to(dev)]),
+            adv=torch.cat([b.adv, adv_all[n_global + rows].to(dev)]), weight=torch.cat([b.weight, r_weight.to(dev)]),
+            cond=cat_cond([b.cond, r_cond]), chunks=b.chunks + [c + n for c in r_chunks], chunk_ids=chunk_ids,
+            n_chunks=n_chunks, row_ids=torch.cat([b.row_ids, n_global + rows])), stats
+
+    # ------------------------------------------------------------------ after the update
+    def observe(self, it: int, gb: GlobalBatch) -> dict:
+        """Expire, then offer all N global rows in global order (every rank holds the same buffer)."""
+        self.buffer.expire(it + 1)
+        self.buffer.add(it, gb.prompts, gb.states, gb.train, gb.log_probs, gb.raw @ self.rewards.weights, gb.raw,
+                        gb.step_rewards, finals=gb.final)
+        return {"replay/entries": len(self.buffer), "replay/bytes": self.buffer.nbytes,
+                "replay/bytes_per_trajectory": self.buffer.nbytes / max(1, len(self.buffer))}
+
+    def state_dict(self):
+        return self.buffer.state_dict()
+
+    def load_state_dict(self, tensors, meta) -> None:
+        self.buffer.load_state_dict(tensors, meta)
+
+
+def build_replay(cfg, sigmas, policy, rewards, dist, device):
+    """NoReplay for replay.k = 0, else OPReplay."""
+    return OPReplay(cfg, sigmas, policy, rewards, dist, device) if cfg.replay.k > 0 else NoReplay()

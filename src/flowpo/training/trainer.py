@@ -1,0 +1,271 @@
+"""The one training loop: rollout → rewards → gather → (replay) → advantages → objective updates →
+eval/log/checkpoint.
+
+Run:  flowpo train --preset flow_grpo --out runs/x train.iterations=40
+
+Every method is a preset (flowpo.presets) of the parts that `flowpo.build.build` resolves once;
+this loop calls the parts and branches on no part's name or flag. Distribution stays at the edges:
+rows are split over ranks for rollout, rewards and updates; one gather after the rewards gives every
+rank the global batch, on which the advantages and replay selection run as plain functions.
+Shapes: B prompts, G per group, N rows, T steps, D latent dims, K rewards.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowpo import config as config_mod
+from flowpo.batch import GlobalBatch, UpdateBatch
+from flowpo.build import build
+from flowpo.config import Config
+from flowpo.policy.base import select_cond
+from flowpo.rollout import make_chunks, ode_sample, row_noise, sample, stream_seed as _seed
+from flowpo.training import state as train_state
+from flowpo.training.distributed import Dist
+from flowpo.training.optim import check_grad_norm, lr_at, set_lr
+from flowpo.training.runlog import RunLog, write_report
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False):
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = Dist()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.parts = P = build(cfg, self.dist)
+        self.policy, self.device, self.params, self.opt, self.ema = P.policy, P.device, P.params, P.opt, P.ema
+        self.sigmas, self.plan, self.rewards = P.sigmas, P.plan, P.rewards
+        self.iteration, self.nfe, self.wall_offset = 0, 0, 0.0
+        self._warned_minibatches = False
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            train_state.restore(self)
+        elif not self.dist.all_true(not (self.dist.is_main and (self.out / "metrics.jsonl").exists())):
+            raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
+                                  "or choose another --out")
+        if self.dist.is_main:
+            config_mod.dump(cfg, self.out / "config.yaml")
+        self.log = RunLog(self.out, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard,
+                          wandb=cfg.log.wandb, config=config_mod.to_dict(cfg))
+        self.dist.gather_params()  # FSDP2: keep full weights between optimizer steps (no-op otherwise)
+        self.t0 = time.time()
+
+    @property
+    def buffer(self):
+        """The OP-GRPO replay buffer (None without replay)."""
+        return getattr(self.parts.replay, "buffer", None)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        last_eval: dict = {}
+        if self.iteration == 0:
+            last_eval = self.evaluate()
+        bar = None
+        if cfg.log.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="flowpo", dynamic_ncols=True)
+        while self.iteration < cfg.train.iterations:
+            rec = self.train_iteration(self.iteration)
+            self.iteration += 1
+            self.log.write(rec)
+            done = self.iteration == cfg.train.iterations
+            if done or (cfg.eval.every and self.iteration % cfg.eval.every == 0):
+                last_eval = self.evaluate()
+            if done or (cfg.train.checkpoint_every and self.iteration % cfg.train.checkpoint_every == 0):
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                post = {"reward": f"{rec['reward_mean']:.3f}"}
+                if last_eval:
+                    post["eval"] = f"{last_eval['eval_reward_mean']:.3f}"
+                bar.set_postfix(post)
+        if bar is not None:
+            bar.close()
+        if self.dist.is_main:
+            write_report(self.out, title=f"flowpo run: {cfg.preset or 'custom'}")
+        self.log.close()
+        self.dist.barrier()  # nobody leaves (and tears the group down) while rank 0 still writes
+        return last_eval
+
+    def wall(self) -> float:
+        return self.wall_offset + time.time() - self.t0
+
+    # ------------------------------------------------------------------ one iteration
+    def train_iteration(self, it: int) -> dict:
+        cfg, s, P, dist = self.cfg, self.cfg.sample, self.parts, self.dist
+        t_start = time.time()
+        seed = cfg.train.seed
+        B, G = s.prompts_per_iteration, s.group_size
+        g_fresh = G - P.replay.k
+        gen = torch.Generator().manual_seed(_seed(seed, it, 1))
+        prompt_idx = torch.randint(len(P.pool), (B,), generator=gen)
+        prompts_all = [P.pool[int(i)] for i in prompt_idx for _ in range(g_fresh)]        # [N]
+        groups_all = torch.arange(B).repeat_interleave(g_fresh)                             # [N]
+        n_all = len(prompts_all)
+        plan = self.plan(it, n_all, groups_all, torch.Generator().manual_seed(_seed(seed, it, 2)))
+        local = dist.split(n_all)
+        rows = list(range(n_all))[local]
+        prompts, groups = prompts_all[local], groups_all[local]
+        dims, T, dev = self.policy.latent_shape, s.steps, self.device
+        init_seeds = [_seed(seed, it, 3, int(groups_all[i]) if s.shared_noise else 10_000 + i) for i in rows]
+        x_init = row_noise(init_seeds, dims).to(dev)                                        # [n, *D]
+        step_noise = row_noise([_seed(seed, it, 4, i) for i in rows], (T, *dims)).to(dev)  # [n, T, *D]
+        cond = self.policy.encode_prompts(prompts)
+        # chunks are drawn over the N global rows; each rank runs its part of each (distributed.py)
+        g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
+        chunks, chunk_ids = dist.local_chunks(g_chunks, local)
+        self.policy.module.eval()
+        with P.objective.sampling():
+            roll = sample(self.policy, cond, self.sigmas, P.spec, x_init=x_init, step_noise=step_noise,
+                          sde=plan.sde[local], train=plan.train[local], chunks=chunks, prompts=prompts,
+                          group_ids=groups)
+        t_roll = time.time()
+        raw = self.rewards.score(self.policy.decode(roll.final), prompts)                  # [n, K]
+        t_rew = time.time()
+        step_rewards, nfe_it, rec = P.advantage.intermediate(self.policy, roll, self.sigmas, raw)
+        nfe_it += roll.nfe
+        gb = self._gather(roll, raw, step_rewards)                    # the one gather: global rows
+        rep, rstats, rep_nfe = P.replay.select(it, gb)
+        adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
+        batch = UpdateBatch(states=roll.states, final=roll.final, train=roll.train.to(dev),
+                            old_log_prob=roll.log_probs.to(dev), adv=adv_all[local].to(dev),
+                            weight=torch.ones(len(rows), T, device=dev), cond=roll.cond, chunks=list(roll.chunks),
+                            chunk_ids=list(chunk_ids), n_chunks=len(g_chunks), row_ids=torch.tensor(rows))
+        batch, wstats = P.replay.extend(batch, rep, adv_all, it, P.objective)
+        rec.update({**rstats, **astats, **wstats})
+        t_adv = time.time()
+        rec.update(self._update(batch))
+        rec.update(P.replay.observe(it, gb))
+        nfe_tot = dist.all_reduce_sum(torch.tensor([float(nfe_it + rep_nfe)]))
+        self.nfe += int(nfe_tot)
+        comb_all = gb.raw @ self.rewards.weights
+        rec.update({"step": it, "reward_mean": float(comb_all.mean()), "reward_std": float(comb_all.std(unbiased=False)),
+                    "nfe": self.nfe, "nfe_per_image": float(nfe_tot) / n_all, "wall_s": self.wall(),
+                    "time/rollout_s": t_roll - t_start, "time/reward_s": t_rew - t_roll,
+                    "time/advantage_s": t_adv - t_rew, "time/update_s": time.time() - t_adv,
+                    "time/iteration_s": time.time() - t_start, "plan/trained_steps": float(plan.train.sum()) / n_all})
+        for k, name in enumerate(self.rewards.names):
+            rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
+        if plan.window is not None:
+            rec["plan/window_start"] = plan.window[0]
+        return rec
+
+    def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None) -> GlobalBatch:
+        """Every rank's fresh rows, in global order (identity on one process)."""
+        d = self.dist
+        g = d.all_gather_cat
+        prompts = list(roll.prompts) if d.world == 1 else [p for part in d.all_gather_objects(list(roll.prompts))
+                                                            for p in part]
+        return GlobalBatch(prompts=prompts, group_ids=g(roll.group_ids), raw=g(raw), train=g(roll.train),
+                           states=g(roll.states), log_probs=g(roll.log_probs), final=g(roll.final),
+                           step_rewards=None if step_rewards is None else g(step_rewards))
+
+    # ------------------------------------------------------------------ update
+    def _update(self, b: UpdateBatch) -> dict:
+        cfg, obj = self.cfg, self.parts.objective
+        lr = lr_at(cfg.train, self.iteration)
+        set_lr(self.opt, lr)
+        self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
+        # a minibatch is a set of whole rollout chunks (so the first ratio is exactly 1), minibatch
+        # i = global chunks i, i+mbs, ...: the same rows whatever the number of ranks; at most
+        # n_chunks of them, whatever train.minibatches asks for
+        mbs = max(1, min(cfg.train.minibatches, b.n_chunks))
+        if mbs < cfg.train.minibatches and not self._warned_minibatches and self.dist.is_main:
+            self._warned_minibatches = True
+            print(f"flowpo: train.minibatches={cfg.train.minibatches} but iteration {self.iteration} has only "
+                  f"{b.n_chunks} rollout chunks of <= sample.batch_size={cfg.sample.batch_size} rows, and a minibatch "
+                  f"is whole chunks: ran {mbs} minibatches per pass (logged as train/optimizer_steps). Lower "
+                  "sample.batch_size for more. (Said once per run.)", file=sys.stderr, flush=True)
+        groups = [[c for c, g in zip(b.chunks, b.chunk_ids) if g % mbs == i] for i in range(mbs)]
+        stats, grad_norms = [], []
+        probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device),  # noqa: E731
+                                             select_cond(b.cond, slice(0, 1)), 1.0)
+        obj.begin(b, self.iteration)
+        for _ in range(cfg.train.inner_epochs):
+            for mb in groups:
+                count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
+                count = float(self.dist.all_reduce_sum(count))                 # trained (row, step) pairs
+                if count == 0:
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                for idx in mb:
+                    stats += obj.chunk_loss(b, idx, count)
+                self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
+                grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
+                check_grad_norm(grad_norms[-1], self.iteration, cfg.model)
+                self.opt.step()
+                self.dist.gather_params()
+                if self.ema is not None:
+                    self.ema.update()
+        obj.end(self.iteration)
+        self.policy.module.eval()
+        stats = [st for part in self.dist.all_gather_objects(stats) for st in part]    # all ranks' transitions
+        out = obj.merge(stats)
+        if grad_norms:
+            out["stats/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train/lr"] = lr
+        out["train/optimizer_steps"] = float(len(grad_norms))
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out ODE samples of the current weights (the EMA weights when train.ema > 0)."""
+        if self.ema is not None:
+            self.ema.swap()
+            self.dist.gather_params()  # FSDP2: the gathered copy must follow the swapped shards
+        try:
+            rec, images = evaluate_policy(self.cfg, self.policy, self.rewards, self.parts.eval_prompts,
+                                          self.parts.eval_sigmas, self.device, self.dist)
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+                self.dist.gather_params()
+        rec.update({"step": self.iteration, "nfe": self.nfe, "wall_s": self.wall()})
+        self.log.write(rec)
+        e = self.cfg.eval
+        if self.cfg.log.grids and self.dist.is_main:
+            n_show = min(len(images), 8 * e.samples_per_prompt * 2)
+            self.log.grid(images[:n_show], f"eval_{self.iteration:06d}", nrow=max(8, e.samples_per_prompt * 4))
+        return rec
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        train_state.save(self)
+
+
+@torch.no_grad()
+def evaluate_policy(cfg: Config, policy, rewards, eval_prompts: list[str], eval_sigmas: torch.Tensor,
+                    device, dist=None) -> tuple[dict, torch.Tensor]:
+    """Score deterministic Euler samples of `eval.samples_per_prompt` per held-out prompt, from the
+    fixed noise of `eval.seed`, split over the ranks of `dist` → (metrics, this rank's images)."""
+    dist = dist or Dist()
+    e = cfg.eval
+    g = e.guidance if e.guidance is not None else cfg.sample.guidance
+    prompts_all = [p for p in eval_prompts for _ in range(e.samples_per_prompt)]
+    n_all = len(prompts_all)
+    prompts_all = prompts_all + prompts_all[:(-n_all) % dist.world]
+    local = dist.split(len(prompts_all))
+    rows = list(range(len(prompts_all)))[local]
+    prompts = prompts_all[local]
+    x_init = row_noise([_seed(e.seed, i) for i in rows], policy.latent_shape).to(device)
+    policy.module.eval()
+    x0, _ = ode_sample(policy, policy.encode_prompts(prompts), eval_sigmas, x_init, g, cfg.sample.batch_size)
+    images = policy.decode(x0)
+    raw = dist.all_gather_cat(rewards.score(images, prompts))[:n_all]                    # [n_all, K]
+    comb = raw @ rewards.weights
+    rec = {"eval_reward_mean": float(comb.mean()), "eval_reward_std": float(comb.std(unbiased=False))}
+    for k, name in enumerate(rewards.names):
+        rec[f"eval/{name}"] = float(raw[:, k].mean())
+    return rec, images
+
+
+def train(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
+    return Trainer(cfg, out, resume=resume).run()
