@@ -169,3 +169,10 @@ def test_bench_resumes_extends_and_restarts(tmp_path):
     # a smaller budget than the runs already have is refused
     p, _ = bench_cli(*common, "--seeds", "0", "--iterations", "1")
     assert p.returncode == 2 and "already trained longer" in p.stderr
+
+
+def test_bench_dry_run_without_seeds_uses_the_default_seeds(tmp_path):
+    # the README's `flowpo bench --out DIR` leaves --seeds out (it crashed before the default was set)
+    p, _ = bench_cli("--out", str(tmp_path / "b"), "--presets", "flow_grpo", "--tasks", "alignment", "--dry-run")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all(f"seed{s}" in p.stdout for s in (0, 1, 2)), p.stdout

@@ -252,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         presets = [REFERENCE] + presets
     presets = [REFERENCE] + [p for p in dict.fromkeys(presets) if p != REFERENCE]  # reference runs first
     iterations = args.iterations if args.iterations is not None else config.Config().train.iterations
+    seeds = [0, 1, 2] if seeds is None else seeds
     # catch a bad --set or task override now, once, rather than in every child
     for t in tasks:
         for p in presets:
             config.load(None, p, overrides(Job(t, p, seeds[0]), iterations, None, args.sets))
-    seeds = [0, 1, 2] if seeds is None else seeds
     jobs = [Job(t, p, s) for t in tasks for s in seeds for p in presets]
     over = [j.name for j in jobs if any(r.get("reward_mean") is not None and r["step"] >= iterations
                                         for r in read_jsonl(run_dir(out, j) / "metrics.jsonl"))]

@@ -81,6 +81,13 @@ PRESETS["awm"] = Preset(
      "objective.adv_max": 5.0, "objective.ref_beta": 0.003, "objective.anchor_beta": 1.0,
      "objective.old_ramp": 0.017, "objective.old_max": 0.3, "objective.awm_weighting": "ghuber",
      "objective.awm_p": 0.25, "objective.awm_clip": 1.0, "advantage.std": "global"})
+PRESETS["flowpo_awm_flash"] = Preset(
+    "flowpo's combination on AWM: AWM's objective trained only in a frozen window over the 5 noisiest steps, "
+    "DPM-Solver++ 2M after it (r̃=0.4, as MixGRPO-Flash), learning rate 1e-3 decayed along a cosine to 1e-4",
+    "this project (docs/methods.md)",
+    {**PRESETS["awm"].overrides, "plan.kind": "sliding_window", "plan.strategy": "frozen", "plan.window_size": 5,
+     "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3, "train.lr_schedule": "cosine",
+     "train.lr_final": 0.1})
 _OP = PRESETS["op_grpo"].overrides
 _SW = PRESETS["stepwise_grpo"].overrides
 PRESETS["flowpo_best"] = Preset(
