@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flowpo.bench import overrides
-from flowpo.bench_report import REFERENCE, Job, eval_curve, first_reach, is_finished, read_jsonl, run_stats, targets
+from flowpo.bench.report import REFERENCE, Job, eval_curve, first_reach, is_finished, read_jsonl, run_stats, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 

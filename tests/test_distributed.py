@@ -151,3 +151,18 @@ def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode):
     assert "rank 0/2" in msg and "FLOWPO_DIST_TIMEOUT_S" in msg   # who failed, where, and what to do
     if mode == "sleep":
         assert "rank 1 last entered collective #1" in msg and "stalled or dead" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,extra", [("op_grpo", ["replay.tail=regenerate"]),
+                                          ("diffusion_nft", ["replay.k=1", "objective.old_ramp=0.3"])])
+def test_two_processes_match_one_process_regenerated_tails_and_final_sample_objectives(tmp_path, tiny, preset, extra):
+    # replayed tails are regenerated once (each rank its share) and shared; NFT's old-policy copy
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 3\na handwritten 7\n")
+    args = tiny + SETTINGS + ["train.iterations=3", "replay.rule=always", f"sample.prompts_file={prompts}", *extra]
+    _one_process(tmp_path / "one", args, preset=preset)
+    _torchrun(["train", "--preset", preset, "--out", str(tmp_path / "two")] + args)
+    lines = _train_lines(tmp_path / "two")
+    assert any(x.get("replay/admitted", 0) > 0 for x in lines)
+    _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)

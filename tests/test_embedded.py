@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from flowpo import prompts as P
-from flowpo.models.classifier import blur
-from flowpo.models.flow_net import LORA_TARGETS, FlowNet
+from flowpo.embedded import prompts as P
+from flowpo.embedded.classifier import blur
+from flowpo.embedded.flow_net import LORA_TARGETS, FlowNet
 from flowpo.policy.base import Policy
 from flowpo.policy.embedded import EmbeddedPolicy
-from flowpo.rewards.embedded import EMBEDDED_REWARDS
+from flowpo.embedded.rewards import EMBEDDED_REWARDS
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_missing_weights_error(tmp_path):
 # ---- rewards ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def test_digits():
-    from flowpo.pretrain import load_data
+    from flowpo.embedded.pretrain import load_data
 
     data = load_data(seed=0)
     return data["x_test"][:64], data["y_test"][:64]

@@ -260,3 +260,14 @@ def test_flow_grpo_log_ratio_variance_grows_as_sigma_goes_to_zero():
 def test_every_sde_kernel_has_its_largest_log_ratio_variance_late(name):
     h = 0.01
     assert _log_ratio_var(name, 0.02, 0.02 - h) > 5 * _log_ratio_var(name, 0.5, 0.5 - h)
+
+
+@pytest.mark.parametrize("name", ["ode", "flow_grpo", "dance_grpo", "cps", "ddim"])
+def test_kernel_std_is_the_kernels_own_std(name):
+    # kernel_std reads the same per-kernel table the kernels use, so the two cannot drift apart
+    from flowpo.sde import KERNELS
+
+    x, v = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
+    sig, sig_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.9, 0.4, 0.0])
+    st = KERNELS[name](x, v, sig, sig_next, 0.7)
+    assert torch.equal(st.std, kernel_std(name, sig, sig_next, 0.7))

@@ -187,3 +187,45 @@ def test_every_preset_trains_two_iterations(tmp_path, tiny, preset):
         assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
     assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))
     assert math.isfinite(tr.evaluate()["eval_reward_mean"])
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_initial_noise_per_group(tmp_path, tiny, shared, monkeypatch):
+    import flowpo.training.trainer as trainer_mod
+
+    seen = {}
+    real = trainer_mod.sample
+
+    def spy(policy, cond, sigmas, spec, **kw):
+        seen["x"], seen["groups"] = kw["x_init"].clone(), kw["group_ids"].clone()
+        return real(policy, cond, sigmas, spec, **kw)
+
+    monkeypatch.setattr(trainer_mod, "sample", spy)
+    tr = make(tmp_path, tiny, f"sample.shared_noise={str(shared).lower()}")
+    tr.train_iteration(0)
+    x, g = seen["x"], seen["groups"]
+    for a in range(len(g)):
+        for b in range(len(g)):
+            if a != b:
+                same = torch.equal(x[a], x[b])
+                assert same == (shared and bool(g[a] == g[b])), (a, b)
+
+
+def test_evaluation_uses_the_ema_weights_and_puts_the_live_ones_back(tmp_path, tiny):
+    from flowpo.training.trainer import evaluate_policy
+
+    tr = make(tmp_path, tiny, "train.ema=0.5", "train.lr=3e-2")
+    tr.train_iteration(0)
+    live = [p.detach().clone() for p in tr.params]
+    assert any(not torch.equal(s, p) for s, p in zip(tr.ema.shadow, live))  # EMA lags the live weights
+    rec = tr.evaluate()
+    assert all(torch.equal(a, p) for a, p in zip(live, tr.params))          # swapped back, bit for bit
+    with torch.no_grad():
+        for p, s in zip(tr.params, tr.ema.shadow):
+            p.copy_(s)
+    ema_rec, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
+    with torch.no_grad():
+        for p, a in zip(tr.params, live):
+            p.copy_(a)
+    live_rec, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
+    assert rec["eval_reward_mean"] == ema_rec["eval_reward_mean"] != live_rec["eval_reward_mean"]

@@ -51,12 +51,22 @@ def aggregate_advantages(raw: torch.Tensor, weights: torch.Tensor, group_ids: to
     normalize_then_sum (MixGRPO, arXiv 2507.21802 "advantage aggregation"):  A = Σ_k w_k z(r_k)
     where z is `group_advantages` (its clip applies to the final sum).
     """
+    return _aggregate(raw, weights, aggregation, clip,
+                      lambda r, c: group_advantages(r, group_ids, std=std, eps=eps, clip=c))
+
+
+def _aggregate(values: torch.Tensor, weights: torch.Tensor, aggregation: str, clip: float, z) -> torch.Tensor:
+    """The two multi-reward aggregations over the last dim K of `values` ([..., K]), for a
+    normaliser z(values [...], clip) → advantages:
+
+        sum_then_normalize:  z(Σ_k w_k v_k)                  (Flow-GRPO)
+        normalize_then_sum:  clip(Σ_k w_k z(v_k))            (MixGRPO's advantage aggregation)
+    """
     if aggregation == "sum_then_normalize":
-        return group_advantages(raw @ weights, group_ids, std=std, eps=eps, clip=clip)
+        return z(values @ weights, clip)
     if aggregation == "normalize_then_sum":
-        z = torch.stack([group_advantages(raw[:, k], group_ids, std=std, eps=eps, clip=float("inf"))
-                         for k in range(raw.shape[1])], dim=1)  # [N, K]
-        return (z @ weights).clamp(-clip, clip)
+        zs = torch.stack([z(values[..., k], float("inf")) for k in range(values.shape[-1])], dim=-1)
+        return (zs @ weights).clamp(-clip, clip)
     raise ValueError(f"aggregation={aggregation!r}; allowed: 'sum_then_normalize', 'normalize_then_sum'")
 
 
@@ -110,15 +120,9 @@ def aggregate_stepwise_advantages(step_rewards: torch.Tensor, weights: torch.Ten
     """
     if step_rewards.dim() != 3 or step_rewards.shape[2] != weights.numel():
         raise ValueError(f"step_rewards must be [N, T+1, K={weights.numel()}], got {tuple(step_rewards.shape)}")
-    w = weights.to(step_rewards)
-    if aggregation == "sum_then_normalize":
-        return stepwise_advantages(step_rewards @ w, group_ids, normalize=normalize, eps=eps, clip=clip,
-                                   valid=valid, std=std)
-    if aggregation == "normalize_then_sum":
-        z = torch.stack([stepwise_advantages(step_rewards[..., k], group_ids, normalize=normalize, eps=eps,
-                                             clip=float("inf"), valid=valid, std=std) for k in range(w.numel())], -1)
-        return (z @ w).clamp(-clip, clip)
-    raise ValueError(f"aggregation={aggregation!r}; allowed: 'sum_then_normalize', 'normalize_then_sum'")
+    return _aggregate(step_rewards, weights.to(step_rewards), aggregation, clip,
+                      lambda r, c: stepwise_advantages(r, group_ids, normalize=normalize, eps=eps, clip=c,
+                                                       valid=valid, std=std))
 
 
 def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float,

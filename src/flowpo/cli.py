@@ -132,7 +132,7 @@ def _cmd_sample(args, rest) -> int:
 
 
 def _cmd_pretrain(_args, rest) -> int:
-    from flowpo.pretrain import main
+    from flowpo.embedded.pretrain import main
 
     return main(rest) or 0
 

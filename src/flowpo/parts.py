@@ -106,7 +106,7 @@ def train_prompt_pool(cfg: Config) -> list[str]:
     embedded model."""
     if cfg.sample.prompts_file:
         return _read_prompts(cfg.sample.prompts_file, "sample.prompts_file")
-    from flowpo.prompts import train_prompts
+    from flowpo.embedded.prompts import train_prompts
 
     return [p for d in range(10) for p in train_prompts(d)]
 
@@ -119,7 +119,7 @@ def eval_prompts(cfg: Config) -> list[str]:
         pool = _read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
         return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: cfg.eval.prompts]] if \
             len(pool) >= cfg.eval.prompts else [pool[i % len(pool)] for i in range(cfg.eval.prompts)]
-    from flowpo.prompts import heldout_prompts
+    from flowpo.embedded.prompts import heldout_prompts
 
     out = []
     for i in range(cfg.eval.prompts):

@@ -202,7 +202,7 @@ def flow_grpo_step(x, v, sigma, sigma_next, noise_level, *, noise=None, sample=N
     eps_hat = x + _b(1 - sigma, x) * v
     drift = v + _b(rate**2 / (2 * sigma.clamp_min(_TINY)), x) * eps_hat
     mean = x + _b(sigma_next - sigma, x) * drift
-    std = rate * torch.sqrt((sigma - sigma_next).clamp_min(0))
+    std = _flow_grpo_std(sigma, sigma_next, noise_level)  # = rate·√(−dt), the table kernel_std reads
     return _finish(x, v, sigma, sigma_next, mean, std, noise, sample, reduction)
 
 

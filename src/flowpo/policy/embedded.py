@@ -1,7 +1,7 @@
 """The embedded default policy: the tiny digit flow model (`flowpo.models.FlowNet`) behind `Policy`.
 
 Latents are the images themselves, x ∈ [-1, 1]^(1×16×16); `decode(x) = clamp((x + 1)/2, 0, 1)`.
-Prompts are word ids (`flowpo.prompts.tokenize`); the null prompt is an all-PAD row.
+Prompts are word ids (`flowpo.embedded.prompts.tokenize`); the null prompt is an all-PAD row.
 
 Velocity with true classifier-free guidance (Ho & Salimans arXiv 2207.12598, eq. 6 in v-form):
     v = v_u + g·(v_c − v_u),
@@ -24,11 +24,11 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from flowpo import prompts as P
-from flowpo.models.flow_net import LORA_TARGETS, FlowNet
+from flowpo.embedded import prompts as P
+from flowpo.embedded.flow_net import LORA_TARGETS, FlowNet, guided_velocity
 from flowpo.policy.base import Cond
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "embedded" / "assets"
 
 
 def load_flow_net(weights: str | Path | None = None) -> FlowNet:
@@ -79,12 +79,7 @@ class EmbeddedPolicy:
         """v_θ(x, σ | c) with true CFG: x [N, 1, 16, 16], sigma [N] → fp32 [N, 1, 16, 16]."""
         x, tokens = x.float(), cond["tokens"].to(x.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [N]
-        net = self._net()
-        if guidance == 1.0:
-            return net(x, sigma, tokens).float()
-        null = torch.full_like(tokens, P.PAD)  # [N, L]
-        v_c, v_u = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([tokens, null])).chunk(2)
-        return (v_u + guidance * (v_c - v_u)).float()
+        return guided_velocity(self._net(), x, sigma, tokens, guidance)
 
     def evals_per_row(self, guidance: float) -> int:
         return 1 if guidance == 1.0 else 2

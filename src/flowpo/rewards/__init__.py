@@ -24,7 +24,7 @@ class RewardError(RuntimeError):
 
 
 def _builtin() -> dict[str, Scorer]:
-    from flowpo.rewards.embedded import EMBEDDED_REWARDS
+    from flowpo.embedded.rewards import EMBEDDED_REWARDS
 
     return dict(EMBEDDED_REWARDS)
 
@@ -63,7 +63,6 @@ class RewardSet:
         self.names = list(names)
         self.weights = torch.tensor(weights, dtype=torch.float32)  # [K]
         self.scorers = [get_scorer(n) for n in names]
-        self.calls = 0  # scorer calls so far (each call scores a batch)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -84,7 +83,6 @@ class RewardSet:
                 raise RewardError(f"reward {name!r} returned NaN/inf for {bad} of {n} samples; "
                                   "fix the scorer (nothing was written to the weights)")
             cols.append(r)
-        self.calls += 1
         return torch.stack(cols, dim=1)  # [N, K]
 
     def combine(self, raw: torch.Tensor) -> torch.Tensor:

@@ -247,10 +247,6 @@ class Dist:
             p.grad.copy_(flat[off:off + p.grad.numel()].view_as(p.grad))
             off += p.grad.numel()
 
-    def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """Backward-compatible name for the LoRA path of `sync_gradients` (sum over ranks)."""
-        self.sync_gradients(params, probe=lambda: torch.zeros(()))
-
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         """clip_grad_norm_ that also works on FSDP2's DTensor gradients; returns the global norm."""
         with self._guard("grad norm") if self.fsdp is not None else contextlib.nullcontext():
@@ -277,7 +273,3 @@ class Dist:
 
         with self._guard("fsdp shard checkpoint"):
             return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()

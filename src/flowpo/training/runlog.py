@@ -28,7 +28,11 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.out / "tb"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
+            except ImportError:  # an optional extra: say so once and log to metrics.jsonl only
+                import sys
+
+                print("flowpo: log.tensorboard=true but tensorboard is not installed; logging to metrics.jsonl "
+                      "only (pip install 'flowpo[tensorboard]', or set log.tensorboard=false)", file=sys.stderr)
                 self.tb = None
         if wandb:
             try:

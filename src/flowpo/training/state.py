@@ -6,6 +6,7 @@ checkpoint and re-shards it. The file format is `flowpo.training.checkpoint`'s.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,65 +15,89 @@ from flowpo.training import checkpoint
 from flowpo.training.runlog import truncate_metrics
 
 
-def save(tr) -> None:
-    """Checkpoint a Trainer `tr` (weights/adapter, optimizer, EMA, plan, replay buffer, RNG)."""
-    # every rank takes part (FSDP2 gathers the optimizer/EMA shards); rank 0 writes; all wait for it.
-    # Under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full.
-    opt_t, opt_s = checkpoint.optimizer_to_flat(tr.opt)
-    opt_t = tr.dist.full(opt_t)
-    ema = tr.dist.full({str(i): t for i, t in enumerate(tr.ema.shadow)}) if tr.ema is not None else None
-    objective = tr.dist.full(tr.parts.objective.state_dict())  # the objective's old-policy copy, if any
-    if not tr.dist.is_main:
-        tr.dist.barrier()
-        return
-    tensors = {"trainable": tr.policy.trainable_state_dict(), "optimizer": opt_t}
-    state = {"iteration": tr.iteration, "nfe": tr.nfe, "wall_s": tr.wall(), "optimizer": opt_s,
-             "plan": tr.plan.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
-             "seed": tr.cfg.train.seed}
-    if ema is not None:
-        tensors["ema"] = ema
-    replay = tr.parts.replay.state_dict()
-    if replay is not None:
-        tensors["buffer"], state["buffer"] = replay
-    if objective:
-        tensors["objective"] = objective
-    checkpoint.save(tr.out, tr.iteration, tensors=tensors, state=state, keep=tr.cfg.train.keep_checkpoints)
-    tr.dist.barrier()
+@dataclass
+class Progress:
+    """The run's counters: iterations done, model evaluations spent, wall seconds of earlier sessions."""
+
+    iteration: int = 0
+    nfe: int = 0
+    wall_offset: float = 0.0
 
 
-def restore(tr) -> None:
-    """Load the newest complete checkpoint of `tr.out` into the Trainer `tr`."""
+class TrainState:
+    """Everything a checkpoint keeps, in one place: the parts' states (trainable weights, optimizer,
+    EMA, plan, replay buffer, the objective's old-policy copy), the counters and torch's RNG.
+
+    `state_dict()` → (tensors: {group: {name: tensor}}, meta: JSON-able dict); every rank calls it
+    (FSDP2 gathers the shards), rank 0's is written. `load_state_dict` re-shards on every rank."""
+
+    def __init__(self, parts, progress: Progress, dist, seed: int, wall):
+        self.parts, self.progress, self.dist, self.seed, self.wall = parts, progress, dist, seed, wall
+
+    def state_dict(self) -> tuple[dict, dict]:
+        P, d = self.parts, self.dist
+        # under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full
+        opt_t, opt_s = checkpoint.optimizer_to_flat(P.opt)
+        tensors = {"trainable": P.policy.trainable_state_dict(), "optimizer": d.full(opt_t)}
+        if P.ema is not None:
+            tensors["ema"] = d.full({str(i): t for i, t in enumerate(P.ema.shadow)})
+        objective = d.full(P.objective.state_dict())
+        if objective:
+            tensors["objective"] = objective
+        meta = {"iteration": self.progress.iteration, "nfe": self.progress.nfe, "wall_s": self.wall(),
+                "optimizer": opt_s, "plan": P.plan.state_dict(), "torch_rng": torch.get_rng_state().tolist(),
+                "seed": self.seed}
+        replay = P.replay.state_dict()
+        if replay is not None:
+            tensors["buffer"], meta["buffer"] = replay
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        P, d = self.parts, self.dist
+        d.shard_params()  # FSDP2: write full tensors into the DTensor shards
+        like = d.like
+        if d.fsdp is not None:
+            tmpl = P.policy.trainable_state_dict()
+            tensors["trainable"] = {k: like(v, tmpl[k]) for k, v in tensors["trainable"].items()}
+            tensors["optimizer"] = {k: like(v, P.params[int(k.split(".")[0])])
+                                    for k, v in tensors.get("optimizer", {}).items()}
+        P.policy.load_trainable_state_dict(tensors["trainable"])
+        checkpoint.optimizer_from_flat(P.opt, tensors.get("optimizer", {}), meta["optimizer"])
+        if P.ema is not None and "ema" in tensors:
+            for i, sh in enumerate(P.ema.shadow):
+                sh.copy_(like(tensors["ema"][str(i)], sh))
+        if "buffer" in meta:
+            P.replay.load_state_dict(tensors.get("buffer", {}), meta["buffer"])
+        if "objective" in tensors:
+            tmpl = P.objective.state_dict()
+            P.objective.load_state_dict({k: like(v, tmpl[k]) for k, v in tensors["objective"].items()})
+        P.plan.load_state_dict(meta["plan"])
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        self.progress.iteration, self.progress.nfe = meta["iteration"], meta["nfe"]
+        self.progress.wall_offset = meta["wall_s"]
+
+
+def save(st: TrainState, out: Path, keep: int) -> None:
+    """Checkpoint `st` under `out`/checkpoints (every rank takes part; rank 0 writes, atomically)."""
+    tensors, meta = st.state_dict()
+    if st.dist.is_main:
+        checkpoint.save(out, st.progress.iteration, tensors=tensors, state=meta, keep=keep)
+    st.dist.barrier()
+
+
+def restore(st: TrainState, out: Path) -> None:
+    """Load the newest complete checkpoint of run folder `out` into `st`."""
     # every rank loads the same checkpoint (the run folder must be visible to all of them)
-    path = checkpoint.latest(tr.out)
-    found = tr.dist.all_gather_objects(None if path is None else path.name)
+    path = checkpoint.latest(out)
+    found = st.dist.all_gather_objects(None if path is None else path.name)
     if path is None or len(set(found)) > 1:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {tr.out}/checkpoints, or ranks "
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out}/checkpoints, or ranks "
                                 f"see different ones ({found}); start a new run without --resume, or put "
                                 "the run folder on a file system every node shares")
-    tensors, state = checkpoint.load(path)
-    tr.dist.shard_params()  # FSDP2: write full tensors into the DTensor shards
-    like = tr.dist.like
-    if tr.dist.fsdp is not None:
-        tmpl = tr.policy.trainable_state_dict()
-        tensors["trainable"] = {k: like(v, tmpl[k]) for k, v in tensors["trainable"].items()}
-        tensors["optimizer"] = {k: like(v, tr.params[int(k.split(".")[0])])
-                                for k, v in tensors.get("optimizer", {}).items()}
-    tr.policy.load_trainable_state_dict(tensors["trainable"])
-    checkpoint.optimizer_from_flat(tr.opt, tensors.get("optimizer", {}), state["optimizer"])
-    if tr.ema is not None and "ema" in tensors:
-        for i, sh in enumerate(tr.ema.shadow):
-            sh.copy_(like(tensors["ema"][str(i)], sh))
-    if "buffer" in state:
-        tr.parts.replay.load_state_dict(tensors.get("buffer", {}), state["buffer"])
-    if "objective" in tensors:
-        tmpl = tr.parts.objective.state_dict()
-        tr.parts.objective.load_state_dict({k: like(v, tmpl[k]) for k, v in tensors["objective"].items()})
-    tr.plan.load_state_dict(state["plan"])
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    tr.iteration, tr.nfe, tr.wall_offset = state["iteration"], state["nfe"], state["wall_s"]
+    st.load_state_dict(*checkpoint.load(path))
     # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
-    if tr.dist.is_main:
-        truncate_metrics(tr.out / "metrics.jsonl", tr.iteration)
+    if st.dist.is_main:
+        truncate_metrics(out / "metrics.jsonl", st.progress.iteration)
 
 
 def load_policy(cfg, run: str | Path | None):

@@ -39,12 +39,13 @@ class Trainer:
         self.parts = P = build(cfg, self.dist)
         self.policy, self.device, self.params, self.opt, self.ema = P.policy, P.device, P.params, P.opt, P.ema
         self.sigmas, self.plan, self.rewards = P.sigmas, P.plan, P.rewards
-        self.iteration, self.nfe, self.wall_offset = 0, 0, 0.0
+        self.progress = train_state.Progress()
+        self.state = train_state.TrainState(P, self.progress, self.dist, cfg.train.seed, self.wall)
         self._warned_minibatches = False
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
-            train_state.restore(self)
+            train_state.restore(self.state, self.out)
         elif not self.dist.all_true(not (self.dist.is_main and (self.out / "metrics.jsonl").exists())):
             raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
                                   "or choose another --out")
@@ -54,6 +55,10 @@ class Trainer:
                           wandb=cfg.log.wandb, config=config_mod.to_dict(cfg))
         self.dist.gather_params()  # FSDP2: keep full weights between optimizer steps (no-op otherwise)
         self.t0 = time.time()
+
+    iteration = property(lambda self: self.progress.iteration,
+                         lambda self, v: setattr(self.progress, "iteration", v))
+    nfe = property(lambda self: self.progress.nfe, lambda self, v: setattr(self.progress, "nfe", v))
 
     @property
     def buffer(self):
@@ -95,7 +100,7 @@ class Trainer:
         return last_eval
 
     def wall(self) -> float:
-        return self.wall_offset + time.time() - self.t0
+        return self.progress.wall_offset + time.time() - self.t0
 
     # ------------------------------------------------------------------ one iteration
     def train_iteration(self, it: int) -> dict:
@@ -238,7 +243,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        train_state.save(self)
+        train_state.save(self.state, self.out, self.cfg.train.keep_checkpoints)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Pretrain the embedded default: the digit classifier (reward) and the flow model (policy).
 
-Run: `flowpo pretrain` (or `python -m flowpo.pretrain`; default output `src/flowpo/assets/`), about
+Run: `flowpo pretrain` (or `python -m flowpo.embedded.pretrain`; default output `src/flowpo/embedded/assets/`), about
 2–3 min on one CPU core; add `--grid docs/img/embedded_samples.png` for a sample grid.
 
 Data: sklearn `load_digits()` (1797 images 8×8, values 0..16) → [0, 1] → ×2 bilinear → 16×16.
@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flowpo import prompts as P
-from flowpo.models.classifier import DigitClassifier, augment
-from flowpo.models.flow_net import FlowNet
+from flowpo.embedded import prompts as P
+from flowpo.embedded.classifier import DigitClassifier, augment
+from flowpo.embedded.flow_net import FlowNet, guided_velocity
+from flowpo.schedule import sigmas
+from flowpo.solvers import euler
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -70,7 +72,11 @@ class PretrainConfig:
 
 def load_data(seed: int, test_fraction: float = 0.2) -> dict[str, torch.Tensor | str]:
     """The 16×16 digits in [0, 1] and labels, split by a seeded permutation; plus the data sha256."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit("flowpo pretrain needs scikit-learn (the digits data set): "
+                         "pip install 'flowpo[pretrain]'") from None
 
     d = load_digits()
     x8 = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [1797, 1, 8, 8]
@@ -156,29 +162,14 @@ def train_flow(data: dict, cfg: PretrainConfig) -> tuple[FlowNet, list[float]]:
     return ema.eval(), losses
 
 
-def shifted_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """σ̃_i = s·σ_i / (1 + (s − 1)·σ_i), σ = linspace(1, 0, steps + 1): [steps + 1]."""
-    s = torch.linspace(1, 0, steps + 1)
-    return shift * s / (1 + (shift - 1) * s)
-
-
 @torch.no_grad()
 def sample(model: FlowNet, tokens: torch.Tensor, guidance: float, steps: int, shift: float,
            gen: torch.Generator) -> torch.Tensor:
-    """Euler ODE x ← x + (σ' − σ)·v with true CFG; returns x0 in [-1, 1]-ish: [N, 1, 16, 16]."""
-    n = len(tokens)
-    x = torch.randn((n, 1, 16, 16), generator=gen)
-    sig = shifted_sigmas(steps, shift)
-    both = torch.cat([tokens, P.null_tokens(n, tokens.shape[1])])  # [2N, L]
-    for i in range(steps):
-        s = sig[i].expand(n)
-        if guidance == 1.0:
-            v = model(x, s, tokens)
-        else:
-            v_c, v_u = model(torch.cat([x, x]), torch.cat([s, s]), both).chunk(2)
-            v = v_u + guidance * (v_c - v_u)
-        x = x + (sig[i + 1] - sig[i]) * v
-    return x
+    """Euler ODE on the shared schedule (flowpo.schedule) with true CFG (flow_net.guided_velocity),
+    the sampler the trainer evaluates with; returns x0 in [-1, 1]-ish: [N, 1, 16, 16]."""
+    x = torch.randn((len(tokens), 1, 16, 16), generator=gen)
+    x0, _ = euler(lambda xx, sig: guided_velocity(model, xx, sig, tokens, guidance), x, sigmas(steps, shift))
+    return x0
 
 
 def alignment(model: FlowNet, clf: DigitClassifier, guidance: float, cfg: PretrainConfig) -> float:

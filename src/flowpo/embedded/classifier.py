@@ -1,6 +1,6 @@
 """A small CNN digit classifier on 1×16×16 images in [0, 1] (the `digit_alignment` reward).
 
-Trained by `flowpo.pretrain` on the train split only, with light augmentation (`augment`: ±1 px
+Trained by `flowpo.embedded.pretrain` on the train split only, with light augmentation (`augment`: ±1 px
 shifts, pixel noise, occasional blur, contrast jitter) so that it does not give confident
 nonsense on slightly off-distribution generated images.
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from flowpo.prompts import PAD, VOCAB
+from flowpo.embedded.prompts import PAD, VOCAB
 
 # Module-name suffixes that LoRA adapts (peft `target_modules`): the residual-block convolutions,
 # their FiLM projections, and the prompt-encoder MLP.
@@ -101,3 +101,14 @@ class FlowNet(nn.Module):
         u16 = self.up(F.interpolate(u8, scale_factor=2.0, mode="nearest"))  # [N, c1, 16, 16]
         u16 = self.dec16(torch.cat([u16, h16], 1), e)
         return self.out(F.silu(self.out_norm(u16)))  # [N, 1, 16, 16]
+
+
+def guided_velocity(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor,
+                    guidance: float) -> torch.Tensor:
+    """v(x, σ | tokens) with true classifier-free guidance v_u + g·(v_c − v_u) (the null prompt is
+    all PAD); one forward when g = 1. x [N, 1, 16, 16], sigma [N], tokens [N, L] → fp32."""
+    if guidance == 1.0:
+        return net(x, sigma, tokens).float()
+    null = torch.full_like(tokens, PAD)  # [N, L]
+    v_c, v_u = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([tokens, null])).chunk(2)
+    return (v_u + guidance * (v_c - v_u)).float()

@@ -31,10 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-from flowpo.bench_report import (  # noqa: F401 - collect, summarize, first_reach re-exported for callers
-    REFERENCE, TASKS, Job, collect, discover, first_reach, is_finished, log_stem, read_jsonl, report, run_dir,
-    run_stats, summarize,
-)
+from flowpo.bench.report import (REFERENCE, TASKS, Job, discover, is_finished, log_stem, read_jsonl, report, run_dir,
+                                 run_stats)
 
 # ----------------------------------------------------------------------------- the grid
 

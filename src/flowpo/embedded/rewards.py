@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flowpo.prompts import prompt_digit
+from flowpo.embedded.prompts import prompt_digit
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def _grey16(images: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _grey16(images: torch.Tensor) -> torch.Tensor:
 def _classifier():
     from safetensors.torch import load_file
 
-    from flowpo.models.classifier import DigitClassifier
+    from flowpo.embedded.classifier import DigitClassifier
 
     path = ASSETS / "classifier.safetensors"
     if not path.is_file():

@@ -1,0 +1,157 @@
+"""The parts as plain objects on a global batch (no processes): advantage estimators, replay
+selection and extension, the builder's registries, the exclusive-field errors."""
+import pytest
+import torch
+
+from flowpo import config
+from flowpo.advantages import ESTIMATORS, aggregate_advantages
+from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch
+from flowpo.config import ConfigError
+from flowpo.replay import NoReplay, OPReplay
+from flowpo.rewards import RewardSet
+from flowpo.schedule import sigmas as make_sigmas
+
+
+class OneRank:  # the Dist interface the replay part uses, for one process
+    world, rank, is_main = 1, 0, True
+
+    def all_gather_objects(self, obj):
+        return [obj]
+
+    def all_reduce_sum(self, t):
+        return t
+
+    @staticmethod
+    def local_chunks(global_chunks, local):
+        from flowpo.training.distributed import Dist
+
+        return Dist.local_chunks(global_chunks, local)
+
+
+def _gb(n=8, T=4, group_size=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GlobalBatch(prompts=[f"a handwritten {i // group_size}" for i in range(n)],
+                       group_ids=torch.arange(n) // group_size, raw=torch.rand(n, 1, generator=g),
+                       train=torch.ones(n, T, dtype=torch.bool).index_fill_(1, torch.tensor([T - 1]), False),
+                       states=torch.randn(n, T + 1, 1, 4, 4, generator=g), log_probs=torch.randn(n, T, generator=g),
+                       final=torch.randn(n, 1, 4, 4, generator=g))
+
+
+def test_group_estimator_is_the_group_z_score_of_fresh_and_replayed_rows():
+    cfg = config.load(None, "flow_grpo", [])
+    rewards = RewardSet(["digit_alignment"], [1.0])
+    gb = _gb()
+    rr = ReplayRows(raw=torch.tensor([[0.9], [0.1]]), group_ids=torch.tensor([0, 1]),
+                    valid=torch.ones(2, 4, dtype=torch.bool))
+    adv, _ = ESTIMATORS["group"](cfg, rewards).estimate(gb, rr)
+    want = aggregate_advantages(torch.cat([gb.raw, rr.raw]), rewards.weights, torch.cat([gb.group_ids, rr.group_ids]),
+                                aggregation="sum_then_normalize", std="global")
+    assert adv.shape == (10, 4)
+    assert torch.equal(adv, want[:, None].expand(-1, 4))
+
+
+def test_no_replay_leaves_the_batch_alone():
+    r = NoReplay()
+    assert r.k == 0 and r.select(0, _gb()) == ([], {}, 0) and r.reward_rows([]) is None
+
+
+def _op_replay(*overrides):
+    cfg = config.load(None, "op_grpo", ["sample.steps=4", "sample.group_size=4", *overrides])
+    sig = make_sigmas(4, 3.0)
+    rewards = RewardSet(["digit_alignment"], [1.0])
+    return cfg, OPReplay(cfg, sig, policy=None, rewards=rewards, dist=OneRank(), device="cpu")
+
+
+def test_replay_selects_on_the_global_batch_and_extends_the_update_batch():
+    cfg, rep = _op_replay("replay.rule=always", "replay.truncate_sigma=null")
+    old = _gb(seed=1)
+    rep.observe(0, old)                        # iteration 0's rows enter the buffer
+    assert len(rep.buffer) == 4                # capacity 2 per prompt, 2 prompts
+    gb = _gb(seed=2)
+    chosen, stats, nfe = rep.select(1, gb)
+    assert stats["replay/admitted"] == len(chosen) == 2 and nfe == 0   # k = 1 per group, 2 groups
+    best0 = int(old.raw[:4, 0].argmax())
+    assert torch.equal(chosen[0][1].final, old.final[best0])           # the final latent travels with it
+    rows = rep.reward_rows(chosen)
+    assert rows.raw.shape == (2, 1) and rows.group_ids.tolist() == [0, 1]
+
+    class Obj:  # an objective without likelihood (diffusion_nft, awm)
+        def old_log_probs(self, *a):
+            return None
+
+    class Pol:
+        def encode_prompts(self, prompts):
+            return {"tokens": torch.zeros(len(prompts), 2)}
+
+    rep.policy = Pol()
+    n, T = gb.n, 4
+    b = UpdateBatch(states=gb.states, final=gb.final, train=gb.train, old_log_prob=gb.log_probs,
+                    adv=torch.zeros(n, T), weight=torch.ones(n, T), cond={"tokens": torch.zeros(n, 2)},
+                    chunks=[torch.arange(n)], chunk_ids=[0], n_chunks=1, row_ids=torch.arange(n))
+    adv_all = torch.arange(n + 2, dtype=torch.float32)[:, None].expand(-1, T)
+    out, _ = rep.extend(b, chosen, adv_all, 1, Obj())
+    assert out.states.shape[0] == n + 2 and out.n_chunks == 2 and out.chunk_ids == [0, 1]
+    assert out.row_ids.tolist()[-2:] == [n, n + 1] and out.adv[-2:, 0].tolist() == [n, n + 1]
+    assert torch.equal(out.weight[-2:], torch.ones(2, T))             # no likelihood: weight 1
+    assert torch.equal(out.final[-2:], torch.stack([e.final for _, e in chosen]))
+
+
+@pytest.mark.parametrize("preset", ["op_grpo", "flowpo_best", "flowpo_mix", "flowpo_mix_p16", "flowpo_fast",
+                                    "flowpo_flash", "flowpo_flash2"])
+def test_replay_presets_admit_replayed_rows(tmp_path, tiny, preset):
+    from flowpo.training.trainer import Trainer
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten 7\n")  # one prompt: every group finds the buffer's entry
+    cfg = config.load(None, preset, tiny + [f"sample.prompts_file={prompts}", "replay.rule=always",
+                                            "plan.window_size=2", "sample.prompts_per_iteration=2"])
+    tr = Trainer(cfg, tmp_path / "r")
+    tr.train_iteration(0)
+    tr.iteration = 1
+    rec = tr.train_iteration(1)
+    assert rec["replay/admitted"] > 0 and rec["replay/entries"] > 0
+
+
+def test_exclusive_fields_are_one_line_errors():
+    with pytest.raises(ConfigError, match="replay.truncate_sigma=0.5 and replay.truncate_fraction=0.3 are both set"):
+        config.load(None, "op_grpo", ["replay.truncate_fraction=0.3"])
+    assert config.load(None, "op_grpo", ["replay.truncate_fraction=0.3", "replay.truncate_sigma=null"])
+    with pytest.raises(ConfigError, match="plan.truncate_sigma.*plan.truncate_fraction"):
+        config.load(None, None, ["plan.truncate_sigma=0.2", "plan.truncate_fraction=0.2"])
+    with pytest.raises(ConfigError, match="replay.enabled was removed.*replay.k"):
+        config.load(None, None, ["replay.enabled=true"])
+
+
+@pytest.mark.parametrize("key,module", [("sample.kernel", "flowpo.sde:KERNELS"), ("plan.kind", "flowpo.plans:PLANS"),
+                                        ("solver.kind", "flowpo.solvers:TAILS"),
+                                        ("advantage.kind", "flowpo.advantages:ESTIMATORS")])
+def test_registries_are_the_config_s_allowed_values(key, module):
+    import importlib
+
+    mod, _, attr = module.partition(":")
+    assert config.choices(key) == list(getattr(importlib.import_module(mod), attr))
+    with pytest.raises(ConfigError, match=f"{key}='nope' is not allowed"):
+        config.load(None, None, [f"{key}=nope"])
+
+
+def test_flowpo_config_prints_every_key_with_its_help(capsys):
+    from flowpo.cli import main
+
+    assert main(["config", "--preset", "awm"]) == 0
+    out = capsys.readouterr().out
+    keys = config.describe(config.load(None, "awm", []))
+    assert len(keys) > 90
+    for key, _typ, _val, _allowed, doc in keys:
+        assert f"\n{key} (" in "\n" + out, key
+        assert doc, f"{key} has no docstring"
+    assert "objective.kind (str) = 'awm'   allowed: clipped_surrogate, diffusion_nft, awm" in out
+
+
+def test_no_import_circle_between_config_presets_and_checks():
+    import subprocess
+    import sys
+
+    code = "import flowpo.presets, flowpo.config_checks, sys; " \
+           "assert 'flowpo.config' not in sys.modules, sorted(m for m in sys.modules if m.startswith('flowpo'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
