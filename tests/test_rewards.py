@@ -54,7 +54,9 @@ def test_nan_reward_never_reaches_the_weights(tmp_path, tiny):
     from flowpo import config
     from flowpo.training.trainer import Trainer
 
-    _install("nan_scorers", lambda images, prompts: torch.full((images.shape[0],), float("nan")))
+    # finite on the trainer's 2-image preflight, NaN on the rollout's batch
+    _install("nan_scorers", lambda images, prompts: torch.full((images.shape[0],), float("nan") if images.shape[0] > 2
+                                                                else 0.0))
     tr = Trainer(config.load(None, None, tiny + ["reward.names=[nan_scorers:score]"]), tmp_path / "n")
     before = {k: v.clone() for k, v in tr.policy.trainable_state_dict().items()}
     with pytest.raises(RewardError):

@@ -6,7 +6,7 @@ from it, flowpo.config.CHOICES):
 | part | config | registry |
 |---|---|---|
 | policy | model.* | flowpo.policy.registry (+ the embedded model) |
-| schedule | sample.steps, sample.shift | flowpo.schedule |
+| schedule | sample.steps, sample.sigmas, sample.shift | flowpo.schedule.resolve (the policy's own grid) |
 | kernel | sample.kernel | flowpo.sde.KERNELS |
 | tail solver | solver.* | flowpo.solvers.TAILS |
 | plan | plan.* | flowpo.plans.PLANS |
@@ -43,7 +43,7 @@ class Parts:
     replay: object                # flowpo.replay.NoReplay / OPReplay
     objective: object             # an objective of flowpo.objectives.OBJECTIVES
     opt: torch.optim.Optimizer
-    ema: object | None            # flowpo.training.ema.EMA (train.ema > 0)
+    ema: object                   # flowpo.training.ema.EMA (train.ema > 0) or NoEMA
     pool: list[str]               # training prompts
     eval_prompts: list[str]
 
@@ -57,10 +57,10 @@ def build(cfg: Config, dist) -> Parts:
     from flowpo.replay import build_replay
     from flowpo.rewards import RewardSet
     from flowpo.rollout import RolloutSpec
-    from flowpo.schedule import sigmas as make_sigmas
+    from flowpo import schedule
     from flowpo.sde import KERNELS
     from flowpo.solvers import TAILS
-    from flowpo.training.ema import EMA
+    from flowpo.training.ema import build_ema
     from flowpo.training.optim import build_optimizer
 
     s = cfg.sample
@@ -70,9 +70,9 @@ def build(cfg: Config, dist) -> Parts:
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full")
     params = policy.trainable_parameters()
     opt = build_optimizer(params, cfg.train)
-    ema = EMA(params, cfg.train.ema) if cfg.train.ema > 0 else None
+    ema = build_ema(params, cfg.train.ema)
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
-    sigmas = make_sigmas(s.steps, s.shift)
+    sigmas = schedule.resolve(s.sigmas, policy, s.steps, s.shift)   # sample.sigmas, else the policy's own
     kernel = KERNELS[s.kernel]
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
                        tail=TAILS[cfg.solver.kind](cfg))
@@ -80,7 +80,7 @@ def build(cfg: Config, dist) -> Parts:
                   reduction=s.reduction, seed=cfg.train.seed, params=params)
     ctx.resync = dist.gather_params  # FSDP2: the gathered copy must follow swapped weights
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,
-                 eval_sigmas=make_sigmas(cfg.eval.steps, s.shift), spec=spec, plan=build_plan(cfg, sigmas),
+                 eval_sigmas=policy.sigmas(cfg.eval.steps, s.shift), spec=spec, plan=build_plan(cfg, sigmas),
                  rewards=rewards, advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),
                  replay=build_replay(cfg, sigmas, policy, rewards, dist, device),
                  objective=build_objective(cfg.objective.kind, ctx, cfg), opt=opt, ema=ema,

@@ -56,7 +56,22 @@ def _cmd_train(args, rest) -> int:
     from flowpo.training.trainer import train
 
     if args.resume:
-        cfg, out = _run_cfg(args.resume, "--resume", rest)
+        given = [f for f, v in (("--preset", args.preset), ("--config", args.config), ("--out", args.out)) if v]
+        if given:
+            raise UsageError(f"--resume continues the run as its config.yaml says; {', '.join(given)} cannot change "
+                             "it: drop them (or start a new run with another --out)")
+        import copy
+
+        from flowpo import config
+
+        base, out = _run_cfg(args.resume, "--resume", [])
+        cfg = copy.deepcopy(base)
+        for ov in rest:  # applied unvalidated first, so a forbidden change is named before any range check
+            key, _, value = ov.partition("=")
+            config.set_key(cfg, key.strip(), value)
+        _check_resume_changes(base, cfg)
+        config.validate(cfg)
+        _check_resume_budget(cfg, out)
     else:
         cfg = _load_cfg(args, rest)
         if not args.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -68,12 +83,56 @@ def _cmd_train(args, rest) -> int:
     return 0
 
 
+RESUMABLE = ("train.iterations", "eval.every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
+             "log.", "model.device", "model.attention")
+"""Config keys a resumed run may change (cadences, budget, logging, where it runs); any other would
+change the method or the trajectory mid-run."""
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
+
+
+def _check_resume_changes(base, cfg) -> None:
+    """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
+    from flowpo.config import to_dict
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old, new = dict(flat(to_dict(base))), dict(flat(to_dict(cfg)))
+    changed = [k for k in new if new[k] != old.get(k)]
+    bad = [k for k in changed if not _resumable(k)]
+    if bad:
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
+        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({old.get(k)!r} → {new[k]!r})' for k in bad)}: "
+                         f"it would change the method or the trajectory mid-run; a resumed run may change only "
+                         f"{allowed} (start a new run with another --out for anything else)")
+    if changed:
+        print(f"flowpo: --resume: applying {', '.join(f'{k}={new[k]!r}' for k in changed)}", file=sys.stderr)
+
+
+def _check_resume_budget(cfg, out: Path) -> None:
+    from flowpo.training.runlog import read_metrics
+
+    done = max((r["step"] + 1 for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r), default=0)
+    if cfg.train.iterations < done:
+        raise UsageError(f"--resume: train.iterations={cfg.train.iterations} is below the {done} iterations this run "
+                         f"has done; give train.iterations >= {done}")
+    if cfg.train.iterations == done:
+        print(f"flowpo: --resume: {out} has already done its train.iterations={done}; raise train.iterations to "
+              "continue it", file=sys.stderr)
+
+
 def _cmd_eval(args, rest) -> int:
     import json
 
     from flowpo.parts import eval_prompts, resolve_device
     from flowpo.rewards import RewardSet
-    from flowpo.schedule import sigmas
     from flowpo.training.state import load_policy
     from flowpo.training.trainer import evaluate_policy
 
@@ -83,7 +142,7 @@ def _cmd_eval(args, rest) -> int:
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     rec, _ = evaluate_policy(cfg, policy, RewardSet(cfg.reward.names, cfg.reward.weights), eval_prompts(cfg),
-                             sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
+                             policy.sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
     print(json.dumps({"step": iteration, **rec}))
     return 0
 
@@ -106,24 +165,20 @@ def _cmd_config(args, rest) -> int:
 def _cmd_sample(args, rest) -> int:
     import torch
 
-    from flowpo.training import checkpoint
-    from flowpo.parts import build_policy
     from flowpo.rollout import ode_sample, row_noise
     from flowpo.training.runlog import save_grid
-    from flowpo.schedule import sigmas
+    from flowpo.training.state import load_policy
 
     cfg = _run_cfg(args.run, "--run", rest)[0] if args.run else _load_cfg(args, rest)
-    policy = build_policy(cfg.model)
-    if args.run:
-        ck = checkpoint.latest(args.run)
-        if ck is None:
-            raise UsageError(f"--run {args.run}: no checkpoint under {args.run}/checkpoints")
-        policy.load_trainable_state_dict(checkpoint.load(ck)[0]["trainable"])
+    try:
+        policy, _ = load_policy(cfg, args.run)  # the run's evaluated weights (its EMA, if it kept one)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
     prompts = [args.prompt] * args.n
     x = row_noise(list(range(args.seed, args.seed + args.n)), policy.latent_shape)
     g = cfg.eval.guidance if cfg.eval.guidance is not None else cfg.sample.guidance
     with torch.no_grad():
-        x0, _ = ode_sample(policy, policy.encode_prompts(prompts), sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
+        x0, _ = ode_sample(policy, policy.encode_prompts(prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
                            cfg.sample.batch_size)
         images = policy.decode(x0)
     save_grid(images, args.out, nrow=min(8, args.n))
@@ -189,14 +244,42 @@ def main(argv: list[str] | None = None) -> int:
         args.verb = "config"
     try:
         return handlers[args.verb](args, rest)
-    except (ConfigError, UsageError, FileNotFoundError, FileExistsError) as e:
-        print(f"flowpo: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `flowpo config | head`
         return 0
     except KeyboardInterrupt:
-        print("flowpo: interrupted; resume with flowpo train --resume DIR", file=sys.stderr)
+        print("flowpo: interrupted; continue with: flowpo train --resume <the run's --out folder>", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line per failure (FLOWPO_DEBUG=1 for the traceback)
+        if os.environ.get("FLOWPO_DEBUG") == "1":
+            raise
+        code, msg = explain(e)
+        print(f"flowpo: error: {msg}", file=sys.stderr)
+        return code
+
+
+def explain(e: Exception) -> tuple[int, str]:
+    """(exit code, one line) for an exception: 2 for bad input, 1 for a runtime failure."""
+    import errno
+
+    from flowpo.config import ConfigError
+
+    if isinstance(e, (ConfigError, UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                      IsADirectoryError)):
+        return 2, str(e)
+    if isinstance(e, PermissionError):
+        return 2, f"permission denied: {e.filename or e}; choose a path you can write (--out) or read"
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return 1, (f"no space left on the device while writing {e.filename or 'the run folder'}; free space and "
+                   "continue with flowpo train --resume (earlier checkpoints are intact)")
+    if isinstance(e, OSError):
+        return 1, f"{type(e).__name__}: {e}"
+    name = type(e).__name__
+    known = ("RewardError", "FloatingPointError", "DistributedError", "ValueError")
+    if name in known:
+        return (2 if name == "ValueError" else 1), str(e)
+    return 1, f"{name}: {e} (an unexpected failure: set FLOWPO_DEBUG=1 for the traceback and report it)"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import yaml
 from flowpo.errors import ConfigError  # noqa: E402  (re-exported: flowpo.config.ConfigError)
 
 CHOICES: dict[str, str] = {
+    "model.kind": "flowpo.policy.registry:POLICY_KINDS",
     "sample.kernel": "flowpo.sde:KERNELS",
     "plan.kind": "flowpo.plans:PLANS",
     "solver.kind": "flowpo.solvers:TAILS",
@@ -38,8 +39,8 @@ def choices(key: str) -> list[str]:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["embedded", "sd3", "flux", "wan"] = "embedded"
-    """Which policy adapter: the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1 or Wan2.1 folder."""
+    kind: str = "embedded"
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1 or Wan2.1 folder."""
     path: Optional[str] = None
     """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
     mode: Literal["lora", "full"] = "lora"
@@ -64,6 +65,10 @@ class ModelConfig:
     """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Wan 512)."""
     num_frames: int = 81
     """Frames per video (wan only)."""
+    cfg_grad: Literal["conditional", "both"] = "conditional"
+    """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
+    branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.
+    Values are the same; only the gradient differs. FLUX (guidance embedding) has one branch."""
 
 
 @dataclass
@@ -71,7 +76,12 @@ class SampleConfig:
     steps: int = 10
     """T: sampling steps of the training rollouts (Flow-GRPO: 10)."""
     shift: float = 3.0
-    """SD3 time shift s: σ̃ = s·σ / (1 + (s−1)·σ)."""
+    """Time shift s of the embedded model's grid σ̃ = s·σ / (1 + (s−1)·σ) (diffusers policies use
+    their scheduler's own shift, dynamic where the scheduler config says so)."""
+    sigmas: Optional[list[float]] = None
+    """The σ grid of the training rollouts, steps + 1 values from at most 1 down to 0. null: the
+    policy's own (the pipeline scheduler's set_timesteps(steps) for diffusers models, the shifted
+    grid for the embedded one). A run writes the grid it used into its config.yaml."""
     guidance: float = 1.0
     """Guidance scale during rollouts and the loss (true CFG, or FLUX's guidance embedding). The
     embedded default uses 1.0: at CFG 4.5 its base model already aligns 99.8% of the time, leaving
@@ -246,6 +256,9 @@ class TrainConfig:
     `lr_final`·`lr` at `iterations` (linear or cosine)."""
     lr_final: float = 0.0
     """Final learning rate as a fraction of `lr` (lr_schedule linear/cosine)."""
+    lr_horizon: Optional[int] = None
+    """Iterations over which lr_schedule decays; null: train.iterations when the run starts (the
+    run's config.yaml then records it, so `--resume train.iterations=…` does not rewind the rate)."""
     adam_eps: float = 1e-8
     """AdamW ε. Steps are lr·m/(√v + ε): with ε well above the gradients' scale they shrink with the
     gradients (SGD-like) instead of keeping size lr whatever the signal."""
@@ -470,7 +483,17 @@ def load(config_file: str | None = None, preset: str | None = None,
         if not path.exists():
             raise ConfigError(f"config file {config_file!r} does not exist; pass an existing YAML file "
                               "(see configs/)")
-        data = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file!r} is a directory; pass a YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {config_file!r} is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', None) or e}; fix the file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {config_file!r} is not UTF-8 text; pass a YAML file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {config_file!r} must hold a YAML mapping of sections")
     preset = preset or data.pop("preset", None)

@@ -35,6 +35,13 @@ def check(cfg) -> None:
     _check_range("sample.prompts_per_iteration", s.prompts_per_iteration, 1)
     _check_range("sample.group_size", s.group_size, 2)
     _check_range("sample.batch_size", s.batch_size, 1)
+    if s.sigmas is not None:
+        from flowpo.schedule import check_grid
+
+        try:
+            check_grid(s.sigmas, s.steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_range("plan.train_fraction", p.train_fraction, 0, 1, lo_open=True)
     _check_range("plan.subset_fraction", p.subset_fraction, 0, 1, lo_open=True)
     _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
@@ -79,6 +86,7 @@ def check(cfg) -> None:
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)
     _check_range("train.lr", t.lr, 0, lo_open=True)
+    _check_range("train.lr_horizon", t.lr_horizon, 1)
     _check_range("train.minibatches", t.minibatches, 1, s.prompts_per_iteration * s.group_size)
     _check_range("train.inner_epochs", t.inner_epochs, 1)
     _check_range("train.ema", t.ema, 0, 1)

@@ -63,7 +63,8 @@ def build_policy(m):
     if m.kind == "embedded":
         from flowpo.policy.embedded import EmbeddedPolicy
 
-        policy = EmbeddedPolicy(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, weights=m.path)
+        policy = EmbeddedPolicy(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, weights=m.path,
+                                cfg_grad=m.cfg_grad)
         policy.module.to(device)
         if getattr(policy, "_ref", None) is not None:
             policy._ref.to(device)
@@ -74,6 +75,7 @@ def build_policy(m):
     if m.kind == "wan":
         extra["num_frames"] = m.num_frames
     return build_real(m.kind, m.path, mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype,
+                      cfg_grad=m.cfg_grad,
                       resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing, device=str(device),
                       **extra)
 
@@ -92,12 +94,20 @@ def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
 def _read_prompts(path: str, key: str) -> list[str]:
     from pathlib import Path
 
+    from flowpo.errors import ConfigError
+
     f = Path(path)
     if not f.exists():
         raise FileNotFoundError(f"{key}={path!r} does not exist; give a text file with one prompt per line")
-    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    if not f.is_file():
+        raise ConfigError(f"{key}={path!r} is a directory, not a file; give a text file with one prompt per line")
+    try:
+        text = f.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}={path!r} is not UTF-8 text; give a text file with one prompt per line") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise ValueError(f"{key}={path!r} holds no prompts; write one prompt per line")
+        raise ConfigError(f"{key}={path!r} holds no prompts (empty or blank lines only); write one prompt per line")
     return lines
 
 

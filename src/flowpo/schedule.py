@@ -39,3 +39,31 @@ def sigmas(T: int, shift: float = 3.0) -> Tensor:
     out = shift_sigma(base, shift).to(torch.float32)
     out[0], out[-1] = 1.0, 0.0
     return out
+
+
+def dynamic_shift_mu(seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
+                     max_shift: float) -> float:
+    """The resolution-dependent shift of FLUX/SD3.5-style schedulers (`use_dynamic_shifting`):
+    μ grows linearly in the number of latent tokens, from base_shift at base_seq_len to max_shift
+    at max_seq_len; the scheduler then maps t ↦ e^μ / (e^μ + 1/t − 1)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (seq_len - base_seq_len)
+
+
+def check_grid(sig: Tensor, T: int, key: str = "sample.sigmas") -> Tensor:
+    """A σ grid of T steps: T + 1 values in [0, 1], strictly decreasing, ending at 0 → fp32 [T + 1].
+    Raises ValueError naming `key` and the fix."""
+    sig = torch.as_tensor(sig, dtype=torch.float32).flatten()
+    if sig.numel() != T + 1:
+        raise ValueError(f"{key} has {sig.numel()} values but sample.steps={T} needs {T + 1}; "
+                         f"give {T + 1} values or set {key}=null to use the policy's own schedule")
+    if not (float(sig[0]) <= 1.0 and float(sig[-1]) == 0.0 and bool((sig[1:] < sig[:-1]).all())):
+        raise ValueError(f"{key}={sig.tolist()} must decrease strictly from at most 1 to exactly 0")
+    return sig
+
+
+def resolve(given, policy, T: int, shift: float) -> Tensor:
+    """The schedule part: the training grid of T steps — `sample.sigmas` when given, else the
+    policy's own (`policy.sigmas(T, shift)`: the pipeline scheduler's for diffusers models,
+    `sigmas(T, shift)` for the embedded one)."""
+    return check_grid(given if given is not None else policy.sigmas(T, shift), T)

@@ -104,11 +104,14 @@ class FlowNet(nn.Module):
 
 
 def guided_velocity(net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor,
-                    guidance: float) -> torch.Tensor:
+                    guidance: float, detach_uncond: bool = False) -> torch.Tensor:
     """v(x, σ | tokens) with true classifier-free guidance v_u + g·(v_c − v_u) (the null prompt is
-    all PAD); one forward when g = 1. x [N, 1, 16, 16], sigma [N], tokens [N, L] → fp32."""
+    all PAD); one forward when g = 1. x [N, 1, 16, 16], sigma [N], tokens [N, L] → fp32.
+    detach_uncond: no gradient through v_u (Flow-GRPO's training; the values are unchanged)."""
     if guidance == 1.0:
         return net(x, sigma, tokens).float()
     null = torch.full_like(tokens, PAD)  # [N, L]
     v_c, v_u = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([tokens, null])).chunk(2)
+    if detach_uncond:
+        v_u = v_u.detach()
     return (v_u + guidance * (v_c - v_u)).float()

@@ -34,6 +34,9 @@ class Policy(Protocol):
       (true CFG v_u + g·(v_c − v_u) for SD3 and the embedded model; FLUX's guidance embedding).
       x: [N, *D]; sigma: [N] in [0, 1]; returns fp32 [N, *D]. Convention: x_σ = (1−σ)x0 + σε,
       v = ε − x0.
+    - `sigmas(T, shift)`: the model's own σ grid of T steps, fp32 [T + 1] from 1 to 0 (the
+      pipeline scheduler's `set_timesteps(T)` for diffusers models, with their dynamic shift;
+      flowpo's shifted grid for the embedded model, where `shift` applies).
     - `evals_per_row(guidance)`: model evaluations one row of `velocity` costs (2 with true CFG
       at guidance ≠ 1, else 1); the trainer multiplies by rows to count `nfe`.
     - `decode(x)`: latents [N, *D] → images [N, 3 or 1, H, W] float in [0, 1] (fp32).
@@ -49,6 +52,8 @@ class Policy(Protocol):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor: ...
 
     def evals_per_row(self, guidance: float) -> int: ...
+
+    def sigmas(self, T: int, shift: float) -> torch.Tensor: ...
 
     def decode(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -80,7 +80,15 @@ def check_pipeline_folder(path: str | Path, expected_class: str, kind: str) -> P
             f"model.path={str(path)!r} is not a diffusers pipeline folder; expected model_index.json "
             f"in it (the folder that holds model_index.json, transformer/, vae/, text_encoder/, ...)"
         )
-    found = json.loads(index.read_text()).get("_class_name")
+    try:
+        meta = json.loads(index.read_text())
+    except ValueError as e:
+        raise ValueError(f"{index} is not valid JSON ({e}); the folder is damaged: download the pipeline "
+                         "again") from None
+    found = meta.get("_class_name") if isinstance(meta, dict) else None
+    if found is None:
+        raise ValueError(f"{index} has no _class_name; it is not a diffusers pipeline index: point model.path "
+                         "at the folder of a saved pipeline")
     if found != expected_class:
         raise ValueError(
             f"model.kind={kind!r} expects a {expected_class} folder, but {index} declares {found!r}; "
@@ -367,7 +375,11 @@ class DiffusersPolicy:
         device: str | torch.device,
         max_sequence_length: int,
         prompt_cache_size: int,
+        cfg_grad: str = "conditional",
     ):
+        if cfg_grad not in ("conditional", "both"):
+            raise ValueError(f"cfg_grad={cfg_grad!r}; allowed: 'conditional' (Flow-GRPO), 'both'")
+        self.cfg_grad = cfg_grad
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -411,6 +423,47 @@ class DiffusersPolicy:
     def evals_per_row(self, guidance: float) -> int:
         """True CFG: the unconditional and conditional rows at guidance ≠ 1, one row at 1."""
         return 1 if guidance == 1.0 else 2
+
+    def sigmas(self, T: int, shift: float | None = None) -> torch.Tensor:
+        """The pipeline scheduler's σ grid for T steps, as its own `__call__` sets it (a copy of the
+        scheduler takes `set_timesteps` with `_timestep_kwargs(T)`: the dynamic-shift μ from this
+        policy's latent token count, FLUX's explicit sigmas); `shift` is unused (the scheduler
+        config's shift applies). fp32 [T + 1] on the CPU."""
+        import copy
+
+        sched = copy.deepcopy(self.pipe.scheduler)
+        kw = self._timestep_kwargs(T)
+        if "sigmas" in kw:
+            sched.set_timesteps(sigmas=kw.pop("sigmas"), device="cpu", **kw)
+        else:
+            sched.set_timesteps(T, device="cpu", **kw)
+        return sched.sigmas.detach().to("cpu", torch.float32).clone()
+
+    def _timestep_kwargs(self, T: int) -> dict:
+        """What the pipeline passes to `set_timesteps` besides T: μ when the scheduler shifts
+        dynamically (from `_image_seq_len()` and the scheduler config's base/max shift)."""
+        c = self.pipe.scheduler.config
+        if not c.get("use_dynamic_shifting", False):
+            return {}
+        return {"mu": self._mu(self._image_seq_len(), default_max_shift=1.16)}
+
+    def _mu(self, seq_len: int, default_max_shift: float) -> float:
+        from flowpo.schedule import dynamic_shift_mu
+
+        c = self.pipe.scheduler.config
+        return dynamic_shift_mu(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                c.get("base_shift", 0.5), c.get("max_shift", default_max_shift))
+
+    def _image_seq_len(self) -> int:
+        """Latent tokens the transformer sees (patches of the latent)."""
+        raise NotImplementedError
+
+    def _guided(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """v_u + g·(v_c − v_u); with cfg_grad='conditional' no gradient flows through v_u
+        (Flow-GRPO's training), with 'both' through both branches. Values are the same."""
+        if self.cfg_grad == "conditional":
+            v_u = v_u.detach()
+        return v_u + guidance * (v_c - v_u)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, H/8, W/8] → images [N, 3, H, W] fp32 in [0, 1]."""

@@ -50,10 +50,12 @@ class EmbeddedPolicy:
     latent_shape = (1, 16, 16)
 
     def __init__(self, weights: str | None = None, mode: Literal["lora", "full"] = "lora",
-                 lora_rank: int = 8, lora_alpha: float = 8.0, max_len: int = 8):
+                 lora_rank: int = 8, lora_alpha: float = 8.0, max_len: int = 8,
+                 cfg_grad: Literal["conditional", "both"] = "conditional"):
         if mode not in ("lora", "full"):
             raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
         self.mode, self.lora_rank, self.lora_alpha, self.max_len = mode, lora_rank, lora_alpha, max_len
+        self.cfg_grad = cfg_grad
         net = load_flow_net(weights)
         self._ref: FlowNet | None = None
         if mode == "lora":
@@ -79,7 +81,13 @@ class EmbeddedPolicy:
         """v_θ(x, σ | c) with true CFG: x [N, 1, 16, 16], sigma [N] → fp32 [N, 1, 16, 16]."""
         x, tokens = x.float(), cond["tokens"].to(x.device)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [N]
-        return guided_velocity(self._net(), x, sigma, tokens, guidance)
+        return guided_velocity(self._net(), x, sigma, tokens, guidance, detach_uncond=self.cfg_grad == "conditional")
+
+    def sigmas(self, T: int, shift: float) -> torch.Tensor:
+        """flowpo's grid σ = shift(linspace(1, 0, T + 1)) (flowpo.schedule.sigmas)."""
+        from flowpo.schedule import sigmas
+
+        return sigmas(T, shift)
 
     def evals_per_row(self, guidance: float) -> int:
         return 1 if guidance == 1.0 else 2

@@ -91,6 +91,7 @@ class FluxPolicy(DiffusersPolicy):
         device: str | torch.device = "cpu",
         max_sequence_length: int = 512,
         prompt_cache_size: int = 1024,
+        cfg_grad: str = "conditional",
     ):
         super().__init__(
             pipe,
@@ -103,6 +104,7 @@ class FluxPolicy(DiffusersPolicy):
             device=device,
             max_sequence_length=max_sequence_length,
             prompt_cache_size=prompt_cache_size,
+            cfg_grad=cfg_grad,  # unused: FLUX's guidance is an embedding, one branch
         )
         self.has_guidance_embedding = bool(pipe.transformer.config.guidance_embeds)
         scale = pipe.vae_scale_factor
@@ -142,6 +144,19 @@ class FluxPolicy(DiffusersPolicy):
                 return_dict=False,
             )[0]
         return unpack_latents(out.float(), h, w)
+
+    def _timestep_kwargs(self, T: int) -> dict:
+        """As FluxPipeline: sigmas linspace(1, 1/T, T) (unless the scheduler makes its own flow
+        sigmas) and the dynamic-shift μ of the packed latent's token count (2×2 patches)."""
+        import numpy as np
+
+        kw: dict = {"mu": self._mu(self._image_seq_len(), default_max_shift=1.15)}
+        if not self.pipe.scheduler.config.get("use_flow_sigmas", False):
+            kw["sigmas"] = np.linspace(1.0, 1.0 / T, T)
+        return kw
+
+    def _image_seq_len(self) -> int:
+        return (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
 
     def evals_per_row(self, guidance: float) -> int:
         """One evaluation per row: guidance enters through the guidance embedding, not CFG."""

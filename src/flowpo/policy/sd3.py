@@ -40,6 +40,8 @@ class SD3Policy(DiffusersPolicy):
         device: where every component runs.
         max_sequence_length: T5 tokens per prompt (the pipeline's default is 256).
         prompt_cache_size: prompts whose embeddings are kept (least recently used evicted).
+        cfg_grad: "conditional" (no gradient through the unconditional branch, as Flow-GRPO's
+            training) or "both".
 
     `SD3Policy.from_pretrained(path, **options)` loads a local StableDiffusion3Pipeline folder
     (never the hub); `options` are the keyword arguments above.
@@ -64,6 +66,7 @@ class SD3Policy(DiffusersPolicy):
         device: str | torch.device = "cpu",
         max_sequence_length: int = 256,
         prompt_cache_size: int = 1024,
+        cfg_grad: str = "conditional",
     ):
         super().__init__(
             pipe,
@@ -76,6 +79,7 @@ class SD3Policy(DiffusersPolicy):
             device=device,
             max_sequence_length=max_sequence_length,
             prompt_cache_size=prompt_cache_size,
+            cfg_grad=cfg_grad,
         )
         scale = pipe.vae_scale_factor
         self.height, self.width = image_size(pipe, resolution, scale * pipe.transformer.config.patch_size)
@@ -97,9 +101,13 @@ class SD3Policy(DiffusersPolicy):
         embeds = torch.cat([neg["prompt_embeds"].expand(n, -1, -1), embeds])  # [2N, L, D]
         pooled = torch.cat([neg["pooled"].expand(n, -1), pooled])  # [2N, P]
         v_u, v_c = self._transformer(torch.cat([x, x]), torch.cat([sigma, sigma]), embeds, pooled).float().chunk(2)
-        return v_u + guidance * (v_c - v_u)
+        return self._guided(v_u, v_c, guidance)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _image_seq_len(self) -> int:
+        p = self.pipe.transformer.config.patch_size
+        return (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
 
     def _encode(self, prompts: list[str]) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -63,6 +63,7 @@ class WanPolicy(DiffusersPolicy):
         max_sequence_length: int = 512,
         negative_prompt: str = "",
         prompt_cache_size: int = 1024,
+        cfg_grad: str = "conditional",
     ):
         if getattr(pipe, "transformer_2", None) is not None or pipe.transformer is None:
             raise ValueError(
@@ -83,6 +84,7 @@ class WanPolicy(DiffusersPolicy):
             device=device,
             max_sequence_length=max_sequence_length,
             prompt_cache_size=prompt_cache_size,
+            cfg_grad=cfg_grad,
         )
         s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         _, p_h, p_w = pipe.transformer.config.patch_size
@@ -101,6 +103,11 @@ class WanPolicy(DiffusersPolicy):
 
     # -- Policy interface (module, evals_per_row and the trainable state: DiffusersPolicy) ----
 
+    def _image_seq_len(self) -> int:
+        _, p_f, p_h, p_w = (1, *self.pipe.transformer.config.patch_size)
+        c, f, h, w = self.latent_shape
+        return (f // p_f) * (h // p_h) * (w // p_w)
+
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """{"prompt_embeds": [N, L, D]} UMT5 token embeddings (padding positions zeroed)."""
         return self._prompts.get(prompts)
@@ -114,7 +121,7 @@ class WanPolicy(DiffusersPolicy):
         neg = self._negative_cond()["prompt_embeds"].expand(n, -1, -1)
         out = self._transformer(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg, embeds]))  # [2N, *D]
         v_u, v_c = out.float().chunk(2)
-        return v_u + guidance * (v_c - v_u)
+        return self._guided(v_u, v_c, guidance)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

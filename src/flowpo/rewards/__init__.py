@@ -16,11 +16,17 @@ from typing import Callable
 
 import torch
 
+from flowpo.errors import ConfigError
+
 Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 class RewardError(RuntimeError):
-    """A reward scorer failed or returned non-finite values."""
+    """A reward scorer failed or returned non-finite values (a runtime failure: exit code 1)."""
+
+
+class RewardNameError(ConfigError, RewardError):
+    """An unknown reward name or a dotted path that does not import (bad input: exit code 2)."""
 
 
 def _builtin() -> dict[str, Scorer]:
@@ -40,15 +46,15 @@ def get_scorer(name: str) -> Scorer:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:
-            raise RewardError(f"reward {name!r}: cannot import module {mod_name!r} ({e}); "
+            raise RewardNameError(f"reward {name!r}: cannot import module {mod_name!r} ({e}); "
                               "check the dotted path package.module:function and that it is installed") from None
         fn = getattr(mod, fn_name, None)
         if not callable(fn):
-            raise RewardError(f"reward {name!r}: module {mod_name!r} has no callable {fn_name!r}")
+            raise RewardNameError(f"reward {name!r}: module {mod_name!r} has no callable {fn_name!r}")
         return fn
     registry = _builtin()
     if name not in registry:
-        raise RewardError(f"unknown reward {name!r}; registered: {sorted(registry)}, "
+        raise RewardNameError(f"unknown reward {name!r}; registered: {sorted(registry)}, "
                           "or give a dotted path package.module:function")
     return registry[name]
 

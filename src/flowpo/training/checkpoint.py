@@ -6,11 +6,16 @@ Layout: DIR/checkpoints/iter_000010/
     optimizer.safetensors   optimizer tensors, keyed "<param index>.<name>"
     buffer.safetensors      replay buffer tensors (if enabled)
     state.json              iteration, nfe, wall time, plan/buffer metadata, RNG, optimizer scalars
+    manifest.json           sha256 and size of every file above, written last
 A save writes everything into `iter_XXXXXX.tmp`, fsyncs, then renames it into place: a kill during
 a save leaves the previous checkpoint intact and the partial one ignored (and removed next time).
+`latest_intact` verifies the manifest (and that every file parses) and falls back to the newest
+intact checkpoint, naming each one it skipped and why: a truncated, garbage or bit-flipped file
+never loads silently.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,7 +68,10 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
         if tdict:
             save_file({k: v.detach().contiguous() for k, v in tdict.items()}, str(tmp / f"{fname}.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    manifest = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for f in tmp.iterdir():
+        os.chmod(f, 0o644)  # like the rest of the run folder (safetensors writes 0600)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
@@ -73,6 +81,61 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: str | Path) -> str | None:
+    """None if the checkpoint folder is intact, else why not (one short phrase). Checks the manifest's
+    sizes and sha256 sums, then that state.json and every safetensors file parse. A folder without a
+    manifest (written before manifests existed) is checked by parsing alone."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if mf.exists():
+        try:
+            manifest = json.loads(mf.read_text())
+        except (OSError, ValueError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for name, rec in manifest.items():
+            f = path / name
+            if not f.exists():
+                return f"{name} is missing"
+            if f.stat().st_size != rec["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated?)"
+            if _sha256(f) != rec["sha256"]:
+                return f"{name} does not match its sha256 in the manifest (corrupted)"
+    try:
+        json.loads((path / "state.json").read_text())
+        for f in path.glob("*.safetensors"):
+            load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - any parse failure means: not loadable
+        return f"it does not parse ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The newest checkpoint that verifies, and [(folder name, reason)] of the newer ones skipped."""
+    ckdir = Path(root) / "checkpoints"
+    skipped: list[tuple[str, str]] = []
+    if not ckdir.exists():
+        return None, skipped
+    done = sorted(p for p in ckdir.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp"))
+    for p in reversed(done):
+        why = verify(p) if (p / "state.json").exists() else "state.json is missing"
+        if why is None:
+            return p, skipped
+        skipped.append((p.name, why))
+    return None, skipped
 
 
 def latest(root: str | Path) -> Path | None:

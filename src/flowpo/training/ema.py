@@ -22,3 +22,39 @@ class EMA:
             tmp = p.detach().clone()
             p.copy_(s)
             s.copy_(tmp)
+
+    def swapped(self, resync=None):
+        """Context with the EMA weights in the parameters (evaluation); `resync()` after each swap
+        (FSDP2: refresh the gathered copy)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.swap()
+            (resync or (lambda: None))()
+            try:
+                yield
+            finally:
+                self.swap()
+                (resync or (lambda: None))()
+
+        return ctx()
+
+
+class NoEMA:
+    """train.ema = 0: evaluation uses the live weights; nothing to update or checkpoint."""
+
+    shadow: list = []
+
+    def update(self) -> None:
+        pass
+
+    def swapped(self, resync=None):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def build_ema(params: list, decay: float):
+    """EMA for train.ema > 0, else NoEMA."""
+    return EMA(params, decay) if decay > 0 else NoEMA()

@@ -12,7 +12,9 @@ def build_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.AdamW:
 
 
 def lr_at(t, it: int) -> float:
-    """Learning rate of iteration `it` under train.lr_schedule, with x = it / train.iterations:
+    """Learning rate of iteration `it` under train.lr_schedule, with x = min(1, it / horizon), horizon
+    = train.lr_horizon (a run fixes it to its train.iterations when it starts, so extending a run
+    with --resume keeps the schedule continuous: past the horizon the rate stays at lr_final·lr):
 
         constant: lr
         linear:   lr·(lr_final + (1 − lr_final)·(1 − x))
@@ -22,7 +24,8 @@ def lr_at(t, it: int) -> float:
     """
     if t.lr_schedule == "constant":
         return t.lr
-    x = min(1.0, it / max(1, t.iterations))
+    horizon = t.lr_horizon if t.lr_horizon is not None else t.iterations
+    x = min(1.0, it / max(1, horizon))
     f = 1.0 - x if t.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * x))
     return t.lr * (t.lr_final + (1.0 - t.lr_final) * f)
 

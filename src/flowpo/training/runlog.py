@@ -15,7 +15,9 @@ import torch
 
 class RunLog:
     def __init__(self, out: str | Path, *, enabled: bool = True, tensorboard: bool = True, wandb: bool = False,
-                 config: dict | None = None):
+                 config: dict | None = None, purge_step: int | None = None):
+        """purge_step: a resumed run's first iteration; TensorBoard drops events logged at or after it
+        by the killed session, so no step appears twice."""
         self.out = Path(out)
         self.enabled = enabled
         self.tb = None
@@ -27,7 +29,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out / "tb"))
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
             except ImportError:  # an optional extra: say so once and log to metrics.jsonl only
                 import sys
 
@@ -88,11 +90,26 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1) -
     img.save(path)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, *, notice: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (a full disk, a kill mid-write) is
+    dropped (said on stderr with `notice`); a bad line elsewhere raises ValueError naming it."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                if notice:
+                    import sys
+
+                    print(f"flowpo: {p}: dropping a partial last line ({len(line)} characters)", file=sys.stderr)
+                break
+            raise ValueError(f"{p} line {i + 1} is not JSON; the run log is damaged (fix or remove the line)") from None
+    return out
 
 
 def truncate_metrics(path: str | Path, iteration: int) -> None:
@@ -101,7 +118,7 @@ def truncate_metrics(path: str | Path, iteration: int) -> None:
     p = Path(path)
     if not p.exists():
         return
-    keep = [r for r in read_metrics(p)
+    keep = [r for r in read_metrics(p, notice=True)
             if r["step"] < iteration or ("eval_reward_mean" in r and r["step"] <= iteration)]
     p.write_text("".join(json.dumps(r) + "\n" for r in keep))
 

@@ -39,7 +39,7 @@ class TrainState:
         # under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full
         opt_t, opt_s = checkpoint.optimizer_to_flat(P.opt)
         tensors = {"trainable": P.policy.trainable_state_dict(), "optimizer": d.full(opt_t)}
-        if P.ema is not None:
+        if P.ema.shadow:
             tensors["ema"] = d.full({str(i): t for i, t in enumerate(P.ema.shadow)})
         objective = d.full(P.objective.state_dict())
         if objective:
@@ -63,7 +63,7 @@ class TrainState:
                                     for k, v in tensors.get("optimizer", {}).items()}
         P.policy.load_trainable_state_dict(tensors["trainable"])
         checkpoint.optimizer_from_flat(P.opt, tensors.get("optimizer", {}), meta["optimizer"])
-        if P.ema is not None and "ema" in tensors:
+        if P.ema.shadow and "ema" in tensors:
             for i, sh in enumerate(P.ema.shadow):
                 sh.copy_(like(tensors["ema"][str(i)], sh))
         if "buffer" in meta:
@@ -88,12 +88,19 @@ def save(st: TrainState, out: Path, keep: int) -> None:
 def restore(st: TrainState, out: Path) -> None:
     """Load the newest complete checkpoint of run folder `out` into `st`."""
     # every rank loads the same checkpoint (the run folder must be visible to all of them)
-    path = checkpoint.latest(out)
+    import sys
+
+    path, skipped = checkpoint.latest_intact(out)
     found = st.dist.all_gather_objects(None if path is None else path.name)
+    if st.dist.is_main:
+        for name, why in skipped:
+            print(f"flowpo: --resume: skipping checkpoint {name}: {why}", file=sys.stderr)
     if path is None or len(set(found)) > 1:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {out}/checkpoints, or ranks "
+        raise FileNotFoundError(f"--resume: no intact checkpoint under {out}/checkpoints, or ranks "
                                 f"see different ones ({found}); start a new run without --resume, or put "
                                 "the run folder on a file system every node shares")
+    if st.dist.is_main and skipped:
+        print(f"flowpo: --resume: continuing from {path.name}", file=sys.stderr)
     st.load_state_dict(*checkpoint.load(path))
     # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
     if st.dist.is_main:
@@ -109,9 +116,9 @@ def load_policy(cfg, run: str | Path | None):
     policy = build_policy(cfg.model)
     if run is None:
         return policy, 0
-    path = checkpoint.latest(run)
+    path, _ = checkpoint.latest_intact(run)
     if path is None:
-        raise FileNotFoundError(f"--run {run}: no complete checkpoint under {run}/checkpoints; give the --out "
+        raise FileNotFoundError(f"--run {run}: no intact checkpoint under {run}/checkpoints; give the --out "
                                 "folder of a training run that saved one")
     tensors, state = checkpoint.load(path)
     policy.load_trainable_state_dict(tensors["trainable"])
@@ -121,3 +128,19 @@ def load_policy(cfg, run: str | Path | None):
             for i, p in enumerate(params):
                 p.copy_(tensors["ema"][str(i)].to(p.device, p.dtype))
     return policy, int(state["iteration"])
+
+
+def has_intact_checkpoint(out: str | Path) -> bool:
+    return checkpoint.latest_intact(out)[0] is not None
+
+
+def clear_run(out: str | Path) -> None:
+    """Remove what a run killed before its first checkpoint left (logs, samples, partial checkpoints),
+    so the folder can hold a fresh start of the same run."""
+    import shutil
+
+    out = Path(out)
+    for name in ("metrics.jsonl", "report.md"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("tb", "samples", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)

@@ -33,28 +33,52 @@ class Trainer:
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False):
         self.cfg, self.out = cfg, Path(out)
         self.dist = Dist()
+        rows = cfg.sample.prompts_per_iteration * (cfg.sample.group_size - cfg.replay.k)
+        if rows % self.dist.world:  # checked before anything is written
+            raise config_mod.ConfigError(
+                f"{rows} fresh rows per iteration (sample.prompts_per_iteration × (group_size − replay.k)) do not "
+                f"split over {self.dist.world} processes; make them a multiple of {self.dist.world}")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.parts = P = build(cfg, self.dist)
         self.policy, self.device, self.params, self.opt, self.ema = P.policy, P.device, P.params, P.opt, P.ema
         self.sigmas, self.plan, self.rewards = P.sigmas, P.plan, P.rewards
+        self._preflight()
         self.progress = train_state.Progress()
         self.state = train_state.TrainState(P, self.progress, self.dist, cfg.train.seed, self.wall)
         self._warned_minibatches = False
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        if resume and not self.dist.all_true(train_state.has_intact_checkpoint(self.out)):
+            if self.dist.is_main:  # killed before its first checkpoint: not a dead end, start it afresh
+                print(f"flowpo: --resume: {self.out} has no intact checkpoint yet; starting the run afresh there",
+                      file=sys.stderr)
+                train_state.clear_run(self.out)
+            self.dist.barrier()
+            resume = False
         if resume:
             train_state.restore(self.state, self.out)
         elif not self.dist.all_true(not (self.dist.is_main and (self.out / "metrics.jsonl").exists())):
             raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
                                   "or choose another --out")
+        cfg.sample.sigmas = [float(x) for x in self.sigmas]  # the resolved grid, into config.yaml
+        if cfg.train.lr_horizon is None:  # fixed when the run starts; a resumed run reads it back
+            cfg.train.lr_horizon = cfg.train.iterations
         if self.dist.is_main:
             config_mod.dump(cfg, self.out / "config.yaml")
         self.log = RunLog(self.out, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard,
-                          wandb=cfg.log.wandb, config=config_mod.to_dict(cfg))
+                          wandb=cfg.log.wandb, config=config_mod.to_dict(cfg),
+                          purge_step=self.iteration if resume else None)
         self.dist.gather_params()  # FSDP2: keep full weights between optimizer steps (no-op otherwise)
         self.t0 = time.time()
+
+    def _preflight(self) -> None:
+        """Score two decoded latents with every reward before anything is written, so a scorer that
+        raises or returns NaN/the wrong count fails now, in one line, not after an iteration."""
+        with torch.no_grad():
+            probe = torch.zeros((2, *self.policy.latent_shape), device=self.device)
+            self.rewards.score(self.policy.decode(probe), self.parts.pool[:1] * 2)
 
     iteration = property(lambda self: self.progress.iteration,
                          lambda self, v: setattr(self.progress, "iteration", v))
@@ -207,8 +231,7 @@ class Trainer:
                 check_grad_norm(grad_norms[-1], self.iteration, cfg.model)
                 self.opt.step()
                 self.dist.gather_params()
-                if self.ema is not None:
-                    self.ema.update()
+                self.ema.update()
         obj.end(self.iteration)
         self.policy.module.eval()
         stats = [st for part in self.dist.all_gather_objects(stats) for st in part]    # all ranks' transitions
@@ -223,16 +246,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out ODE samples of the current weights (the EMA weights when train.ema > 0)."""
-        if self.ema is not None:
-            self.ema.swap()
-            self.dist.gather_params()  # FSDP2: the gathered copy must follow the swapped shards
-        try:
+        with self.ema.swapped(self.dist.gather_params):  # FSDP2: the gathered copy follows the swap
             rec, images = evaluate_policy(self.cfg, self.policy, self.rewards, self.parts.eval_prompts,
                                           self.parts.eval_sigmas, self.device, self.dist)
-        finally:
-            if self.ema is not None:
-                self.ema.swap()
-                self.dist.gather_params()
         rec.update({"step": self.iteration, "nfe": self.nfe, "wall_s": self.wall()})
         self.log.write(rec)
         e = self.cfg.eval

@@ -1,0 +1,172 @@
+"""Every failure is one line (exit 2: bad input, 1: a runtime failure), nothing is lost, and no run
+folder is a dead end. In-process `flowpo.cli.main` on the embedded default with a tiny budget."""
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY
+from flowpo.cli import main
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowpo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def scorers(tmp_path, monkeypatch):
+    (tmp_path / "my_scorers.py").write_text(
+        "import torch\n"
+        "def boom(images, prompts):\n    raise RuntimeError('model weights not loaded')\n"
+        "def nan(images, prompts):\n    return torch.full((len(prompts),), float('nan'))\n"
+        "def short(images, prompts):\n    return torch.zeros(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("override,code,words", [
+    ("reward.names=[pickscore]", 2, "unknown reward 'pickscore'"),
+    ("reward.names=[nope_module:score]", 2, "cannot import module 'nope_module'"),
+    ("reward.names=[my_scorers:boom]", 1, "raised RuntimeError: model weights not loaded"),
+    ("reward.names=[my_scorers:nan]", 1, "returned NaN/inf for 2 of 2 samples"),
+    ("reward.names=[my_scorers:short]", 1, "returned 1 values for 2 samples"),
+])
+def test_reward_failures_are_one_line_before_anything_is_written(tmp_path, capsys, scorers, override, code, words):
+    out = tmp_path / "run"
+    got, _, err = cli(capsys, "train", "--out", out, *TINY, override)
+    assert got == code and words in one_line(err)
+    assert not out.exists()  # the preflight scored a tiny batch before the run folder was made
+
+
+def test_bad_input_files(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        ([f"sample.prompts_file={empty}"], "holds no prompts"),
+        ([f"sample.prompts_file={tmp_path}"], "is a directory"),
+    ]
+    for overrides, words in cases:
+        code, _, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, *overrides)
+        assert code == 2 and words in one_line(err)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  iterations: [1, 2\n")
+    code, _, err = cli(capsys, "train", "--config", bad_yaml, "--out", tmp_path / "r")
+    assert code == 2 and "is not valid YAML at line" in one_line(err)
+
+
+@pytest.mark.parametrize("index,words", [("{not json", "is not valid JSON"), ('{"x": 1}', "has no _class_name")])
+def test_a_damaged_diffusers_folder_is_one_line(tmp_path, capsys, index, words):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(index)
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, "model.kind=sd3", f"model.path={folder}")
+    assert code == 2 and words in one_line(err)
+
+
+def test_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "f" / "run", *TINY)
+    assert code == 2, err
+    one_line(err)
+
+
+def test_non_finite_gradient_is_one_line(tmp_path, capsys):
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, "train.lr=1e30", "train.max_grad_norm=1e30",
+                       "reward.names=[stroke_quality]")
+    if code == 0:
+        pytest.skip("this budget did not overflow the gradient")
+    assert code == 1 and "non-finite gradient" in one_line(err)
+
+
+def test_debug_env_gives_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWPO_DEBUG", "1")
+    with pytest.raises(Exception, match="unknown reward"):
+        main(["train", "--out", str(tmp_path / "r"), *TINY, "reward.names=[pickscore]"])
+
+
+# ----------------------------------------------------------------------------- run folders
+def _train(capsys, out, *extra):
+    code, _, err = cli(capsys, "train", "--out", out, *TINY, *extra)
+    assert code == 0, err
+    return err
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_under_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(capsys, out)
+    shutil.rmtree(out / "checkpoints")  # as if killed before the first save
+    code, _, err = cli(capsys, "train", "--out", out, *TINY)
+    assert code == 2 and "--resume" in one_line(err)          # a fresh start refuses: it holds a run
+    code, _, err = cli(capsys, "train", "--resume", out)
+    assert code == 0 and "no intact checkpoint yet; starting the run afresh" in err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "reward_mean" in json.loads(x)]
+    assert steps == [0, 1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip", "state"])
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    _train(capsys, out, "train.iterations=2", "train.keep_checkpoints=2")
+    newest = out / "checkpoints" / "iter_000002"
+    f = newest / ("state.json" if damage == "state" else "trainable.safetensors")
+    data = f.read_bytes()
+    if damage == "truncate":
+        f.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        f.write_bytes(b"\x00garbage" * 10)
+    elif damage == "flip":  # one flipped byte inside the tensor data: same size, parses, wrong sum
+        i = len(data) - 5
+        f.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    else:
+        f.write_text("{not json")
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3")
+    assert code == 0, err
+    assert "skipping checkpoint iter_000002" in err and "continuing from iter_000001" in err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "reward_mean" in json.loads(x)]
+    assert steps == [0, 1, 2]
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(capsys, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward_me')  # what a full disk leaves
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3")
+    assert code == 0 and "dropping a partial last line" in err
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(x) for x in lines)
+
+
+def test_checkpoint_files_are_world_readable(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(capsys, out)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "checkpoints" / "iter_000002").iterdir()}
+    assert modes and all(m == 0o644 for m in modes.values()), modes
+
+
+def test_resume_refuses_changes_to_the_method_and_accepts_the_budget(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(capsys, out, "train.lr_schedule=cosine")
+    for args, words in [(["sample.steps=6"], "--resume cannot change sample.steps (4 → 6)"),
+                        (["sample.kernel=ddim"], "cannot change sample.kernel"),
+                        (["--preset", "op_grpo"], "--preset cannot change it"),
+                        (["train.iterations=1"], "below the 2 iterations this run has done")]:
+        code, _, err = cli(capsys, "train", "--resume", out, *args)
+        assert code == 2 and words in one_line(err), err
+    # the same values a bench passes again are no change; a larger budget is applied and said
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=4", "sample.steps=4", *TINY[2:3])
+    assert code == 0 and "applying train.iterations=4" in err, err
+    lrs = [json.loads(x)["train/lr"] for x in (out / "metrics.jsonl").read_text().splitlines()
+           if "train/lr" in json.loads(x)]
+    assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True)   # the cosine does not rewind
+    assert lrs[2] == lrs[3]                                     # past its horizon (2): lr_final·lr
