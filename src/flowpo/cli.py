@@ -22,6 +22,10 @@ class UsageError(Exception):
     pass
 
 
+class _Terminated(BaseException):
+    """SIGTERM during `flowpo train` (raised by the signal handler)."""
+
+
 def _cmd_presets(_args, _rest) -> int:
     from flowpo.presets import PRESETS
 
@@ -242,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config}
     if getattr(args, "help_config", False):
         args.verb = "config"
+    import signal
+
+    def _terminated(signum, frame):
+        raise _Terminated()
+
+    if args.verb == "train":
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return handlers[args.verb](args, rest)
     except BrokenPipeError:  # `flowpo config | head`
@@ -249,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flowpo: interrupted; continue with: flowpo train --resume <the run's --out folder>", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("flowpo: terminated (SIGTERM); continue with: flowpo train --resume <the run's --out folder> "
+              "(from its last checkpoint)", file=sys.stderr)
+        return 143
     except SystemExit:
         raise
     except Exception as e:  # noqa: BLE001 - one line per failure (FLOWPO_DEBUG=1 for the traceback)

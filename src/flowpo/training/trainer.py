@@ -118,7 +118,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.dist.is_main:
-            write_report(self.out, title=f"flowpo run: {cfg.preset or 'custom'}")
+            write_report(self.out, title=f"flowpo run: {cfg.preset or 'the defaults (= flow_grpo)'}")
         self.log.close()
         self.dist.barrier()  # nobody leaves (and tears the group down) while rank 0 still writes
         return last_eval
