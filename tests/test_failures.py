@@ -170,3 +170,12 @@ def test_resume_refuses_changes_to_the_method_and_accepts_the_budget(tmp_path, c
            if "train/lr" in json.loads(x)]
     assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True)   # the cosine does not rewind
     assert lrs[2] == lrs[3]                                     # past its horizon (2): lr_final·lr
+
+
+def test_a_constant_reward_is_said(tmp_path, capsys, scorers):
+    (scorers / "const_scorers.py").write_text("import torch\ndef one(images, prompts):\n"
+                                             "    return torch.ones(len(prompts))\n")
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, "reward.names=[const_scorers:one]")
+    assert code == 0 and "every advantage is 0 (the reward is constant at 1)" in err
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["adv/all_zero"] for r in rows if "reward_mean" in r] == [1.0, 1.0]

@@ -205,9 +205,14 @@ def _cmd_bench(_args, rest) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flowpo", description="GRPO-family RL post-training for flow-matching models")
     sub = ap.add_subparsers(dest="verb", required=True)
+    helps = {"train": "train a policy (a preset, a YAML config, key.path=value overrides)",
+             "eval": "evaluate a run's latest checkpoint (or the base model) on the held-out prompts",
+             "sample": "write a PNG grid of samples for one prompt",
+             "config": "print every config key with its type, value, allowed values and help"}
+    overrides_help = ("Overrides: any number of key.path=value after the options, e.g. train.iterations=40 "
+                      "reward.names=[digit_alignment]; `flowpo config` lists every key with its help.")
     for verb in ("train", "eval", "sample", "config"):
-        sp = sub.add_parser(verb, help="print every config key with its type, value, allowed values and help"
-                            if verb == "config" else None)
+        sp = sub.add_parser(verb, help=helps[verb], description=helps[verb] + ". " + overrides_help)
         sp.add_argument("--config", help="YAML config file (see configs/)")
         sp.add_argument("--preset", help="preset name (flowpo presets)")
         if verb == "config":
@@ -220,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--run", help="a training run directory (its config and latest checkpoint)")
         if verb == "sample":
-            sp.add_argument("--prompt", required=True)
-            sp.add_argument("--n", type=int, default=8)
-            sp.add_argument("--seed", type=int, default=0)
-            sp.add_argument("--out", default="samples.png")
-    sub.add_parser("pretrain", add_help=False)
-    sub.add_parser("bench", add_help=False)
-    sub.add_parser("presets")
+            sp.add_argument("--prompt", required=True, help="the text prompt")
+            sp.add_argument("--n", type=int, default=8, help="how many samples (default 8)")
+            sp.add_argument("--seed", type=int, default=0, help="first noise seed (sample i uses seed + i)")
+            sp.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    sub.add_parser("pretrain", add_help=False, help="retrain the embedded model and its classifier (flowpo pretrain --help)")
+    sub.add_parser("bench", add_help=False, help="presets × seeds × tasks benchmark (flowpo bench --help)")
+    sub.add_parser("presets", help="list the methods (presets) with their papers")
     return ap
 
 

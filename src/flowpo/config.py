@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,16 +367,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             f = float(value)
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not an integer") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}={value!r} is not an integer")
         return int(f)
     if hint is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} is not a number")
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not a number") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}={value!r} is not a finite number")
+        return f
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

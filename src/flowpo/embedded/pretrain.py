@@ -249,7 +249,9 @@ def pretrain(out_dir: str | Path | None = None, seed: int = 0, flow_steps: int =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flowpo pretrain", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=None, help=f"output folder (default: {ASSETS})")
+    ap.add_argument("--out", default="runs/pretrain",
+                    help="output folder (default runs/pretrain; the shipped weights are in "
+                         f"{ASSETS}: overwrite them only by naming that folder, --out {ASSETS})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and all draws")
     ap.add_argument("--flow-steps", type=int, default=PretrainConfig.flow_steps, help="flow-model steps")
     ap.add_argument("--clf-steps", type=int, default=PretrainConfig.clf_steps, help="classifier steps")
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     metrics = pretrain(a.out, seed=a.seed, flow_steps=a.flow_steps, clf_steps=a.clf_steps, threads=a.threads)
     print(json.dumps(metrics, indent=2))
+    print(f"wrote {a.out}; train on them with model.path={Path(a.out) / 'flow.safetensors'}")
     if a.grid:
         from safetensors.torch import load_file
 

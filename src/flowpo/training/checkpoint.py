@@ -11,7 +11,8 @@ A save writes everything into `iter_XXXXXX.tmp`, fsyncs, then renames it into pl
 a save leaves the previous checkpoint intact and the partial one ignored (and removed next time).
 `latest_intact` verifies the manifest (and that every file parses) and falls back to the newest
 intact checkpoint, naming each one it skipped and why: a truncated, garbage or bit-flipped file
-never loads silently.
+never loads silently. A damaged checkpoint that a resumed run saves over is kept aside as
+`iter_XXXXXX.damaged` (never loaded, never rotated away).
 """
 from __future__ import annotations
 
@@ -75,9 +76,15 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():
-        shutil.rmtree(final)
+        if verify(final) is None:
+            shutil.rmtree(final)
+        else:  # a damaged checkpoint a resumed run is replacing: kept aside, never loaded or rotated
+            damaged = final.with_name(final.name + ".damaged")
+            if damaged.exists():
+                shutil.rmtree(damaged)
+            os.replace(final, damaged)
     os.replace(tmp, final)
-    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -128,8 +135,7 @@ def latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[str, str]]]
     skipped: list[tuple[str, str]] = []
     if not ckdir.exists():
         return None, skipped
-    done = sorted(p for p in ckdir.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp"))
+    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name)
     for p in reversed(done):
         why = verify(p) if (p / "state.json").exists() else "state.json is missing"
         if why is None:
@@ -144,8 +150,7 @@ def latest(root: str | Path) -> Path | None:
     if not ckdir.exists():
         return None
     done = sorted(p for p in ckdir.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
-                  and (p / "state.json").exists())
+                  if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name and (p / "state.json").exists())
     return done[-1] if done else None
 
 

@@ -96,9 +96,12 @@ def restore(st: TrainState, out: Path) -> None:
         for name, why in skipped:
             print(f"flowpo: --resume: skipping checkpoint {name}: {why}", file=sys.stderr)
     if path is None or len(set(found)) > 1:
-        raise FileNotFoundError(f"--resume: no intact checkpoint under {out}/checkpoints, or ranks "
-                                f"see different ones ({found}); start a new run without --resume, or put "
-                                "the run folder on a file system every node shares")
+        if path is None and skipped:
+            raise FileNotFoundError(f"--resume: every checkpoint under {out}/checkpoints is damaged "
+                                    f"({skipped[0][0]}: {skipped[0][1]}); nothing was changed: move the folder "
+                                    "checkpoints/ away to start the run afresh, or restore it from a copy")
+        raise FileNotFoundError(f"--resume: ranks see different checkpoints under {out}/checkpoints ({found}); "
+                                "put the run folder on a file system every node shares")
     if st.dist.is_main and skipped:
         print(f"flowpo: --resume: continuing from {path.name}", file=sys.stderr)
     st.load_state_dict(*checkpoint.load(path))
@@ -130,8 +133,12 @@ def load_policy(cfg, run: str | Path | None):
     return policy, int(state["iteration"])
 
 
-def has_intact_checkpoint(out: str | Path) -> bool:
-    return checkpoint.latest_intact(out)[0] is not None
+def has_any_checkpoint(out: str | Path) -> bool:
+    """Whether a run folder holds any finished checkpoint folder, intact or not (a damaged one is
+    never removed: `restore` then names it and stops)."""
+    ckdir = Path(out) / "checkpoints"
+    return ckdir.is_dir() and any(p.is_dir() and p.name.startswith(checkpoint.PREFIX) and "." not in p.name
+                                  for p in ckdir.iterdir())
 
 
 def clear_run(out: str | Path) -> None:
@@ -142,5 +149,10 @@ def clear_run(out: str | Path) -> None:
     out = Path(out)
     for name in ("metrics.jsonl", "report.md"):
         (out / name).unlink(missing_ok=True)
-    for name in ("tb", "samples", "checkpoints"):
+    for name in ("tb", "samples"):
         shutil.rmtree(out / name, ignore_errors=True)
+    ckdir = out / "checkpoints"
+    if ckdir.is_dir():  # only partial saves (.tmp) can be here: has_any_checkpoint was False
+        for p in ckdir.iterdir():
+            if p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)

@@ -47,10 +47,10 @@ class Trainer:
         self._preflight()
         self.progress = train_state.Progress()
         self.state = train_state.TrainState(P, self.progress, self.dist, cfg.train.seed, self.wall)
-        self._warned_minibatches = False
+        self._warned_minibatches, self._zero_adv = False, 0
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        if resume and not self.dist.all_true(train_state.has_intact_checkpoint(self.out)):
+        if resume and not self.dist.all_true(train_state.has_any_checkpoint(self.out)):
             if self.dist.is_main:  # killed before its first checkpoint: not a dead end, start it afresh
                 print(f"flowpo: --resume: {self.out} has no intact checkpoint yet; starting the run afresh there",
                       file=sys.stderr)
@@ -163,6 +163,8 @@ class Trainer:
         gb = self._gather(roll, raw, step_rewards)                    # the one gather: global rows
         rep, rstats, rep_nfe = P.replay.select(it, gb)
         adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
+        self._zero_adv = _say_if_no_signal(it, adv_all, gb.raw @ self.rewards.weights, self._zero_adv,
+                                           self.dist.is_main)
         batch = UpdateBatch(states=roll.states, final=roll.final, train=roll.train.to(dev),
                             old_log_prob=roll.log_probs.to(dev), adv=adv_all[local].to(dev),
                             weight=torch.ones(len(rows), T, device=dev), cond=roll.cond, chunks=list(roll.chunks),
@@ -179,7 +181,8 @@ class Trainer:
                     "nfe": self.nfe, "nfe_per_image": float(nfe_tot) / n_all, "wall_s": self.wall(),
                     "time/rollout_s": t_roll - t_start, "time/reward_s": t_rew - t_roll,
                     "time/advantage_s": t_adv - t_rew, "time/update_s": time.time() - t_adv,
-                    "time/iteration_s": time.time() - t_start, "plan/trained_steps": float(plan.train.sum()) / n_all})
+                    "time/iteration_s": time.time() - t_start, "plan/trained_steps": float(plan.train.sum()) / n_all,
+                    "adv/all_zero": float(not bool((adv_all != 0).any()))})
         for k, name in enumerate(self.rewards.names):
             rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
         if plan.window is not None:
@@ -260,6 +263,23 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         train_state.save(self.state, self.out, self.cfg.train.keep_checkpoints)
+
+
+def _say_if_no_signal(it: int, adv_all: torch.Tensor, combined: torch.Tensor, count: int, main: bool) -> int:
+    """Say so (the first 3 times; always logged as adv/all_zero) when every advantage of an
+    iteration is 0: a reward constant over the batch (or within every group) teaches nothing.
+    Returns the updated count of such iterations."""
+    if bool((adv_all != 0).any()):
+        return count
+    count += 1
+    if count <= 3 and main:
+        vals = combined.unique()
+        what = f"constant at {float(vals[0]):.4g}" if vals.numel() == 1 else "constant within every group"
+        print(f"flowpo: iteration {it}: every advantage is 0 (the reward is {what}); nothing is learned from it: "
+              "check the reward (reward.names, its scale) or the prompts"
+              + (" (said 3 times; later ones are logged as adv/all_zero)" if count == 3 else ""),
+              file=sys.stderr, flush=True)
+    return count
 
 
 @torch.no_grad()
