@@ -231,3 +231,24 @@ def test_nft_samples_with_the_old_policy(tmp_path, tiny):
     assert all(torch.equal(a, s) for a, s in zip(inside, obj.old.shadow))
     assert all(torch.equal(a, p) for a, p in zip(now, tr.params))
     assert math.isfinite(tr.train_iteration(2)["loss/policy"])
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("diffusion_nft", ["advantage.kind=stepwise", "sample.shared_noise=true", "advantage.substeps=2"]),
+    ("diffusion_nft", ["plan.kind=sliding_window", "plan.strategy=frozen", "plan.window_size=2", "solver.kind=dpm2m",
+                       "solver.compression=0.5"]),
+    ("awm", ["replay.k=1", "replay.tail=regenerate", "replay.rule=always", "replay.truncate_sigma=0.5"]),
+    ("awm", ["sample.kernel=flow_grpo"]),  # an SDE rollout under a final-sample objective
+])
+def test_successors_combine_with_any_rollout_part(tmp_path, tiny, preset, extra):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a handwritten 7\n")
+    tr = Trainer(config.load(None, preset, tiny + [f"sample.prompts_file={prompts}", *extra]), tmp_path / "r")
+    before = [p.detach().clone() for p in tr.params]
+    recs = [tr.train_iteration(0)]
+    tr.iteration = 1
+    recs.append(tr.train_iteration(1))
+    assert all(math.isfinite(r["loss/policy"]) for r in recs)
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.params))
+    if "replay.k=1" in extra:
+        assert recs[1]["replay/admitted"] > 0

@@ -139,8 +139,12 @@ def write_report(out: str | Path, title: str = "flowpo run") -> Path:
         s = [r["step"] for r in train]
         m = [r["reward_mean"] for r in train]
         sd = [r.get("reward_std", 0.0) for r in train]
-        ax[0].plot(s, m, label="train reward (mean)")
-        ax[0].fill_between(s, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+        ax[0].plot(s, m, label="train reward (mean ± std over the batch)")
+        lo_r = min(r.get("reward_min", a - b) for r, a, b in zip(train, m, sd))
+        hi_r = max(r.get("reward_max", a + b) for r, a, b in zip(train, m, sd))
+        # the band stays inside the rewards' observed range (a probability's band never passes 1)
+        ax[0].fill_between(s, [max(a - b, lo_r) for a, b in zip(m, sd)], [min(a + b, hi_r) for a, b in zip(m, sd)],
+                           alpha=0.2)
     if evals:
         ax[0].plot([r["step"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", label="eval reward")
         ax[1].plot([r.get("wall_s", 0) for r in evals], [r["eval_reward_mean"] for r in evals], "o-")
@@ -152,7 +156,10 @@ def write_report(out: str | Path, title: str = "flowpo run") -> Path:
     fig.tight_layout()
     fig.savefig(out / "reward_curve.png", dpi=100)
     plt.close(fig)
-    lines = [f"# {title}", "", "![reward curves](reward_curve.png)", ""]
+    lines = [f"# {title}", "", "![reward curves](reward_curve.png)", "",
+             "The train reward is scored on the rollouts (stochastic samplers, training prompts); the eval reward "
+             "on deterministic ODE samples of held-out prompts from fixed noise, so the two need not agree "
+             "(the train reward usually sits above).", ""]
     if evals:
         lines += ["| iteration | eval reward | wall s | nfe |", "|---|---|---|---|"]
         for r in evals:

@@ -178,6 +178,7 @@ class Trainer:
         self.nfe += int(nfe_tot)
         comb_all = gb.raw @ self.rewards.weights
         rec.update({"step": it, "reward_mean": float(comb_all.mean()), "reward_std": float(comb_all.std(unbiased=False)),
+                    "reward_min": float(comb_all.min()), "reward_max": float(comb_all.max()),
                     "nfe": self.nfe, "nfe_per_image": float(nfe_tot) / n_all, "wall_s": self.wall(),
                     "time/rollout_s": t_roll - t_start, "time/reward_s": t_rew - t_roll,
                     "time/advantage_s": t_adv - t_rew, "time/update_s": time.time() - t_adv,
