@@ -229,3 +229,14 @@ def test_evaluation_uses_the_ema_weights_and_puts_the_live_ones_back(tmp_path, t
             p.copy_(a)
     live_rec, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
     assert rec["eval_reward_mean"] == ema_rec["eval_reward_mean"] != live_rec["eval_reward_mean"]
+
+
+def test_forwarding_only_trained_rows_keeps_the_first_ratio_at_one_within_rounding(tmp_path, tiny):
+    # DanceGRPO trains a random subset of steps per row; forwarding only those rows changes the batch
+    # of the update's forward, so π_θ is the rollout's up to the matmul's batch-size dependence
+    ref = make(tmp_path, tiny, "train.minibatches=1", preset="dance_grpo", name="a").train_iteration(0)
+    rec = make(tmp_path, tiny, "train.minibatches=1", "loss.forward_rows=trained", preset="dance_grpo",
+               name="b").train_iteration(0)
+    assert ref["stats/ratio_max"] == 1.0
+    assert abs(rec["stats/ratio_max"] - 1.0) < 1e-5 and abs(rec["stats/ratio_mean"] - 1.0) < 1e-5
+    assert rec["stats/transitions"] == ref["stats/transitions"]

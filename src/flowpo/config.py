@@ -214,6 +214,10 @@ class LossConfig:
     """PPO clip ε on the per-step ratio (mean-reduced log-probs: 1e-4; CPS: 1e-5)."""
     kl_beta: float = 0.0
     """β of the KL to the reference policy on the step means (Flow-GRPO)."""
+    forward_rows: Literal["chunk", "trained"] = "chunk"
+    """clipped_surrogate: the update's forward at step t runs on the whole rollout chunk ('chunk': the
+    first ratio is exactly 1) or only on the chunk's rows that train t ('trained': plans with per-row
+    steps, DanceGRPO's, stop paying for untrained rows; ratio 1 up to float rounding)."""
     kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"
     """KL on step means: divided by 2·s_t² as Flow-GRPO's code (β values carry over), or by 2·s² (exact)."""
 

@@ -138,6 +138,9 @@ PRESETS.update({
                             {**PRESETS["flow_grpo"].overrides, **_P16}, "flow_grpo"),
     "mix_grpo_p16": Preset("MixGRPO control: 16 prompts per iteration (flowpo_mix_p16's batch)", "ablation",
                            {**_MIX, **_P16}, "mix_grpo"),
+    "dance_grpo_rows": Preset("DanceGRPO, the update forwarding only the rows that train each step "
+                              "(loss.forward_rows=trained)", "ablation",
+                              {**PRESETS["dance_grpo"].overrides, "loss.forward_rows": "trained"}, "dance_grpo"),
     "op_grpo_no_is": Preset("OP-GRPO ablation: no importance correction", "ablation", {**_OP, "replay.is_correction": "none"},
                             "op_grpo"),
     "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",

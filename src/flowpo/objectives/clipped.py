@@ -52,22 +52,30 @@ class ClippedSurrogate:
         pass
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
-        """Backward the loss of every trained step of one chunk. The forward runs on the whole chunk
-        (the same rows as the rollout call), so π_θ is bit-identical to the rollout's on policy."""
+        """Backward the loss of every trained step of one chunk. loss.forward_rows='chunk' runs the
+        forward on the whole chunk (the same rows as the rollout call), so π_θ is bit-identical to
+        the rollout's on policy; 'trained' runs it on the rows that train step t only (a plan with
+        per-row steps, DanceGRPO's, then pays for what it trains; the first ratio is 1 up to the
+        batch-size dependence of the matmul kernels, |ρ − 1| < 1e-5 measured on the CPU)."""
         lc, c = self.loss, self.ctx
         cond = select_cond(b.cond, idx)
         out = []
         for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
             rows = b.train[idx, t]                                               # [n_c]
-            st = self.rescore(b.states, idx, t, cond)
+            if lc.forward_rows == "trained" and not bool(rows.all()):
+                ids = idx[rows.cpu()]
+                ids_cond, rows = select_cond(b.cond, ids), torch.ones(len(ids), dtype=torch.bool, device=rows.device)
+            else:
+                ids, ids_cond = idx, cond
+            st = self.rescore(b.states, ids, t, ids_cond)
             kl = None
             if lc.kl_beta > 0:
                 with torch.no_grad(), c.policy.disable_adapter():
-                    ref = self.rescore(b.states, idx, t, cond)
+                    ref = self.rescore(b.states, ids, t, ids_cond)
                 dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
                 kl = mean_kl(st.mean, ref.mean, st.std, dt, lc.kl_form)[rows]
-            loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[idx, t][rows], b.adv[idx, t][rows],
-                                           lc.clip_range, weights=b.weight[idx, t][rows], kl=kl,
+            loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
+                                           lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
                                            kl_beta=lc.kl_beta, normalizer=count)
             loss.backward()
             out.append(stat)
