@@ -176,3 +176,14 @@ def test_bench_dry_run_without_seeds_uses_the_default_seeds(tmp_path):
     p, _ = bench_cli("--out", str(tmp_path / "b"), "--presets", "flow_grpo", "--tasks", "alignment", "--dry-run")
     assert p.returncode == 0, p.stderr[-2000:]
     assert all(f"seed{s}" in p.stdout for s in (0, 1, 2)), p.stdout
+
+
+def test_extending_a_decaying_schedule_restarts_the_run(tmp_path):
+    from flowpo.bench.runner import _schedule_bound
+
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "config.yaml").write_text("train:\n  iterations: 40\n  lr_schedule: cosine\n  lr_horizon: 40\n")
+    assert _schedule_bound(d, 60) and not _schedule_bound(d, 40)
+    (d / "config.yaml").write_text("train:\n  iterations: 40\n  lr_schedule: constant\n  lr_horizon: 40\n")
+    assert not _schedule_bound(d, 60)

@@ -207,7 +207,7 @@ def test_successor_presets_train_and_resume_bit_exactly(tmp_path, tiny, preset):
     full.run()
     part = Trainer(config.load(None, preset, tiny + ["train.iterations=2", "objective.old_ramp=0.3"]), tmp_path / "b")
     part.run()
-    cfg = config.load(str(tmp_path / "b" / "config.yaml"), None, ["train.iterations=3"])
+    cfg = config.load(str(tmp_path / "b" / "config.yaml"), None, ["train.iterations=3"], keep_resolved=True)
     resumed = Trainer(cfg, tmp_path / "b", resume=True)
     resumed.run()
     for k, v in full.policy.trainable_state_dict().items():

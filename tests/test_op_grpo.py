@@ -69,7 +69,7 @@ def test_resume_continues_with_the_same_buffer(tmp_path, tiny):
     full.run()
     part = Trainer(config.load(None, "op_grpo", base + ["train.iterations=2"]), tmp_path / "part")
     part.run()
-    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"])
+    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"], keep_resolved=True)
     resumed = Trainer(cfg, tmp_path / "part", resume=True)
     assert len(resumed.buffer) == len(part.buffer) > 0
     for p, lst in part.buffer.entries.items():

@@ -94,10 +94,14 @@ def test_embedded_run_writes_its_grid_into_config_yaml(tmp_path, tiny):
     Trainer(cfg, tmp_path / "r")
     written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["sample"]["sigmas"]
     assert written == make_sigmas(4, 2.0).tolist()
-    # the written grid is what a resumed run reads back; a grid of the wrong length is one line
-    assert config.load(str(tmp_path / "r" / "config.yaml")).sample.sigmas == written
+    # the written grid is what a resumed run reads back (keep_resolved, as --resume); seeding a new run
+    # from that file drops the run-resolved keys, so other steps or shifts get their own grid
+    yml = str(tmp_path / "r" / "config.yaml")
+    assert config.load(yml, keep_resolved=True).sample.sigmas == written
+    assert config.load(yml).resolved == [] and config.load(yml, None, ["sample.steps=6"]).sample.sigmas is None
+    assert config.load(yml).train.lr_horizon is None
     with pytest.raises(config.ConfigError, match="sample.sigmas has 5 values but sample.steps=6 needs 7"):
-        config.load(str(tmp_path / "r" / "config.yaml"), None, ["sample.steps=6"])
+        config.load(yml, None, ["sample.steps=6"], keep_resolved=True)
 
 
 def test_diffusers_run_samples_on_the_pipeline_grid(tmp_path, tiny, folders):

@@ -88,7 +88,7 @@ def test_resume_matches_uninterrupted(tmp_path, tiny):
     full.run()
     part = make(tmp_path, base, "train.iterations=1", name="part")
     part.run()
-    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"])
+    cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"], keep_resolved=True)
     resumed = Trainer(cfg, tmp_path / "part", resume=True)
     assert resumed.iteration == 1
     resumed.run()

@@ -53,7 +53,7 @@ def _run_cfg(run: str, flag: str, rest):
     path = Path(run)
     if not (path / "config.yaml").exists():
         raise UsageError(f"{flag} {run}: no config.yaml there; give the --out folder of a training run")
-    return config.load(str(path / "config.yaml"), None, rest), path
+    return config.load(str(path / "config.yaml"), None, rest, keep_resolved=True), path
 
 
 def _cmd_train(args, rest) -> int:

@@ -321,6 +321,8 @@ class LogConfig:
 class Config:
     preset: Optional[str] = None
     """The preset this config started from (informational)."""
+    resolved: list[str] = field(default_factory=list)
+    """Keys the run filled in itself (sample.sigmas, train.lr_horizon); reset when this file seeds a new run."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -392,7 +394,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            try:
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}={value!r} is not a list; write it as [a, b] or a,b") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} is not a list")
         if origin is tuple:
@@ -481,9 +486,18 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
+"""Keys a run fills in itself when they are null (and lists under `resolved` in its config.yaml)."""
+
+
 def load(config_file: str | None = None, preset: str | None = None,
-         overrides: list[str] | None = None) -> Config:
-    """Defaults ← preset ← YAML file ← `key=value` overrides, then validate."""
+         overrides: list[str] | None = None, *, keep_resolved: bool = False) -> Config:
+    """Defaults ← preset ← YAML file ← `key=value` overrides, then validate.
+
+    A run's config.yaml lists under `resolved` the keys the run filled in (its σ grid, its
+    learning-rate horizon). keep_resolved=False (a new run seeded from that file) resets them to
+    null so they follow this run's steps, model and budget; the run folder's own readers
+    (--resume, eval, sample) keep them."""
     cfg = Config()
     data: dict = {}
     if config_file:
@@ -509,6 +523,11 @@ def load(config_file: str | None = None, preset: str | None = None,
     if preset:
         apply_preset(cfg, preset)
     _apply(cfg, data)
+    if not keep_resolved:
+        for key in cfg.resolved:
+            if key in RESOLVED_KEYS:
+                set_key(cfg, key, None)
+        cfg.resolved = []
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.path=value, e.g. train.iterations=5")

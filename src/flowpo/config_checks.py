@@ -35,6 +35,11 @@ def check(cfg) -> None:
     _check_range("sample.prompts_per_iteration", s.prompts_per_iteration, 1)
     _check_range("sample.group_size", s.group_size, 2)
     _check_range("sample.batch_size", s.batch_size, 1)
+    from flowpo.config import RESOLVED_KEYS
+
+    bad = [k for k in cfg.resolved if k not in RESOLVED_KEYS]
+    if bad:
+        raise ConfigError(f"resolved={cfg.resolved!r}: {bad} cannot be run-resolved; allowed: {list(RESOLVED_KEYS)}")
     if s.sigmas is not None:
         from flowpo.schedule import check_grid
 

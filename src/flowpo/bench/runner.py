@@ -54,12 +54,26 @@ def command(out: Path, job: Job, iterations: int, threads: int | None, sets: lis
     if d.exists():
         from flowpo.training import checkpoint
 
-        if (d / "config.yaml").exists() and checkpoint.latest(d) is not None:
+        if (d / "config.yaml").exists() and checkpoint.latest(d) is not None and not _schedule_bound(d, iterations):
             return [sys.executable, "-m", "flowpo", "train", "--resume", str(d), *ov], "resume"
-        mode = "restart"  # started but never checkpointed: nothing to resume from
+        # started but never checkpointed, or a decaying learning rate fixed to another budget (extending
+        # it would not equal a fresh run at this budget): start over
+        mode = "restart"
     else:
         mode = "fresh"
     return [sys.executable, "-m", "flowpo", "train", "--preset", job.preset, "--out", str(d), *ov], mode
+
+
+def _schedule_bound(d: Path, iterations: int) -> bool:
+    """Whether the run in `d` decays its learning rate over a horizon other than `iterations`."""
+    import yaml
+
+    try:
+        t = (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("train", {})
+    except (OSError, yaml.YAMLError):
+        return True
+    horizon = t.get("lr_horizon") or t.get("iterations")
+    return t.get("lr_schedule", "constant") != "constant" and horizon != iterations
 
 
 def launch(out: Path, job: Job, cmd: list[str], env: dict, done: queue.Queue, procs: dict) -> None:
@@ -198,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=csv_list, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--tasks", type=csv_list, help=f"comma-separated tasks (default: {','.join(TASKS)})")
     ap.add_argument("--iterations", type=int, default=None,
-                    help="iteration budget of every run (default: the config's train.iterations, 40)")
+                    help="iteration budget of every run (default: the config's train.iterations, 100)")
     ap.add_argument("--jobs", type=int, default=default_jobs(),
                     help="runs in parallel (default: usable CPUs // 2); if > 1, each child uses train.threads=1")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -57,7 +57,7 @@ def merge_sums(stats: list[dict]) -> dict[str, float]:
     out = {}
     for k in keys:
         if k.endswith("_max"):
-            out[k[:-4]] = max(s[k] for s in stats)
+            out[k] = max(s[k] for s in stats)
         else:
             out[k] = sum(s[k] for s in stats) / n
     out["stats/transitions"] = float(n)

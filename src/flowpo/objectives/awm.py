@@ -76,7 +76,7 @@ class AWM(FinalSampleObjective):
                     "loss/anchor": float(anchor.sum()), "stats/ratio_mean": float(ratio.sum()),
                     "stats/ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
                     "stats/clipfrac": float(((ratio - 1).abs() > o.awm_clip).sum()),
-                    "stats/matching_error": float((-ll).sum())}
+                    "stats/neg_log_likelihood": float((-ll).sum())}
         return per, stat
 
 

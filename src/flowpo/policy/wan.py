@@ -103,6 +103,10 @@ class WanPolicy(DiffusersPolicy):
 
     # -- Policy interface (module, evals_per_row and the trainable state: DiffusersPolicy) ----
 
+    def _timestep_kwargs(self, T: int) -> dict:
+        """WanPipeline calls set_timesteps(T) with nothing else (no dynamic-shift μ)."""
+        return {}
+
     def _image_seq_len(self) -> int:
         _, p_f, p_h, p_w = (1, *self.pipe.transformer.config.patch_size)
         c, f, h, w = self.latent_shape

@@ -84,7 +84,10 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
                 shutil.rmtree(damaged)
             os.replace(final, damaged)
     os.replace(tmp, final)
-    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name)
+    # rotate among the checkpoints up to this one (a newer one, from before a resume, is never the
+    # reason the one just written goes)
+    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name
+                  and int(p.name[len(PREFIX):]) <= iteration)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -142,6 +145,16 @@ def latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[str, str]]]
             return p, skipped
         skipped.append((p.name, why))
     return None, skipped
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged checkpoint folder to `<name>.damaged` (kept, never loaded, never rotated)."""
+    path = Path(path)
+    dest = path.with_name(path.name + ".damaged")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(path, dest)
+    return dest
 
 
 def latest(root: str | Path) -> Path | None:

@@ -103,7 +103,11 @@ def restore(st: TrainState, out: Path) -> None:
         raise FileNotFoundError(f"--resume: ranks see different checkpoints under {out}/checkpoints ({found}); "
                                 "put the run folder on a file system every node shares")
     if st.dist.is_main and skipped:
-        print(f"flowpo: --resume: continuing from {path.name}", file=sys.stderr)
+        for name, _ in skipped:  # kept aside, so rotation never keeps them in place of intact ones
+            checkpoint.set_aside(Path(out) / "checkpoints" / name)
+        print(f"flowpo: --resume: continuing from {path.name} (the skipped ones are kept as <name>.damaged)",
+              file=sys.stderr)
+    st.dist.barrier()
     st.load_state_dict(*checkpoint.load(path))
     # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
     if st.dist.is_main:

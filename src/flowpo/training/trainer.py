@@ -33,6 +33,10 @@ class Trainer:
     def __init__(self, cfg: Config, out: str | Path, *, resume: bool = False):
         self.cfg, self.out = cfg, Path(out)
         self.dist = Dist()
+        if resume and cfg.sample.sigmas is None:  # a run from before grids were recorded: its grid was flowpo's
+            from flowpo.schedule import sigmas as shifted
+
+            cfg.sample.sigmas = [float(x) for x in shifted(cfg.sample.steps, cfg.sample.shift)]
         rows = cfg.sample.prompts_per_iteration * (cfg.sample.group_size - cfg.replay.k)
         if rows % self.dist.world:  # checked before anything is written
             raise config_mod.ConfigError(
@@ -50,7 +54,12 @@ class Trainer:
         self._warned_minibatches, self._zero_adv = False, 0
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        if resume and not self.dist.all_true(train_state.has_any_checkpoint(self.out)):
+        seen = self.dist.all_gather_objects(train_state.has_any_checkpoint(self.out)) if resume else []
+        if resume and len(set(seen)) > 1:
+            raise FileNotFoundError(f"--resume: ranks {[r for r, x in enumerate(seen) if not x]} see no checkpoint under "
+                                    f"{self.out}/checkpoints while others do; put the run folder on a file system "
+                                    "every node shares (nothing was changed)")
+        if resume and not any(seen):
             if self.dist.is_main:  # killed before its first checkpoint: not a dead end, start it afresh
                 print(f"flowpo: --resume: {self.out} has no intact checkpoint yet; starting the run afresh there",
                       file=sys.stderr)
@@ -62,9 +71,12 @@ class Trainer:
         elif not self.dist.all_true(not (self.dist.is_main and (self.out / "metrics.jsonl").exists())):
             raise FileExistsError(f"{self.out} already holds a run (metrics.jsonl); use --resume to continue it "
                                   "or choose another --out")
+        filled = [k for k, v in (("sample.sigmas", cfg.sample.sigmas), ("train.lr_horizon", cfg.train.lr_horizon))
+                  if v is None]
         cfg.sample.sigmas = [float(x) for x in self.sigmas]  # the resolved grid, into config.yaml
         if cfg.train.lr_horizon is None:  # fixed when the run starts; a resumed run reads it back
             cfg.train.lr_horizon = cfg.train.iterations
+        cfg.resolved = sorted(set(cfg.resolved) | set(filled))
         if self.dist.is_main:
             config_mod.dump(cfg, self.out / "config.yaml")
         self.log = RunLog(self.out, enabled=self.dist.is_main, tensorboard=cfg.log.tensorboard,
