@@ -77,8 +77,7 @@ def build(cfg: Config, dist) -> Parts:
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
                        tail=TAILS[cfg.solver.kind](cfg))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
-                  reduction=s.reduction, seed=cfg.train.seed, params=params)
-    ctx.resync = dist.gather_params  # FSDP2: the gathered copy must follow swapped weights
+                  reduction=s.reduction, seed=cfg.train.seed, params=params, resync=dist.gather_params)
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,
                  eval_sigmas=policy.sigmas(cfg.eval.steps, s.shift), spec=spec, plan=build_plan(cfg, sigmas),
                  rewards=rewards, advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),

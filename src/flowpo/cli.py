@@ -99,16 +99,9 @@ def _resumable(key: str) -> bool:
 
 def _check_resume_changes(base, cfg) -> None:
     """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
-    from flowpo.config import to_dict
+    from flowpo.config import describe
 
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(to_dict(base))), dict(flat(to_dict(cfg)))
+    old, new = ({key: value for key, _, value, _, _ in describe(c)} for c in (base, cfg))
     changed = [k for k in new if new[k] != old.get(k)]
     bad = [k for k in changed if not _resumable(k)]
     if bad:
@@ -295,11 +288,14 @@ def explain(e: Exception) -> tuple[int, str]:
                    "continue with flowpo train --resume (earlier checkpoints are intact)")
     if isinstance(e, OSError):
         return 1, f"{type(e).__name__}: {e}"
-    name = type(e).__name__
-    known = ("RewardError", "FloatingPointError", "DistributedError", "ValueError")
-    if name in known:
-        return (2 if name == "ValueError" else 1), str(e)
-    return 1, f"{name}: {e} (an unexpected failure: set FLOWPO_DEBUG=1 for the traceback and report it)"
+    from flowpo.rewards import RewardError
+    from flowpo.training.distributed import DistributedError
+
+    if isinstance(e, (RewardError, FloatingPointError, DistributedError)):
+        return 1, str(e)  # runtime failures whose messages name the fix
+    if isinstance(e, ValueError):
+        return 2, str(e)  # bad values the libraries reject (model folders, shapes)
+    return 1, f"{type(e).__name__}: {e} (an unexpected failure: set FLOWPO_DEBUG=1 for the traceback and report it)"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def check(cfg) -> None:
     _check_range("sample.prompts_per_iteration", s.prompts_per_iteration, 1)
     _check_range("sample.group_size", s.group_size, 2)
     _check_range("sample.batch_size", s.batch_size, 1)
-    from flowpo.config import RESOLVED_KEYS
+    from flowpo.config_schema import RESOLVED_KEYS
 
     bad = [k for k in cfg.resolved if k not in RESOLVED_KEYS]
     if bad:

@@ -46,6 +46,7 @@ class Context:
     reduction: str
     seed: int
     params: list                # the trainable parameters (objectives with an old-policy copy)
+    resync: Callable = lambda: None  # FSDP2: refresh the gathered full weights after a swap
 
 
 def merge_sums(stats: list[dict]) -> dict[str, float]:

@@ -24,6 +24,8 @@ current weights (the paper's default, off-policy sampling off).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from flowpo.objectives.flow_matching import FinalSampleObjective
@@ -46,8 +48,6 @@ class AWM(FinalSampleObjective):
     anchor_beta, old_ramp, old_max."""
 
     def sampling(self):
-        import contextlib
-
         return contextlib.nullcontext()  # on-policy sampling; θ_old is only the anchor
 
     def _ll(self, v, u, sig):
@@ -56,8 +56,7 @@ class AWM(FinalSampleObjective):
     def _prepare(self, b) -> None:
         self._store(b, "ll_old", lambda idx, t, rows, sig, x, u, cond: self._ll(self._velocity(x, sig, cond), u, sig))
         if self.o.anchor_beta > 0:
-            ctx = self.old.swapped() if self.old is not None else _null()
-            with ctx:
+            with self.old.swapped(self.ctx.resync):
                 self._store(b, "v_anchor", lambda idx, t, rows, sig, x, u, cond: self._velocity(x, sig, cond))
 
     def _term(self, b, idx, t, rows, sig, x, u, v, cond):
@@ -79,8 +78,3 @@ class AWM(FinalSampleObjective):
                     "stats/neg_log_likelihood": float((-ll).sum())}
         return per, stat
 
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()

@@ -17,41 +17,10 @@ every iteration and stores no copy.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from flowpo.policy.base import select_cond
-
-
-class SoftCopy:
-    """θ_old ← η·θ_old + (1 − η)·θ over the trainable parameters, and a context that swaps it in."""
-
-    def __init__(self, params: list, resync=None):
-        self.params = params
-        self.shadow = [p.detach().clone() for p in params]
-        self.resync = resync or (lambda: None)  # FSDP2: refresh the gathered copy after a swap
-
-    @torch.no_grad()
-    def update(self, eta: float) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - eta)
-
-    @torch.no_grad()
-    def _swap(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
-        self.resync()
-
-    @contextlib.contextmanager
-    def swapped(self):
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
+from flowpo.training.ema import EMA, NoEMA
 
 
 class FinalSampleObjective:
@@ -61,13 +30,14 @@ class FinalSampleObjective:
 
     def __init__(self, ctx, cfg):
         self.ctx, self.o = ctx, cfg.objective
-        self.old = SoftCopy(ctx.params, getattr(ctx, "resync", None)) if self.o.old_ramp > 0 else None
+        # θ_old: an EMA whose decay is the ramp's η (training.ema); none kept when old_ramp = 0
+        self.old = EMA(ctx.params, 0.0) if self.o.old_ramp > 0 else NoEMA()
         self.noise = None
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
         """The rollout samples with θ_old (DiffusionNFT's behaviour policy)."""
-        return self.old.swapped() if self.old is not None else contextlib.nullcontext()
+        return self.old.swapped(self.ctx.resync)
 
     def old_log_probs(self, states, train, cond, chunks):
         return None  # no likelihood: replayed rows enter with weight 1
@@ -101,19 +71,15 @@ class FinalSampleObjective:
         return merge_sums(stats)
 
     def end(self, iteration: int) -> None:
-        if self.old is not None:
-            self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
+        self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
         self.noise = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.old is None:
-            return {}
         return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.old is not None:
-            for i, s in enumerate(self.old.shadow):
-                s.copy_(tensors[f"old.{i}"])
+        for i, s in enumerate(self.old.shadow):
+            s.copy_(tensors[f"old.{i}"])
 
     # ------------------------------------------------------------------ helpers
     def _noised(self, b, idx: torch.Tensor, t: int):

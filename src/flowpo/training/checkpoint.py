@@ -106,8 +106,8 @@ def _sha256(path: Path) -> str:
 
 def verify(path: str | Path) -> str | None:
     """None if the checkpoint folder is intact, else why not (one short phrase). Checks the manifest's
-    sizes and sha256 sums, then that state.json and every safetensors file parse. A folder without a
-    manifest (written before manifests existed) is checked by parsing alone."""
+    sizes and sha256 sums; a folder without a manifest (written before manifests existed) is
+    checked by parsing state.json and every safetensors file instead."""
     path = Path(path)
     mf = path / MANIFEST
     if mf.exists():
@@ -115,6 +115,9 @@ def verify(path: str | Path) -> str | None:
             manifest = json.loads(mf.read_text())
         except (OSError, ValueError) as e:
             return f"{MANIFEST} is unreadable ({e})"
+        if not isinstance(manifest, dict) or "state.json" not in manifest or \
+                not all(isinstance(r, dict) and {"sha256", "bytes"} <= set(r) for r in manifest.values()):
+            return f"{MANIFEST} does not describe this checkpoint"
         for name, rec in manifest.items():
             f = path / name
             if not f.exists():
@@ -123,6 +126,7 @@ def verify(path: str | Path) -> str | None:
                 return f"{name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated?)"
             if _sha256(f) != rec["sha256"]:
                 return f"{name} does not match its sha256 in the manifest (corrupted)"
+        return None  # the bytes are those written: no need to parse them twice (load will)
     try:
         json.loads((path / "state.json").read_text())
         for f in path.glob("*.safetensors"):

@@ -1,6 +1,8 @@
 """Exponential moving average of the trainable weights (used for evaluation when train.ema > 0)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -12,9 +14,12 @@ class EMA:
         self.shadow = [p.detach().clone() for p in params]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        """One step with train.ema's decay, or with `decay` (a schedule's value: the objectives'
+        old-policy copy θ_old ← η·θ_old + (1 − η)·θ)."""
+        d = self.decay if decay is None else decay
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
+            s.lerp_(p.detach(), 1 - d)
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -26,8 +31,6 @@ class EMA:
     def swapped(self, resync=None):
         """Context with the EMA weights in the parameters (evaluation); `resync()` after each swap
         (FSDP2: refresh the gathered copy)."""
-        import contextlib
-
         @contextlib.contextmanager
         def ctx():
             self.swap()
@@ -42,16 +45,15 @@ class EMA:
 
 
 class NoEMA:
-    """train.ema = 0: evaluation uses the live weights; nothing to update or checkpoint."""
+    """No copy (train.ema = 0, or an objective without an old policy): the live weights are used;
+    nothing to update or checkpoint."""
 
     shadow: list = []
 
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
         pass
 
     def swapped(self, resync=None):
-        import contextlib
-
         return contextlib.nullcontext()
 
 

@@ -175,7 +175,8 @@ class Trainer:
         gb = self._gather(roll, raw, step_rewards)                    # the one gather: global rows
         rep, rstats, rep_nfe = P.replay.select(it, gb)
         adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
-        self._zero_adv = _say_if_no_signal(it, adv_all, gb.raw @ self.rewards.weights, self._zero_adv,
+        no_signal = not bool((adv_all != 0).any())
+        self._zero_adv = _say_if_no_signal(it, no_signal, gb.raw @ self.rewards.weights, self._zero_adv,
                                            self.dist.is_main)
         batch = UpdateBatch(states=roll.states, final=roll.final, train=roll.train.to(dev),
                             old_log_prob=roll.log_probs.to(dev), adv=adv_all[local].to(dev),
@@ -195,7 +196,7 @@ class Trainer:
                     "time/rollout_s": t_roll - t_start, "time/reward_s": t_rew - t_roll,
                     "time/advantage_s": t_adv - t_rew, "time/update_s": time.time() - t_adv,
                     "time/iteration_s": time.time() - t_start, "plan/trained_steps": float(plan.train.sum()) / n_all,
-                    "adv/all_zero": float(not bool((adv_all != 0).any()))})
+                    "adv/all_zero": float(no_signal)})
         for k, name in enumerate(self.rewards.names):
             rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
         if plan.window is not None:
@@ -278,11 +279,11 @@ class Trainer:
         train_state.save(self.state, self.out, self.cfg.train.keep_checkpoints)
 
 
-def _say_if_no_signal(it: int, adv_all: torch.Tensor, combined: torch.Tensor, count: int, main: bool) -> int:
+def _say_if_no_signal(it: int, no_signal: bool, combined: torch.Tensor, count: int, main: bool) -> int:
     """Say so (the first 3 times; always logged as adv/all_zero) when every advantage of an
     iteration is 0: a reward constant over the batch (or within every group) teaches nothing.
     Returns the updated count of such iterations."""
-    if bool((adv_all != 0).any()):
+    if not no_signal:
         return count
     count += 1
     if count <= 3 and main:

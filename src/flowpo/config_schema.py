@@ -1,0 +1,313 @@
+"""The run configuration's schema: one dataclass per part (DESIGN.md), every field with its default
+and, in the string literal under it, its help text (what `flowpo config` prints).
+
+Loading, overrides, checking and the help listing are in `flowpo.config`, which re-exports these
+classes. Fields whose allowed values come from a part's registry are typed `str` here and checked
+against the registry there (`flowpo.config.CHOICES`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
+"""Keys a run fills in itself when they are null (and lists under `resolved` in its config.yaml)."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "embedded"
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1 or Wan2.1 folder."""
+    path: Optional[str] = None
+    """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
+    mode: Literal["lora", "full"] = "lora"
+    """Train a LoRA adapter (reference = adapter disabled) or all weights (reference = frozen copy)."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: float = 16.0
+    """LoRA alpha; the adapter's scale is alpha / r."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Network compute dtype; kernels always run in fp32."""
+    resolution: Optional[int] = None
+    """Image side in pixels; None = the pipeline's own default (embedded: 16)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (real models)."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), or an explicit torch device."""
+    attention: Literal["auto", "math", "flash", "efficient", "cudnn"] = "auto"
+    """CUDA attention kernel of torch's scaled_dot_product_attention, for the whole process: 'auto'
+    (torch chooses), 'math' (the reference kernel: use it if bf16 gradients turn NaN/inf), or one
+    fused kernel alone (torch raises if it cannot take the inputs). No effect on the CPU."""
+    max_sequence_length: Optional[int] = None
+    """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Wan 512)."""
+    num_frames: int = 81
+    """Frames per video (wan only)."""
+    cfg_grad: Literal["conditional", "both"] = "conditional"
+    """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
+    branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.
+    Values are the same; only the gradient differs. FLUX (guidance embedding) has one branch."""
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 10
+    """T: sampling steps of the training rollouts (Flow-GRPO: 10)."""
+    shift: float = 3.0
+    """Time shift s of the embedded model's grid σ̃ = s·σ / (1 + (s−1)·σ) (diffusers policies use
+    their scheduler's own shift, dynamic where the scheduler config says so)."""
+    sigmas: Optional[list[float]] = None
+    """The σ grid of the training rollouts, steps + 1 values from at most 1 down to 0. null: the
+    policy's own (the pipeline scheduler's set_timesteps(steps) for diffusers models, the shifted
+    grid for the embedded one). A run writes the grid it used into its config.yaml."""
+    guidance: float = 1.0
+    """Guidance scale during rollouts and the loss (true CFG, or FLUX's guidance embedding). The
+    embedded default uses 1.0: at CFG 4.5 its base model already aligns 99.8% of the time, leaving
+    nothing to learn (the GPU configs set the papers' 4.5 / 3.5)."""
+    kernel: str = "flow_grpo"
+    """Step kernel for the stochastic steps (flowpo.sde.KERNELS)."""
+    noise_level: float = 0.7
+    """Kernel noise: a (Flow-GRPO, CPS), η (DanceGRPO, DDIM)."""
+    reduction: Literal["mean", "sum"] = "mean"
+    """Reduce the per-step Gaussian log-density over latent dims by mean (papers) or sum (exact)."""
+    prompts_per_iteration: int = 8
+    """B: distinct prompts per iteration (global, across ranks)."""
+    group_size: int = 8
+    """G: samples per prompt."""
+    shared_noise: bool = False
+    """Give every member of a group the same initial noise (DanceGRPO, Stepwise)."""
+    prompts_file: Optional[str] = None
+    """Training prompts, one per line (default: the embedded model's training templates)."""
+    batch_size: int = 32
+    """Rows per model call in rollouts; the loss reuses the same chunks so the first ratio is exactly 1."""
+
+
+@dataclass
+class PlanConfig:
+    kind: str = "all_but_last"
+    """Which steps are SDE and trained each iteration (flowpo.plans.PLANS)."""
+    train_fraction: float = 0.99
+    """all_but_last: fraction of steps trained (Flow-GRPO's timestep_fraction)."""
+    subset_fraction: float = 0.6
+    """random_subset: fraction of usable steps trained per sample (DanceGRPO)."""
+    window_size: int = 2
+    """random_window / sliding_window: window size w (random_window: the maximum)."""
+    window_min: int = 2
+    """random_window: the minimum window size."""
+    window_range: float = 0.5
+    """random_window: the window lies inside the first `window_range` fraction of the steps."""
+    strategy: Literal["frozen", "random", "progressive", "progressive_decay"] = "progressive"
+    """sliding_window: how the window moves (MixGRPO)."""
+    tau: int = 25
+    """sliding_window: iterations between moves (τ)."""
+    stride: int = 1
+    """sliding_window: steps moved each time (s)."""
+    tau_decay: float = 0.9
+    """sliding_window progressive_decay: τ_l = max(tau_min, round(τ·tau_decay^l))."""
+    tau_min: int = 1
+    """sliding_window progressive_decay: smallest τ."""
+    truncate_sigma: Optional[float] = None
+    """Late-step truncation: do not train steps whose σ_t is below this (OP-GRPO)."""
+    truncate_fraction: Optional[float] = None
+    """Late-step truncation: do not train the last fraction of the steps."""
+
+
+@dataclass
+class SolverConfig:
+    kind: str = "euler"
+    """Deterministic solver for the ODE steps after the last SDE step (dpm2m: MixGRPO-Flash;
+    flowpo.solvers.TAILS)."""
+    compression: float = 1.0
+    """r̃: the post-window segment uses ceil((T − l − w)·r̃) steps (dpm2m only)."""
+
+
+@dataclass
+class RewardConfig:
+    names: list[str] = field(default_factory=lambda: ["digit_alignment"])
+    """Registered reward names or `package.module:function` dotted paths."""
+    weights: list[float] = field(default_factory=lambda: [1.0])
+    """One weight per reward."""
+    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums
+    (with advantage.kind=stepwise: the gains of the sum, or the sum of each reward's normalised gains)."""
+
+
+@dataclass
+class AdvantageConfig:
+    kind: str = "group"
+    """Per-sample group z-score (GRPO) or per-step gains on Tweedie rewards (Stepwise-Flow-GRPO;
+    flowpo.advantages.ESTIMATORS)."""
+    std: Literal["global", "group"] = "global"
+    """kind=group: denominator = std of all rewards of the iteration (Flow-GRPO default) or of each
+    group. No effect on stepwise gains (see gain_std)."""
+    gain_std: Literal["group", "global"] = "group"
+    """kind=stepwise: gains minus their group mean, divided by the group's std (the paper) or by the
+    std of all gains of the iteration (small advantages for groups whose rewards saturate)."""
+    eps: float = 1e-4
+    """Added to the std."""
+    clip: float = 5.0
+    """Advantages are clipped to ±clip."""
+    substeps: int = 5
+    """stepwise: T' Euler ODE sub-steps from x_t to σ = 0 for the intermediate estimate (1 = Tweedie)."""
+    normalize: Literal["joint", "per_step"] = "joint"
+    """stepwise: normalise all gains of a group jointly, or each step separately."""
+    estimate_batch_size: int = 256
+    """stepwise: rows per model call of the intermediate (Tweedie) estimates; lower it on a GPU at
+    SD3/FLUX sizes."""
+
+
+@dataclass
+class ReplayConfig:
+    k: int = 0
+    """OP-GRPO replay: replayed trajectories per group (the group becomes G − k fresh + k replayed);
+    0 turns replay off."""
+    capacity_per_prompt: int = 2
+    """Best trajectories kept per prompt."""
+    max_age: int = 8
+    """Entries older than this many iterations expire."""
+    decay: float = 0.0
+    """Ranking score = reward − decay·age (0: rank by reward only)."""
+    rule: Literal["always", "beats_best", "no_spread", "beats_best_or_no_spread"] = "beats_best_or_no_spread"
+    """When a replayed trajectory enters a group (adaptive rule) or 'always'."""
+    is_correction: Literal["none", "sequence", "per_step"] = "sequence"
+    """Importance correction for replayed samples: one sequence weight, per-step weights, or none."""
+    is_form: Literal["product", "geomean"] = "geomean"
+    """Sequence weight: Π_t π_old/β, or its geometric mean over the kept steps."""
+    is_cap: Optional[float] = 2.0
+    """Truncate the importance weight at this value (None: no cap)."""
+    truncate_fraction: Optional[float] = None
+    """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
+    set truncate_sigma=null with it)."""
+    tail: Literal["drop", "regenerate"] = "drop"
+    """After truncation: drop the replayed tail, or regenerate it with the current policy (ODE) and
+    use the regenerated image's reward for this iteration's advantage."""
+    truncate_sigma: Optional[float] = 0.5
+    """Drop replayed steps whose σ_t is below this (late-step truncation of off-policy terms)."""
+
+
+@dataclass
+class LossConfig:
+    clip_range: float = 1e-4
+    """PPO clip ε on the per-step ratio (mean-reduced log-probs: 1e-4; CPS: 1e-5)."""
+    kl_beta: float = 0.0
+    """β of the KL to the reference policy on the step means (Flow-GRPO)."""
+    forward_rows: Literal["chunk", "trained"] = "chunk"
+    """clipped_surrogate: the update's forward at step t runs on the whole rollout chunk ('chunk': the
+    first ratio is exactly 1) or only on the chunk's rows that train t ('trained': plans with per-row
+    steps, DanceGRPO's, stop paying for untrained rows; ratio 1 up to float rounding)."""
+    kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"
+    """KL on step means: divided by 2·s_t² as Flow-GRPO's code (β values carry over), or by 2·s² (exact)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "clipped_surrogate"
+    """What the update minimises (flowpo.objectives.OBJECTIVES): the clipped surrogate on stored
+    transitions (options under loss.*), DiffusionNFT or AWM on final samples (options below)."""
+    nft_beta: float = 1.0
+    """diffusion_nft: β of the implicit policies v± (the paper: 1, 0.1 for OCR and multi-reward)."""
+    adv_max: float = 5.0
+    """diffusion_nft, awm: A_max; NFT's optimality r = ½ + ½·clip(A/A_max, −1, 1), AWM's A' = clip(A)/A_max."""
+    ref_beta: float = 1e-4
+    """diffusion_nft, awm: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
+    old_ramp: float = 0.0
+    """diffusion_nft, awm: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
+    0 keeps θ_old = θ at each iteration start (no copy kept)."""
+    old_max: float = 0.5
+    """diffusion_nft, awm: the largest η of old_ramp."""
+    anchor_beta: float = 0.0
+    """awm: weight of mean (v_θ − v_old)² to the soft copy θ_old (the paper's EMA term: 1)."""
+    awm_weighting: Literal["uniform", "t", "ghuber"] = "ghuber"
+    """awm: the log-likelihood surrogate ℓ = −φ(matching error, σ) (the paper's default: ghuber)."""
+    awm_p: float = 0.25
+    """awm: the ghuber exponent p."""
+    awm_clip: float = 1.0
+    """awm: clip range ε of the ratio exp(ℓ_θ − ℓ_old) (the paper's configs: 1)."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100
+    """Number of iterations (rollout → rewards → advantages → updates)."""
+    seed: int = 0
+    """Seed for every random stream (prompts, noise, plans, dropout-free model init of LoRA)."""
+    lr: float = 3e-4
+    """AdamW learning rate (the peak, with a schedule)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate over the run: constant, or decayed from `lr` at iteration 0 to
+    `lr_final`·`lr` at `iterations` (linear or cosine)."""
+    lr_final: float = 0.0
+    """Final learning rate as a fraction of `lr` (lr_schedule linear/cosine)."""
+    lr_horizon: Optional[int] = None
+    """Iterations over which lr_schedule decays; null: train.iterations when the run starts (the
+    run's config.yaml then records it, so `--resume train.iterations=…` does not rewind the rate)."""
+    adam_eps: float = 1e-8
+    """AdamW ε. Steps are lr·m/(√v + ε): with ε well above the gradients' scale they shrink with the
+    gradients (SGD-like) instead of keeping size lr whatever the signal."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    minibatches: int = 2
+    """Optimizer steps per iteration (the samples are split into this many minibatches)."""
+    inner_epochs: int = 1
+    """Passes over the iteration's samples."""
+    ema: float = 0.0
+    """EMA decay of the trainable weights used for evaluation (0: off)."""
+    checkpoint_every: int = 10
+    """Iterations between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    threads: int = 0
+    """torch threads (0: leave torch's default)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Iterations between evaluations; evaluation also runs before the first and after the last."""
+    steps: int = 40
+    """ODE steps of evaluation sampling (Flow-GRPO: 40)."""
+    guidance: Optional[float] = None
+    """Guidance for evaluation (None: sample.guidance)."""
+    prompts: int = 40
+    """Held-out prompts evaluated (embedded: balanced over the 10 digits)."""
+    prompts_file: Optional[str] = None
+    """Evaluation prompts, one per line (default: the embedded model's held-out templates)."""
+    samples_per_prompt: int = 2
+    """Samples per held-out prompt."""
+    seed: int = 1234
+    """Fixed seed of the evaluation noise (the same images are compared across iterations)."""
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under DIR/tb."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    progress: bool = True
+    """Show a progress bar."""
+    grids: bool = True
+    """Write evaluation sample grids to DIR/samples."""
+
+
+@dataclass
+class Config:
+    preset: Optional[str] = None
+    """The preset this config started from (informational)."""
+    resolved: list[str] = field(default_factory=list)
+    """Keys the run filled in itself (sample.sigmas, train.lr_horizon); reset when this file seeds a new run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
