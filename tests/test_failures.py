@@ -33,7 +33,10 @@ def scorers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override,code,words", [
-    ("reward.names=[pickscore]", 2, "unknown reward 'pickscore'"),
+    ("reward.names=[pickscor]", 2, "unknown reward 'pickscor' (did you mean 'pickscore'?)"),
+    ("reward.names=[pickscore]", 2, "reward 'pickscore' needs option 'path': set reward.options.pickscore.path="),
+    ("reward.names=[digit_alignment] reward.options.pickscore.path=/x", 2,
+     "reward.options.pickscore is set but 'pickscore' is not in reward.names"),
     ("reward.names=[nope_module:score]", 2, "cannot import module 'nope_module'"),
     ("reward.names=[my_scorers:boom]", 1, "raised RuntimeError: model weights not loaded"),
     ("reward.names=[my_scorers:nan]", 1, "returned NaN/inf for 2 of 2 samples"),
@@ -41,7 +44,7 @@ def scorers(tmp_path, monkeypatch):
 ])
 def test_reward_failures_are_one_line_before_anything_is_written(tmp_path, capsys, scorers, override, code, words):
     out = tmp_path / "run"
-    got, _, err = cli(capsys, "train", "--out", out, *TINY, override)
+    got, _, err = cli(capsys, "train", "--out", out, *TINY, *override.split())
     assert got == code and words in one_line(err)
     assert not out.exists()  # the preflight scored a tiny batch before the run folder was made
 
@@ -89,7 +92,7 @@ def test_non_finite_gradient_is_one_line(tmp_path, capsys):
 def test_debug_env_gives_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWPO_DEBUG", "1")
     with pytest.raises(Exception, match="unknown reward"):
-        main(["train", "--out", str(tmp_path / "r"), *TINY, "reward.names=[pickscore]"])
+        main(["train", "--out", str(tmp_path / "r"), *TINY, "reward.names=[pickscor]"])
 
 
 # ----------------------------------------------------------------------------- run folders

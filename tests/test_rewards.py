@@ -41,8 +41,8 @@ def test_raising_reward_and_bad_names():
     _install("boom_scorers", boom)
     with pytest.raises(RewardError, match=r"'boom_scorers:score' raised ValueError: model not loaded \(scoring 2"):
         RewardSet(["boom_scorers:score"], [1.0]).score(torch.rand(2, 1, 16, 16), ["1"] * 2)
-    with pytest.raises(RewardError, match="unknown reward 'pickscore'"):
-        RewardSet(["pickscore"], [1.0])
+    with pytest.raises(RewardError, match="unknown reward 'pickscor'"):
+        RewardSet(["pickscor"], [1.0])
     with pytest.raises(RewardError, match="cannot import module"):
         RewardSet(["no_such_pkg.mod:fn"], [1.0])
     _install("short_scorers", lambda images, prompts: torch.zeros(1))

@@ -223,11 +223,11 @@ def test_evaluation_uses_the_ema_weights_and_puts_the_live_ones_back(tmp_path, t
     with torch.no_grad():
         for p, s in zip(tr.params, tr.ema.shadow):
             p.copy_(s)
-    ema_rec, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
+    ema_rec, _, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
     with torch.no_grad():
         for p, a in zip(tr.params, live):
             p.copy_(a)
-    live_rec, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
+    live_rec, _, _ = evaluate_policy(tr.cfg, tr.policy, tr.rewards, tr.parts.eval_prompts, tr.parts.eval_sigmas, tr.device)
     assert rec["eval_reward_mean"] == ema_rec["eval_reward_mean"] != live_rec["eval_reward_mean"]
 
 

@@ -181,7 +181,8 @@ class StepwiseEstimator:
         a = self.cfg.advantage
         sr, _, extra = intermediate_rewards(policy, roll.states, roll.train, sigmas, roll.cond, roll.prompts, raw,
                                             self.rewards.score, substeps=a.substeps,
-                                            guidance=self.cfg.sample.guidance, batch_size=a.estimate_batch_size)
+                                            guidance=self.cfg.sample.guidance, batch_size=a.estimate_batch_size,
+                                            metadata=roll.metadata)
         return sr, extra, {"stepwise/nfe": extra}
 
     def estimate(self, gb, rr) -> tuple[torch.Tensor, dict]:

@@ -9,7 +9,7 @@ Shapes: N global rows, n local rows, M update rows, T steps, D latent dims, K re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,14 @@ class GlobalBatch:
     log_probs: torch.Tensor         # [N, T] behaviour log-probs
     final: torch.Tensor             # [N, *D] final latents
     step_rewards: torch.Tensor | None = None  # [N, T+1, K] intermediate rewards (stepwise credit)
+    metadata: list[dict] = field(default_factory=list)  # [N] the prompts' metadata (flowpo.prompts); [] = none
 
     @property
     def n(self) -> int:
         return len(self.prompts)
+
+    def meta(self, i: int) -> dict:
+        return self.metadata[i] if self.metadata else {}
 
 
 @dataclass

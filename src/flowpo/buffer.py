@@ -13,7 +13,7 @@ are the project's choices, exposed as options (REFERENCE.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ class Entry:
     version: int                  # iteration that generated it
     step_rewards: torch.Tensor | None = None  # [T+1, K] raw rewards of the estimates (stepwise credit), optional
     final: torch.Tensor | None = None         # [*D] final latent (objectives on final samples), optional
+    meta: dict = field(default_factory=dict)  # the prompt's metadata (flowpo.prompts), for re-scoring
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +128,8 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
         cond = policy.encode_prompts([entries[i].prompt for i in idx])
         x0, n_evals = ode_sample(policy, cond, sigmas[c:], x, guidance, batch_size)
         nfe += n_evals
-        raw[idx] = score(policy.decode(x0), [entries[i].prompt for i in idx]).to(raw.dtype)
+        raw[idx] = score(policy.decode(x0), [entries[i].prompt for i in idx],
+                         [entries[i].meta for i in idx]).to(raw.dtype)
         final[idx] = x0.detach().cpu()
     return raw, final, nfe
 
@@ -155,7 +157,8 @@ class ReplayBuffer:
 
     def add(self, iteration: int, prompts: list[str], states: torch.Tensor, train: torch.Tensor,
             log_probs: torch.Tensor, rewards: torch.Tensor, rewards_raw: torch.Tensor,
-            step_rewards: torch.Tensor | None = None, finals: torch.Tensor | None = None) -> int:
+            step_rewards: torch.Tensor | None = None, finals: torch.Tensor | None = None,
+            metadata: list[dict] | None = None) -> int:
         """Offer N fresh trajectories (states [N, T+1, *D], train [N, T], log_probs [N, T],
         rewards [N], rewards_raw [N, K], optional step_rewards [N, T+1, K] and final latents
         [N, *D]); returns how many were kept."""
@@ -170,7 +173,8 @@ class ReplayBuffer:
                       x_next=states[i, (steps + 1).to(states.device)].detach().cpu(),
                       log_prob=log_probs[i, steps.to(log_probs.device)].detach().cpu(), version=iteration,
                       step_rewards=None if step_rewards is None else step_rewards[i].detach().cpu().clone(),
-                      final=None if finals is None else finals[i].detach().cpu().clone())
+                      final=None if finals is None else finals[i].detach().cpu().clone(),
+                      meta=dict(metadata[i]) if metadata else {})
             lst = self.entries.setdefault(p, [])
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, iteration), reverse=True)
@@ -227,7 +231,7 @@ class ReplayBuffer:
                     t = getattr(e, name)
                     if t is not None:
                         tensors[f"{j}.{name}"] = t.contiguous()
-                meta.append({"prompt": p, "reward": e.reward, "version": e.version})
+                meta.append({"prompt": p, "reward": e.reward, "version": e.version, "meta": e.meta})
                 j += 1
         return tensors, meta
 
@@ -237,5 +241,6 @@ class ReplayBuffer:
             e = Entry(prompt=m["prompt"], reward=m["reward"], version=m["version"],
                       reward_raw=tensors[f"{j}.reward_raw"], steps=tensors[f"{j}.steps"], x=tensors[f"{j}.x"],
                       x_next=tensors[f"{j}.x_next"], log_prob=tensors[f"{j}.log_prob"],
-                      step_rewards=tensors.get(f"{j}.step_rewards"), final=tensors.get(f"{j}.final"))
+                      step_rewards=tensors.get(f"{j}.step_rewards"), final=tensors.get(f"{j}.final"),
+                      meta=m.get("meta") or {})
             self.entries.setdefault(m["prompt"], []).append(e)

@@ -44,8 +44,8 @@ class Parts:
     objective: object             # an objective of flowpo.objectives.OBJECTIVES
     opt: torch.optim.Optimizer
     ema: object                   # flowpo.training.ema.EMA (train.ema > 0) or NoEMA
-    pool: list[str]               # training prompts
-    eval_prompts: list[str]
+    pool: object                  # flowpo.prompts.PromptSet: training prompts and their metadata
+    eval_prompts: object          # flowpo.prompts.PromptSet
 
 
 def build(cfg: Config, dist) -> Parts:
@@ -64,6 +64,9 @@ def build(cfg: Config, dist) -> Parts:
     from flowpo.training.optim import build_optimizer
 
     s = cfg.sample
+    # inputs first (prompt files, reward options and models): a bad path fails before the policy loads
+    pool, held_out = train_prompt_pool(cfg), eval_prompts(cfg)
+    rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     policy = build_policy(cfg.model)
     device = resolve_device(cfg.model.device)
     # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
@@ -71,7 +74,6 @@ def build(cfg: Config, dist) -> Parts:
     params = policy.trainable_parameters()
     opt = build_optimizer(params, cfg.train)
     ema = build_ema(params, cfg.train.ema)
-    rewards = RewardSet(cfg.reward.names, cfg.reward.weights)
     sigmas = schedule.resolve(s.sigmas, policy, s.steps, s.shift)   # sample.sigmas, else the policy's own
     kernel = KERNELS[s.kernel]
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
@@ -83,4 +85,4 @@ def build(cfg: Config, dist) -> Parts:
                  rewards=rewards, advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),
                  replay=build_replay(cfg, sigmas, policy, rewards, dist, device),
                  objective=build_objective(cfg.objective.kind, ctx, cfg), opt=opt, ema=ema,
-                 pool=train_prompt_pool(cfg), eval_prompts=eval_prompts(cfg))
+                 pool=pool, eval_prompts=held_out)

@@ -138,8 +138,11 @@ def _cmd_eval(args, rest) -> int:
         policy, iteration = load_policy(cfg, path)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    rec, _ = evaluate_policy(cfg, policy, RewardSet(cfg.reward.names, cfg.reward.weights), eval_prompts(cfg),
-                             policy.sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
+    rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
+    rec, _, records = evaluate_policy(cfg, policy, rewards, eval_prompts(cfg),
+                                      policy.sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
+    if args.records:
+        Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in records))
     print(json.dumps({"step": iteration, **rec}))
     return 0
 
@@ -217,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
         else:
             sp.add_argument("--run", help="a training run directory (its config and latest checkpoint)")
+        if verb == "eval":
+            sp.add_argument("--records", metavar="FILE",
+                            help="also write one JSON line per sample (prompt, metadata, rewards) to FILE")
         if verb == "sample":
             sp.add_argument("--prompt", required=True, help="the text prompt")
             sp.add_argument("--n", type=int, default=8, help="how many samples (default 8)")

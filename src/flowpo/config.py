@@ -97,6 +97,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is not a string")
         return value
+    if hint is typing.Any:
+        return value
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                value = None
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is not a mapping; write it as {key}.<name>=value or a YAML mapping")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             try:
@@ -141,6 +154,9 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         else:
             key = f"{prefix}{k}"
             val = _coerce(key, v, hints[k])
+            if isinstance(val, dict) and isinstance(cur, dict):  # mappings merge (reward.options.<name>.<key>)
+                val = {**cur, **{n: {**cur[n], **o} if isinstance(o, dict) and isinstance(cur.get(n), dict) else o
+                                 for n, o in val.items()}}
             if key in CHOICES and val not in choices(key):
                 allowed = choices(key)
                 close = difflib.get_close_matches(str(val), allowed, n=1)
@@ -282,6 +298,8 @@ def _type_name(hint: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is Literal:
         return "str"
+    if origin is dict:
+        return "mapping"
     if origin in (list, tuple):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -65,6 +65,12 @@ def check(cfg) -> None:
         raise ConfigError(
             f"reward.weights={cfg.reward.weights!r} has {len(cfg.reward.weights)} values for "
             f"{len(cfg.reward.names)} rewards {cfg.reward.names!r}; give one weight per reward")
+    for name, opts in cfg.reward.options.items():
+        if name not in cfg.reward.names:
+            raise ConfigError(f"reward.options.{name} is set but {name!r} is not in reward.names="
+                              f"{cfg.reward.names!r}; add it there or drop its options")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"reward.options.{name}={opts!r} is not a mapping; set reward.options.{name}.<key>=value")
     _check_range("advantage.eps", cfg.advantage.eps, 0, lo_open=True)
     _check_range("advantage.clip", cfg.advantage.clip, 0, lo_open=True)
     _check_range("advantage.substeps", cfg.advantage.substeps, 1)

@@ -8,7 +8,7 @@ against the registry there (`flowpo.config.CHOICES`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
 """Keys a run fills in itself when they are null (and lists under `resolved` in its config.yaml)."""
@@ -126,6 +126,9 @@ class RewardConfig:
     """Registered reward names or `package.module:function` dotted paths."""
     weights: list[float] = field(default_factory=lambda: [1.0])
     """One weight per reward."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-reward options, reward.options.<name>.<key>=value: local model paths, device, dtype,
+    batch_size, frames (videos: first | mean), scaling, … (README, Rewards; `flowpo.rewards`)."""
     aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums
     (with advantage.kind=stepwise: the gains of the sum, or the sum of each reward's normalised gains)."""

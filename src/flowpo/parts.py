@@ -7,6 +7,7 @@ import torch
 
 from flowpo.config import Config
 from flowpo.plans import Plan, build_plan as _build_plan
+from flowpo.prompts import PromptSet, read_prompt_file
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,48 +92,29 @@ def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
         truncate_sigma_min=p.truncate_sigma, truncate_fraction=p.truncate_fraction)
 
 
-def _read_prompts(path: str, key: str) -> list[str]:
-    from pathlib import Path
-
-    from flowpo.errors import ConfigError
-
-    f = Path(path)
-    if not f.exists():
-        raise FileNotFoundError(f"{key}={path!r} does not exist; give a text file with one prompt per line")
-    if not f.is_file():
-        raise ConfigError(f"{key}={path!r} is a directory, not a file; give a text file with one prompt per line")
-    try:
-        text = f.read_text()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}={path!r} is not UTF-8 text; give a text file with one prompt per line") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise ConfigError(f"{key}={path!r} holds no prompts (empty or blank lines only); write one prompt per line")
-    return lines
-
-
-def train_prompt_pool(cfg: Config) -> list[str]:
-    """Training prompts: `sample.prompts_file`, or every (digit, training template) of the
-    embedded model."""
+def train_prompt_pool(cfg: Config) -> PromptSet:
+    """Training prompts: `sample.prompts_file` (.txt or .jsonl with metadata), or every (digit,
+    training template) of the embedded model."""
     if cfg.sample.prompts_file:
-        return _read_prompts(cfg.sample.prompts_file, "sample.prompts_file")
+        return read_prompt_file(cfg.sample.prompts_file, "sample.prompts_file")
     from flowpo.embedded.prompts import train_prompts
 
-    return [p for d in range(10) for p in train_prompts(d)]
+    return PromptSet([p for d in range(10) for p in train_prompts(d)])
 
 
-def eval_prompts(cfg: Config) -> list[str]:
+def eval_prompts(cfg: Config) -> PromptSet:
     """`eval.prompts` held-out prompts fixed by `eval.seed` (the same at every evaluation): from
     `eval.prompts_file`, or the embedded held-out templates with the digits balanced."""
     g = torch.Generator().manual_seed(cfg.eval.seed)
     if cfg.eval.prompts_file:
-        pool = _read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
-        return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[: cfg.eval.prompts]] if \
-            len(pool) >= cfg.eval.prompts else [pool[i % len(pool)] for i in range(cfg.eval.prompts)]
+        pool = read_prompt_file(cfg.eval.prompts_file, "eval.prompts_file")
+        if len(pool) >= cfg.eval.prompts:
+            return pool.take(torch.randperm(len(pool), generator=g)[: cfg.eval.prompts])
+        return pool.take([i % len(pool) for i in range(cfg.eval.prompts)])
     from flowpo.embedded.prompts import heldout_prompts
 
     out = []
     for i in range(cfg.eval.prompts):
         options = heldout_prompts(i % 10)
         out.append(options[int(torch.randint(len(options), (1,), generator=g))])
-    return out
+    return PromptSet(out)

@@ -153,7 +153,7 @@ class OPReplay:
         """Expire, then offer all N global rows in global order (every rank holds the same buffer)."""
         self.buffer.expire(it + 1)
         self.buffer.add(it, gb.prompts, gb.states, gb.train, gb.log_probs, gb.raw @ self.rewards.weights, gb.raw,
-                        gb.step_rewards, finals=gb.final)
+                        gb.step_rewards, finals=gb.final, metadata=gb.metadata)
         return {"replay/entries": len(self.buffer), "replay/bytes": self.buffer.nbytes,
                 "replay/bytes_per_trajectory": self.buffer.nbytes / max(1, len(self.buffer))}
 

@@ -15,7 +15,7 @@ fresh samples, π_θ's log-prob is recomputed bit-identically (ratio exactly 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,6 +39,7 @@ class Rollout:
     final: torch.Tensor             # [N, *D] final latent x_T
     chunks: list[torch.Tensor]      # row-index chunks used for every model call
     nfe: int = 0                    # model evaluations (rows × evals per row)
+    metadata: list[dict] = field(default_factory=list)  # [N] the prompts' metadata ([] = none)
 
 
 def make_chunks(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -79,7 +80,8 @@ class RolloutSpec:
 @torch.no_grad()
 def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, *, x_init: torch.Tensor,
            step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor, chunks: list[torch.Tensor],
-           prompts: list[str] | None = None, group_ids: torch.Tensor | None = None) -> Rollout:
+           prompts: list[str] | None = None, group_ids: torch.Tensor | None = None,
+           metadata: list[dict] | None = None) -> Rollout:
     """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere)."""
     n, T = x_init.shape[0], sigmas.numel() - 1
     dims = tuple(x_init.shape[1:])
@@ -122,7 +124,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
         nfe += evals * n * policy.evals_per_row(guidance)
     return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
                    cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
-                   final=x, chunks=chunks, nfe=nfe)
+                   final=x, chunks=chunks, nfe=nfe, metadata=list(metadata or []))
 
 
 def chunked_velocity(policy: Policy, cond: Cond, chunks: list[torch.Tensor], guidance: float):

@@ -35,10 +35,12 @@ def tweedie_estimate(policy: Policy, x: torch.Tensor, sigma: torch.Tensor, cond:
 @torch.no_grad()
 def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tensor, sigmas: torch.Tensor,
                          cond: Cond, prompts: list[str], final_reward: torch.Tensor, score_fn, *,
-                         substeps: int, guidance: float, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                         substeps: int, guidance: float, batch_size: int,
+                         metadata: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Estimates before and after every trained step.
 
-    states [N, T+1, *D], train [N, T], final_reward [N] or [N, K]; score_fn(images, prompts) → [M]
+    states [N, T+1, *D], train [N, T], final_reward [N] or [N, K]; score_fn(images, prompts[,
+    metadata]) → [M] (metadata passed when given: one dict per row)
     or [M, K] (the same trailing shape as final_reward: one reward, or the K raw rewards so that
     multi-reward gains can be normalised per reward). Returns (step_rewards [N, T+1] or
     [N, T+1, K], valid [N, T] = train, nfe). r_T is the true final reward; entries that no trained
@@ -61,6 +63,7 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
                                    select_cond(cond, rows_d),
                                    substeps=substeps, guidance=guidance, batch_size=batch_size)
         images = policy.decode(x0)
-        scores = score_fn(images, [prompts[int(i)] for i in rows])
+        sel = [int(i) for i in rows]
+        scores = score_fn(images, [prompts[i] for i in sel], *([[metadata[i] for i in sel]] if metadata else []))
         step_rewards[rows, ts] = torch.as_tensor(scores).float().cpu()
     return step_rewards, train.clone(), nfe

@@ -82,7 +82,7 @@ def from_pretrained(cls, reward: str, key: str, path: Path, **kw):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RewardOptionError(f"reward.options.{reward}.{key}={str(path)!r}: {cls.__name__} cannot load it "
-                                f"({first}); point it at the folder holding config.json and the weights") from None
+                                f"({first}); point it at the folder that holds its files (config/tokenizer JSON and weights)") from None
 
 
 def load_strict(module: torch.nn.Module, state: dict, reward: str, source: str) -> None:

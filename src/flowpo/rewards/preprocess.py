@@ -5,7 +5,8 @@ take PIL images: uint8 → resize (PIL bicubic) → crop or pad → uint8 → fl
 same steps run on a float batch [N, 3, H, W] in [0, 1] with no PIL round-trip:
 
     quantise  x ← round(255·x)/255            (the uint8 image the peers score; option)
-    resize    torch bicubic with antialias     (PIL's filter: a = −0.5, support scaled on downsampling)
+    resize    torch bicubic with antialias     (PIL's filter: a = −0.5, support scaled on downsampling),
+              then clipped to [0, 1] and quantised again (PIL keeps the resized image in uint8)
     crop      centre crop to size × size       (CLIP, BLIP), or
     pad       resize the longest side to size and zero-pad to a centred square (HPSv2)
     normalise (x − mean) / std per channel
@@ -89,6 +90,9 @@ def to_pixels(images: torch.Tensor, size: int, *, mode: str = "crop", crop: int 
         x = resize_longest_pad(x, size)
     else:
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+    x = x.clamp(0, 1)  # PIL stores the resized image as uint8: bicubic overshoot is clipped, values rounded
+    if quantize:
+        x = torch.round(x * 255) / 255
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return ((x - m) / s).to(dtype)

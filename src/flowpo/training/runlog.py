@@ -66,6 +66,18 @@ class RunLog:
         save_grid(images, path, nrow)
         return path
 
+    def eval_records(self, step: int, records: list[dict]) -> Path | None:
+        """One JSON line per evaluation sample (prompt, metadata, rewards) in evals/<step>.jsonl,
+        written to a temporary name and renamed, so a kill leaves no half-written file."""
+        if not self.enabled or not records:
+            return None
+        path = self.out / "evals" / f"{step:06d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        tmp.replace(path)
+        return path
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

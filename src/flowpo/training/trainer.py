@@ -90,7 +90,7 @@ class Trainer:
         raises or returns NaN/the wrong count fails now, in one line, not after an iteration."""
         with torch.no_grad():
             probe = torch.zeros((2, *self.policy.latent_shape), device=self.device)
-            self.rewards.score(self.policy.decode(probe), self.parts.pool[:1] * 2)
+            self.rewards.score(self.policy.decode(probe), [self.parts.pool[0]] * 2, [self.parts.pool.meta[0]] * 2)
 
     iteration = property(lambda self: self.progress.iteration,
                          lambda self, v: setattr(self.progress, "iteration", v))
@@ -147,7 +147,8 @@ class Trainer:
         g_fresh = G - P.replay.k
         gen = torch.Generator().manual_seed(_seed(seed, it, 1))
         prompt_idx = torch.randint(len(P.pool), (B,), generator=gen)
-        prompts_all = [P.pool[int(i)] for i in prompt_idx for _ in range(g_fresh)]        # [N]
+        drawn = P.pool.take(prompt_idx.repeat_interleave(g_fresh))                         # [N] texts + metadata
+        prompts_all, meta_all = drawn.texts, drawn.meta
         groups_all = torch.arange(B).repeat_interleave(g_fresh)                             # [N]
         n_all = len(prompts_all)
         plan = self.plan(it, n_all, groups_all, torch.Generator().manual_seed(_seed(seed, it, 2)))
@@ -166,13 +167,13 @@ class Trainer:
         with P.objective.sampling():
             roll = sample(self.policy, cond, self.sigmas, P.spec, x_init=x_init, step_noise=step_noise,
                           sde=plan.sde[local], train=plan.train[local], chunks=chunks, prompts=prompts,
-                          group_ids=groups)
+                          group_ids=groups, metadata=meta_all[local])
         t_roll = time.time()
-        raw = self.rewards.score(self.policy.decode(roll.final), prompts)                  # [n, K]
+        raw = self.rewards.score(self.policy.decode(roll.final), prompts, roll.metadata)  # [n, K]
         t_rew = time.time()
         step_rewards, nfe_it, rec = P.advantage.intermediate(self.policy, roll, self.sigmas, raw)
         nfe_it += roll.nfe
-        gb = self._gather(roll, raw, step_rewards)                    # the one gather: global rows
+        gb = self._gather(roll, raw, step_rewards, meta_all)          # the one gather: global rows
         rep, rstats, rep_nfe = P.replay.select(it, gb)
         adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
         no_signal = not bool((adv_all != 0).any())
@@ -203,13 +204,14 @@ class Trainer:
             rec["plan/window_start"] = plan.window[0]
         return rec
 
-    def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None) -> GlobalBatch:
-        """Every rank's fresh rows, in global order (identity on one process)."""
+    def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None, meta_all: list[dict]) -> GlobalBatch:
+        """Every rank's fresh rows, in global order (identity on one process); the metadata of
+        all rows is known on every rank already."""
         d = self.dist
         g = d.all_gather_cat
         prompts = list(roll.prompts) if d.world == 1 else [p for part in d.all_gather_objects(list(roll.prompts))
                                                             for p in part]
-        return GlobalBatch(prompts=prompts, group_ids=g(roll.group_ids), raw=g(raw), train=g(roll.train),
+        return GlobalBatch(prompts=prompts, metadata=meta_all, group_ids=g(roll.group_ids), raw=g(raw), train=g(roll.train),
                            states=g(roll.states), log_probs=g(roll.log_probs), final=g(roll.final),
                            step_rewards=None if step_rewards is None else g(step_rewards))
 
@@ -264,10 +266,11 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out ODE samples of the current weights (the EMA weights when train.ema > 0)."""
         with self.ema.swapped(self.dist.gather_params):  # FSDP2: the gathered copy follows the swap
-            rec, images = evaluate_policy(self.cfg, self.policy, self.rewards, self.parts.eval_prompts,
-                                          self.parts.eval_sigmas, self.device, self.dist)
+            rec, images, records = evaluate_policy(self.cfg, self.policy, self.rewards, self.parts.eval_prompts,
+                                                   self.parts.eval_sigmas, self.device, self.dist)
         rec.update({"step": self.iteration, "nfe": self.nfe, "wall_s": self.wall()})
         self.log.write(rec)
+        self.log.eval_records(self.iteration, records)
         e = self.cfg.eval
         if self.cfg.log.grids and self.dist.is_main:
             n_show = min(len(images), 8 * e.samples_per_prompt * 2)
@@ -297,29 +300,45 @@ def _say_if_no_signal(it: int, no_signal: bool, combined: torch.Tensor, count: i
 
 
 @torch.no_grad()
-def evaluate_policy(cfg: Config, policy, rewards, eval_prompts: list[str], eval_sigmas: torch.Tensor,
-                    device, dist=None) -> tuple[dict, torch.Tensor]:
-    """Score deterministic Euler samples of `eval.samples_per_prompt` per held-out prompt, from the
-    fixed noise of `eval.seed`, split over the ranks of `dist` → (metrics, this rank's images)."""
+def evaluate_policy(cfg: Config, policy, rewards, eval_prompts, eval_sigmas: torch.Tensor,
+                    device, dist=None) -> tuple[dict, torch.Tensor, list[dict]]:
+    """Score deterministic Euler samples of `eval.samples_per_prompt` per held-out prompt (a
+    flowpo.prompts.PromptSet), from the fixed noise of `eval.seed`, split over the ranks of `dist`
+    → (metrics, this rank's images, one record per sample: prompt, metadata, rewards).
+
+    Metrics: eval_reward_mean/std, eval/<reward>, and eval_tag/<tag> (the mean combined reward
+    per metadata `tag`, GenEval's categories) when the prompts carry tags."""
+    from flowpo.prompts import PromptSet
+
     dist = dist or Dist()
     e = cfg.eval
     g = e.guidance if e.guidance is not None else cfg.sample.guidance
-    prompts_all = [p for p in eval_prompts for _ in range(e.samples_per_prompt)]
-    n_all = len(prompts_all)
-    prompts_all = prompts_all + prompts_all[:(-n_all) % dist.world]
-    local = dist.split(len(prompts_all))
-    rows = list(range(len(prompts_all)))[local]
-    prompts = prompts_all[local]
+    held = eval_prompts if isinstance(eval_prompts, PromptSet) else PromptSet(list(eval_prompts))
+    every = held.take([i for i in range(len(held)) for _ in range(e.samples_per_prompt)])
+    n_all = len(every)
+    padded = every.take(list(range(n_all)) + list(range(n_all))[:(-n_all) % dist.world])
+    local = dist.split(len(padded))
+    rows = list(range(len(padded)))[local]
+    prompts, metas = padded.texts[local], padded.meta[local]
     x_init = row_noise([_seed(e.seed, i) for i in rows], policy.latent_shape).to(device)
     policy.module.eval()
     x0, _ = ode_sample(policy, policy.encode_prompts(prompts), eval_sigmas, x_init, g, cfg.sample.batch_size)
     images = policy.decode(x0)
-    raw = dist.all_gather_cat(rewards.score(images, prompts))[:n_all]                    # [n_all, K]
+    raw = dist.all_gather_cat(rewards.score(images, prompts, metas))[:n_all]            # [n_all, K]
     comb = raw @ rewards.weights
     rec = {"eval_reward_mean": float(comb.mean()), "eval_reward_std": float(comb.std(unbiased=False))}
     for k, name in enumerate(rewards.names):
         rec[f"eval/{name}"] = float(raw[:, k].mean())
-    return rec, images
+    tags: dict[str, list[float]] = {}
+    for m, c in zip(every.meta, comb.tolist()):
+        if isinstance(m.get("tag"), str):
+            tags.setdefault(m["tag"], []).append(c)
+    for tag, vals in sorted(tags.items()):
+        rec[f"eval_tag/{tag}"] = sum(vals) / len(vals)
+    records = [{"prompt": p, "metadata": m, "sample": i % e.samples_per_prompt, "reward": c,
+                **{name: float(raw[i, k]) for k, name in enumerate(rewards.names)}}
+               for i, (p, m, c) in enumerate(zip(every.texts, every.meta, comb.tolist()))]
+    return rec, images, records
 
 
 def train(cfg: Config, out: str | Path, *, resume: bool = False) -> dict:
