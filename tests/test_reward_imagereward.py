@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from flowpo.rewards import get_scorer
-from flowpo.rewards.imagereward import MEAN, STD, TEXT_LENGTH, UNUSED_KEYS, blip_to_hf, center_crop_round, \
-    resize_shortest_pil
+from flowpo.rewards.imagereward import MEAN, STD, TEXT_LENGTH, UNUSED_KEYS, blip_to_hf
 from flowpo.rewards.loading import RewardOptionError
-from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, center_crop
+from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, center_crop, resize_shortest
 
 # tiny sizes: ViT width 32, 2 blocks, patch 16, image 32 (2×2 patches + CLS = 5 tokens), 2 heads;
 # BERT hidden 24, 2 layers, intermediate 48, 2 heads, 40 positions (≥ 35), cross-attention from width 32
@@ -58,7 +57,8 @@ def source_state_dict(seed: int = 0, vocab: int = VOCAB, unused: bool = True) ->
         return torch.randn(*shape, generator=g) * (scale if scale is not None else 1 / math.sqrt(fan_in))
 
     def ln(prefix, n):
-        return {prefix + ".weight": 1 + 0.1 * torch.randn(n, generator=g), prefix + ".bias": 0.1 * torch.randn(n, generator=g)}
+        return {prefix + ".weight": 1 + 0.1 * torch.randn(n, generator=g),
+                prefix + ".bias": 0.1 * torch.randn(n, generator=g)}
 
     def lin(prefix, out, inp):
         return {prefix + ".weight": w(out, inp), prefix + ".bias": 0.1 * torch.randn(out, generator=g)}
@@ -136,7 +136,8 @@ def _attend(sd, p, h, kv, bias, heads):
     def split(z):
         return z.reshape(b, z.shape[1], heads, hd).transpose(1, 2)
 
-    q, k, v = split(_lin(h, sd, p + ".self.query")), split(_lin(kv, sd, p + ".self.key")), split(_lin(kv, sd, p + ".self.value"))
+    q = split(_lin(h, sd, p + ".self.query"))
+    k, v = split(_lin(kv, sd, p + ".self.key")), split(_lin(kv, sd, p + ".self.value"))
     s = q @ k.transpose(-1, -2) / math.sqrt(hd)
     if bias is not None:
         s = s + bias
@@ -146,7 +147,8 @@ def _attend(sd, p, h, kv, bias, heads):
 
 def ref_text(sd, ids, mask, image_embeds, heads=T_HEADS, causal=False, use_mask=True):
     t = "blip.text_encoder."
-    h = sd[t + "embeddings.word_embeddings.weight"][ids] + sd[t + "embeddings.position_embeddings.weight"][: ids.shape[1]]
+    words, positions = sd[t + "embeddings.word_embeddings.weight"], sd[t + "embeddings.position_embeddings.weight"]
+    h = words[ids] + positions[: ids.shape[1]]
     h = _ln(h, sd, t + "embeddings.LayerNorm", 1e-12)
     m = mask[:, None, None, :].float() if use_mask else torch.ones_like(mask[:, None, None, :]).float()
     if causal:
@@ -224,6 +226,35 @@ def test_mapping_is_strict_and_shapes_inferred(files):
     assert torch.equal(vsd["post_layernorm.bias"], sd["blip.visual_encoder.norm.bias"])
     # the unused keys are optional: a checkpoint without them maps the same
     assert len(blip_to_hf(source_state_dict(unused=False), vision_heads=V_HEADS, text_heads=T_HEADS)[3]) == len(tsd)
+
+
+def test_mapping_of_real_imagereward_shapes():
+    """ImageReward v1.0's shapes (meta tensors, no memory): ViT-L/16 at 224, BERT-base with 30524 words."""
+    def m(*shape):
+        return torch.empty(*shape, device="meta")
+
+    sd = {"blip.visual_encoder.cls_token": m(1, 1, 1024), "blip.visual_encoder.pos_embed": m(1, 197, 1024),
+          "blip.visual_encoder.patch_embed.proj.weight": m(1024, 3, 16, 16),
+          "blip.visual_encoder.patch_embed.proj.bias": m(1024),
+          "blip.visual_encoder.norm.weight": m(1024), "blip.visual_encoder.norm.bias": m(1024),
+          "blip.text_encoder.embeddings.word_embeddings.weight": m(30524, 768),
+          "blip.text_encoder.embeddings.position_embeddings.weight": m(512, 768),
+          "blip.text_encoder.embeddings.position_ids": m(1, 512),
+          "blip.vision_proj.weight": m(256, 1024), "blip.text_proj.weight": m(256, 768)}
+    for i in range(24):
+        b = f"blip.visual_encoder.blocks.{i}."
+        sd.update({b + "attn.qkv.weight": m(3072, 1024), b + "mlp.fc1.weight": m(4096, 1024),
+                   b + "mlp.fc2.weight": m(1024, 4096)})
+    for i in range(12):
+        b = f"blip.text_encoder.encoder.layer.{i}."
+        sd.update({b + "crossattention.self.key.weight": m(768, 1024), b + "intermediate.dense.weight": m(3072, 768)})
+    for idx, (a, o) in zip((0, 2, 4, 6, 7), ((768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        sd[f"mlp.layers.{idx}.weight"] = m(o, a)
+    vc, tc, *_ = blip_to_hf(sd)
+    assert (vc.image_size, vc.patch_size, vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads,
+            vc.intermediate_size) == (224, 16, 1024, 24, 16, 4096)
+    assert (tc.vocab_size, tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.encoder_hidden_size,
+            tc.intermediate_size, tc.max_position_embeddings) == (30524, 768, 12, 12, 1024, 3072, 512)
 
 
 def test_forward_matches_source_layout(files, scorer):
@@ -324,7 +355,7 @@ def test_one_float_pass_would_miss_pil(scorer):
     arr = noise_image(27, 20, seed=7)
     images = as_batch(arr)
     want = pil_pixels(arr, IMAGE)
-    one_pass = center_crop_round(resize_shortest_pil(images, IMAGE, quantize=False), IMAGE)[0]
+    one_pass = center_crop(resize_shortest(images, IMAGE, quantize=False), IMAGE, "round")[0]
     one_pass = (one_pass - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
     assert (one_pass - want).abs().max().item() > 3 * PIXEL_TOL
     assert (scorer.pixels(images)[0] - want).abs().max().item() < PIXEL_TOL
@@ -337,11 +368,11 @@ def test_crop_offset_rounds_as_torchvision(scorer):
     arr = smooth_image(40, 54, seed=94)
     images = as_batch(arr)
     want = pil_pixels(arr, IMAGE)
-    resized = resize_shortest_pil(images, IMAGE)
+    resized = resize_shortest(images, IMAGE)
     assert resized.shape[-2:] == (32, 43)
     norm = (torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1))
     floor = (center_crop(resized, IMAGE)[0] - norm[0]) / norm[1]
-    rounded = (center_crop_round(resized, IMAGE)[0] - norm[0]) / norm[1]
+    rounded = (center_crop(resized, IMAGE, "round")[0] - norm[0]) / norm[1]
     assert (floor - want).abs().max().item() > 5 * PIXEL_TOL
     assert (rounded - want).abs().max().item() < PIXEL_TOL
     assert torch.equal(scorer.pixels(images)[0], rounded)

@@ -110,6 +110,8 @@ def _takes_metadata(fn) -> bool:
 
 def _coerce_option(name: str, key: str, value: Any, param: inspect.Parameter | None, hints: dict) -> Any:
     hint = hints.get(key)
+    if hint is None and param is not None and type(param.default) in (bool, int, float, str):
+        hint = type(param.default)  # unannotated: the default's type
     if hint is None or param is None:
         return value
     from flowpo.config import _coerce  # one coercion for the whole config

@@ -19,12 +19,20 @@ ImageReward's `score`/`inference_rank` pass the tokenizer's ids unchanged to `bl
 not do that. The reward reads the text encoder's output at position 0.
 
 Images (ImageReward: torchvision Resize(224, bicubic) + CenterCrop(224) on a PIL image, ToTensor,
-Normalize), batched on tensors: quantised to uint8 levels, shortest side → 224 as PIL does it (bicubic
-a = −0.5 with antialiasing, horizontal pass then vertical pass, each rounded and clipped to uint8;
-option `quantize`, False: one float pass), centre crop 224 with torchvision's offsets
-(round((H − 224)/2), half to even), OpenAI CLIP mean/std. The image size is read from the checkpoint
-(pos_embed rows − 1 = (size/patch)²). Gap to the PIL path: ≤ 1 uint8 level per pixel (PIL's
-fixed-point filter), i.e. ≤ 1/255/0.2613 ≈ 0.015 in normalised units (tests/test_reward_imagereward.py).
+Normalize), batched on tensors:
+
+    quantise  x ← round(255·x)/255                  (option `quantize`)
+    resize    shortest side → 224 as PIL does it: bicubic a = −0.5, antialiased, a horizontal pass
+              then a vertical pass, each rounded and clipped to uint8 (PIL's intermediate image is
+              uint8; quantize=False: one float pass instead)
+    crop      224 × 224 at torchvision's offsets round((H − 224)/2), round((W − 224)/2) (half to even)
+    normalise OpenAI CLIP mean/std
+
+The image size is read from the checkpoint (pos_embed rows − 1 = (size/patch)²). Measured gap to the
+PIL path (tests/test_reward_imagereward.py): ≤ 1 uint8 level when downsampling, ≤ 2 when upsampling
+(PIL's fixed-point filter), i.e. ≤ 2/255/0.2613 ≈ 0.030 in normalised units. The pass order is that
+of Pillow's Resample.c (horizontal first); the Pillow 13.0 build here runs the vertical pass first for
+some tall reductions (e.g. 100×37 → 86×32), where noisy images then differ by up to ~15 levels.
 
 Checkpoint `ImageReward.pt` (a torch state dict; or the same keys in a .safetensors) → modules:
 
@@ -43,8 +51,9 @@ Checkpoint `ImageReward.pt` (a torch state dict; or the same keys in a .safetens
 BlipVisionModel's last_hidden_state is post-layernormed like BLIP's `norm(x)`; BlipTextModel is built
 with is_decoder=True (so every layer has its cross-attention) and run with is_decoder=False
 (bidirectional self-attention, as BLIP's encoder). Keys of BLIP that the score does not use are
-dropped by the explicit list `UNUSED_KEYS` (the ITC projections and the old persistent position_ids
-buffer); any other key, or a missing one, is one RewardOptionError line.
+dropped by the explicit list `UNUSED_KEYS` (BLIP_Pretrain's ITC projections vision_proj/text_proj and
+med.py's persistent position_ids buffer; ImageReward itself loads with strict=False, so they are
+optional here); any other key, or a missing one, is one RewardOptionError line.
 """
 from __future__ import annotations
 
@@ -55,7 +64,7 @@ import torch.nn.functional as F
 
 from flowpo.rewards.loading import device_of, dtype_of, from_pretrained, load_strict, need_path, \
     read_state_dict, RewardOptionError
-from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, as_rgb, resize_shortest
+from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, to_pixels
 
 REWARD = "imagereward"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's reward normalisation
@@ -134,9 +143,11 @@ def blip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int = 12
 
     patch_w = vision_sd["embeddings.patch_embedding.weight"]  # [width, 3, p, p]
     pos = vision_sd["embeddings.position_embedding"]  # [1, 1 + g², width]
+    if patch_w.ndim != 4 or patch_w.shape[-1] != patch_w.shape[-2]:
+        raise _layout_error(source, f"patch_embed.proj.weight {tuple(patch_w.shape)} is not [width, 3, p, p]")
     width, patch = int(patch_w.shape[0]), int(patch_w.shape[-1])
-    grid = math.isqrt(int(pos.shape[1]) - 1)
-    if pos.ndim != 3 or grid * grid != int(pos.shape[1]) - 1 or int(pos.shape[2]) != width:
+    grid = math.isqrt(max(0, int(pos.shape[1]) - 1)) if pos.ndim == 3 else 0
+    if pos.ndim != 3 or grid < 1 or grid * grid != int(pos.shape[1]) - 1 or int(pos.shape[2]) != width:
         raise _layout_error(source, f"pos_embed {tuple(pos.shape)} is not [1, 1 + grid², {width}]")
     blocks = sorted({int(k.split(".")[2]) for k in vision_sd if k.startswith("encoder.layers.")})
     if not blocks or blocks != list(range(len(blocks))) or "encoder.layers.0.mlp.fc1.weight" not in vision_sd:
@@ -177,39 +188,6 @@ def _load(module: torch.nn.Module, state: dict, source: str) -> None:
                                 f"({str(e).splitlines()[-1].strip()}); is it ImageReward.pt?") from None
 
 
-def resize_shortest_pil(x: torch.Tensor, size: int, quantize: bool = True) -> torch.Tensor:
-    """Shortest side → `size` as PIL's bicubic resize of a uint8 image (what ImageReward's torchvision
-    Resize does to its PIL input): a horizontal pass, then a vertical one, each rounded and clipped to
-    the 256 levels (PIL stores the intermediate image as uint8). A one-pass float resize differs from
-    it by up to ~26 levels on noisy images (bicubic overshoot that PIL clips between the passes).
-    quantize=False: one float pass (flowpo.rewards.preprocess.resize_shortest)."""
-    if not quantize:
-        return resize_shortest(x, size)
-    h, w = x.shape[-2:]
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)  # as torchvision Resize(int)
-
-    def levels(z: torch.Tensor) -> torch.Tensor:
-        return torch.round(z.clamp(0, 1) * 255) / 255
-
-    if nw != w:
-        x = levels(F.interpolate(x, size=(h, nw), mode="bicubic", antialias=True, align_corners=False))
-    if nh != h:
-        x = levels(F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False))
-    return x
-
-
-def center_crop_round(x: torch.Tensor, size: int) -> torch.Tensor:
-    """torchvision's CenterCrop offsets: top = round((H − size)/2), left = round((W − size)/2) (Python
-    round, half to even), after zero-padding an image smaller than the crop."""
-    h, w = x.shape[-2:]
-    if h < size or w < size:
-        ph, pw = max(0, size - h), max(0, size - w)
-        x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
-        h, w = x.shape[-2:]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return x[..., top:top + size, left:left + size]
-
-
 class ImageReward:
     """ImageReward v1.0. Options: path (ImageReward.pt, or a .safetensors of the same keys),
     processor_path (a bert-base-uncased tokenizer folder; BLIP's [DEC]/[ENC] are added when missing),
@@ -241,8 +219,9 @@ class ImageReward:
         if len(tokenizer) != text_config.vocab_size:
             raise RewardOptionError(
                 f"reward.options.{REWARD}.processor_path={processor_path!r}: the tokenizer has {len(tokenizer)} "
-                f"tokens with BLIP's {DEC_TOKEN}/{ENC_TOKEN}, the checkpoint's word embeddings {text_config.vocab_size} "
-                "rows; point it at the bert-base-uncased tokenizer folder (30522 + 2 = 30524)")
+                f"tokens with BLIP's {DEC_TOKEN}/{ENC_TOKEN}, the checkpoint's word embeddings "
+                f"{text_config.vocab_size} rows; point it at the bert-base-uncased tokenizer folder "
+                "(30522 + 2 = 30524)")
         if text_config.max_position_embeddings < TEXT_LENGTH:
             raise _layout_error(source, f"{text_config.max_position_embeddings} text positions < {TEXT_LENGTH}")
         self.tokenizer = tokenizer
@@ -258,14 +237,10 @@ class ImageReward:
             m.to(self.device, dt).eval().requires_grad_(False)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] in [0, 1] → normalised [N, 3, S, S] on the scorer's device and dtype."""
-        x = as_rgb(images.to(self.device))
-        if self.quantize:
-            x = torch.round(x * 255) / 255
-        x = center_crop_round(resize_shortest_pil(x, self.size, self.quantize), self.size)
-        mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        """[N, C, H, W] in [0, 1] → normalised [N, 3, S, S] on the scorer's device and dtype
+        (torchvision's crop offsets, as BLIP's transform)."""
+        return to_pixels(images, self.size, mode="crop", offset="round", mean=OPENAI_MEAN, std=OPENAI_STD,
+                         quantize=self.quantize, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def score_pixels(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -274,8 +249,9 @@ class ImageReward:
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=TEXT_LENGTH,
                              return_tensors="pt")
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=self.device)
-        out = self.text(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device),
-                        encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, is_decoder=False)
+        out = self.text(input_ids=tok["input_ids"].to(self.device),
+                        attention_mask=tok["attention_mask"].to(self.device), encoder_hidden_states=image_embeds,
+                        encoder_attention_mask=image_mask, is_decoder=False)
         r = self.head(out.last_hidden_state[:, 0].float()).squeeze(-1)
         return (r - MEAN) / STD
 

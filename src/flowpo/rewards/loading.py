@@ -87,6 +87,13 @@ def from_pretrained(cls, reward: str, key: str, path: Path, **kw):
 
 def load_strict(module: torch.nn.Module, state: dict, reward: str, source: str) -> None:
     """load_state_dict(strict=True) with one line naming the first missing/unexpected keys."""
+    own = module.state_dict()
+    shapes = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if shapes:
+        k = shapes[0]
+        raise RewardOptionError(f"reward {reward!r}: {source} does not match the model ({k} has shape "
+                                f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}); is it the "
+                                "right checkpoint for this reward?")
     res = module.load_state_dict(state, strict=False)
     if res.missing_keys or res.unexpected_keys:
         raise RewardOptionError(
