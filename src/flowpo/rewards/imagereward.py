@@ -60,7 +60,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from flowpo.rewards.loading import device_of, dtype_of, from_pretrained, load_strict, need_path, \
     read_state_dict, RewardOptionError
