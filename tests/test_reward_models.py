@@ -184,3 +184,12 @@ def test_ocr_reads_rendered_text_with_the_real_engine():
         s(images[:1], ["no quotes"])
     assert get_scorer("ocr", missing="zero")(images[:1], ["no quotes"]).tolist() == [0.0]
     assert get_scorer("ocr")(images[:1], ["no quotes"], [{"text": "flowpo"}]).tolist() == [1.0]
+
+
+def test_options_of_a_dotted_path_scorer_from_the_command_line():
+    from flowpo import config
+
+    cfg = config.load(None, None, ["reward.names=[my_pkg.my_mod:score]", "reward.weights=[1]",
+                                   "reward.options.my_pkg.my_mod:score.threshold=0.5",
+                                   "reward.options.my_pkg.my_mod:score.batch_size=4"])
+    assert cfg.reward.options == {"my_pkg.my_mod:score": {"threshold": 0.5, "batch_size": 4}}

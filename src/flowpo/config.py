@@ -166,8 +166,13 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
-    """Set `a.b.c` to `value` (a string from the command line or a YAML value)."""
+    """Set `a.b.c` to `value` (a string from the command line or a YAML value).
+
+    `reward.options.<name>.<key>`: <name> may itself hold dots (a dotted-path scorer
+    `pkg.mod:fn`); the option is the last part."""
     parts = dotted.split(".")
+    if parts[:2] == ["reward", "options"] and len(parts) > 4:
+        parts = parts[:2] + [".".join(parts[2:-1]), parts[-1]]
     nested: dict = {}
     d = nested
     for p in parts[:-1]:

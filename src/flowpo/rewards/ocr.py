@@ -13,8 +13,6 @@ A prompt with no quoted text and no `text` metadata is an error naming the promp
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
@@ -64,11 +62,10 @@ class OCR:
         except ImportError:
             raise RewardOptionError("reward 'ocr' needs RapidOCR: pip install 'flowpo[ocr]' "
                                     "(rapidocr + onnxruntime, no torch dependency)") from None
-        logging.getLogger("RapidOCR").setLevel(logging.ERROR)  # one line per blank image otherwise
-        params = {}
+        params = {"Global.log_level": "error"}  # else a line per model loaded and per blank image
         if threads > 0:
-            params = {"EngineConfig.onnxruntime.intra_op_num_threads": int(threads)}
-        self.engine = RapidOCR(params=params) if params else RapidOCR()
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
+        self.engine = RapidOCR(params=params)
         self.min_confidence, self.missing = float(min_confidence), missing
 
     def read(self, image: np.ndarray) -> str:
