@@ -182,3 +182,16 @@ def test_a_constant_reward_is_said(tmp_path, capsys, scorers):
     assert code == 0 and "every advantage is 0 (the reward is constant at 1)" in err
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["adv/all_zero"] for r in rows if "reward_mean" in r] == [1.0, 1.0]
+
+
+def test_resume_may_move_a_rewards_files_but_not_change_what_it_computes(tmp_path, capsys, scorers):
+    (scorers / "opt_scorers.py").write_text("import torch\ndef mean(images, prompts, scale=1.0, path=''):\n"
+                                           "    return images.mean(dim=(1, 2, 3)) * scale\n")
+    out = tmp_path / "run"
+    _train(capsys, out, "reward.names=[opt_scorers:mean]", "reward.options.opt_scorers:mean.scale=2",
+           "reward.options.opt_scorers:mean.path=/old")
+    code, _, err = cli(capsys, "train", "--resume", out, "reward.options.opt_scorers:mean.scale=3")
+    assert code == 2 and "cannot change reward.options.opt_scorers:mean.scale (2 → 3)" in one_line(err)
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3",
+                       "reward.options.opt_scorers:mean.path=/new", "reward.options.opt_scorers:mean.batch_size=1")
+    assert code == 0 and "reward.options.opt_scorers:mean.path='/new'" in err, err

@@ -93,24 +93,42 @@ RESUMABLE = ("train.iterations", "eval.every", "train.checkpoint_every", "train.
 change the method or the trajectory mid-run."""
 
 
+RESUMABLE_REWARD_OPTIONS = ("device", "batch_size", "threads", "path", "processor_path", "head")
+"""reward.options.<name>.<key> a resumed run may change: where the scorer runs and where its
+files live (a moved folder), not what it computes."""
+
+
 def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
-def _check_resume_changes(base, cfg) -> None:
-    """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
+def _leaves(cfg) -> dict:
+    """describe()'s keys, with reward.options split into reward.options.<name>.<key>."""
     from flowpo.config import describe
 
-    old, new = ({key: value for key, _, value, _, _ in describe(c)} for c in (base, cfg))
-    changed = [k for k in new if new[k] != old.get(k)]
-    bad = [k for k in changed if not _resumable(k)]
+    out = {}
+    for key, _, value, _, _ in describe(cfg):
+        if key == "reward.options":
+            out.update({f"{key}.{n}.{k}": v for n, opts in value.items() for k, v in (opts or {}).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _check_resume_changes(base, cfg) -> None:
+    """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
+    old, new = _leaves(base), _leaves(cfg)
+    changed = [k for k in new if new[k] != old.get(k)] + [k for k in old if k not in new]
+    bad = [k for k in changed if not _resumable(k) and not (k.startswith("reward.options.")
+                                                            and k.rsplit(".", 1)[1] in RESUMABLE_REWARD_OPTIONS)]
     if bad:
-        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE)
-        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({old.get(k)!r} → {new[k]!r})' for k in bad)}: "
+        allowed = ", ".join([k + "*" if k.endswith(".") else k for k in RESUMABLE]
+                            + [f"reward.options.*.{k}" for k in RESUMABLE_REWARD_OPTIONS])
+        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({old.get(k)!r} → {new.get(k)!r})' for k in bad)}: "
                          f"it would change the method or the trajectory mid-run; a resumed run may change only "
                          f"{allowed} (start a new run with another --out for anything else)")
     if changed:
-        print(f"flowpo: --resume: applying {', '.join(f'{k}={new[k]!r}' for k in changed)}", file=sys.stderr)
+        print(f"flowpo: --resume: applying {', '.join(f'{k}={new.get(k)!r}' for k in changed)}", file=sys.stderr)
 
 
 def _check_resume_budget(cfg, out: Path) -> None:
