@@ -47,7 +47,9 @@ def test_replayed_rows_join_the_update(tmp_path, tiny):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 7\n")  # one prompt: every group finds the buffer's entry
     cfg = config.load(None, "op_grpo", tiny + ["replay.rule=always", "train.minibatches=1", "train.iterations=3",
-                                               f"sample.prompts_file={prompts}", "replay.truncate_sigma=0.7"])
+                                               f"sample.prompts_file={prompts}", "replay.truncate_sigma=0.7",
+                                               "replay.capacity_per_prompt=2", "replay.store=best",
+                                               "replay.fill=fixed", "replay.tail=drop"])
     tr = Trainer(cfg, tmp_path / "r")
     r0 = tr.train_iteration(0)
     assert r0["replay/admitted"] == 0 and r0["replay/entries"] == 2  # capacity 2 per prompt

@@ -63,7 +63,8 @@ def _op_replay(*overrides):
 
 
 def test_replay_selects_on_the_global_batch_and_extends_the_update_batch():
-    cfg, rep = _op_replay("replay.rule=always", "replay.truncate_sigma=null")
+    cfg, rep = _op_replay("replay.rule=always", "replay.truncate_sigma=null", "replay.capacity_per_prompt=2",
+                          "replay.store=best", "replay.tail=drop")
     old = _gb(seed=1)
     rep.observe(0, old)                        # iteration 0's rows enter the buffer
     assert len(rep.buffer) == 4                # capacity 2 per prompt, 2 prompts

@@ -31,6 +31,7 @@ class Entry:
     step_rewards: torch.Tensor | None = None  # [T+1, K] raw rewards of the estimates (stepwise credit), optional
     final: torch.Tensor | None = None         # [*D] final latent (objectives on final samples), optional
     meta: dict = field(default_factory=dict)  # the prompt's metadata (flowpo.prompts), for re-scoring
+    visit: int = 0                # the prompt's visit count when it was stored (replay.age_unit=visits)
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +64,8 @@ def admit(rule: str, replay_reward: float, fresh_rewards: torch.Tensor, tol: flo
 
 def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor, *,
                        correction: str = "sequence", form: str = "geomean",
-                       cap: float | None = None) -> tuple[torch.Tensor, dict]:
+                       cap: float | None = None, scale: float = 1.0,
+                       clip: float | None = None) -> tuple[torch.Tensor, dict]:
     """OP-GRPO importance weights of replayed rows → ([R, T] detached weights, stats).
 
     pi_old, beta [R, T]: log-probs of the stored transitions under π_old (recomputed at the start
@@ -73,14 +75,16 @@ def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Ten
         per_step:           w_t = π_old(t)/β(t)
         none:               w = 1
     Every form is truncated at `cap`. The PPO clip stays on π_θ/π_old; w multiplies the step losses.
-    Stats: mean and max of the sequence weight, the capped fraction of kept steps, and Kish's
-    effective sample size (Σw)²/Σw².
+    `scale` multiplies the per-step log-ratios first (D, the latent size, turns mean-reduced
+    log-probs into the full density: replay.is_density=sum), and `clip` then bounds w to
+    [1/clip, clip]. Stats: mean, max and 10/50/90th percentiles of the sequence weight, the std of
+    its log, the capped fraction of kept steps, and Kish's effective sample size (Σw)²/Σw².
     """
     if correction not in ("none", "sequence", "per_step"):
         raise ValueError(f"replay.is_correction={correction!r}; allowed: none, sequence, per_step")
     if form not in ("product", "geomean"):
         raise ValueError(f"replay.is_form={form!r}; allowed: product, geomean")
-    d = (pi_old - beta) * kept                                  # [R, T]
+    d = (pi_old - beta) * kept * scale                          # [R, T]
     cnt = kept.sum(1).clamp_min(1)
     if correction == "none":
         w = torch.ones_like(d)
@@ -90,12 +94,18 @@ def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Ten
         logw = d.sum(1) if form == "product" else d.sum(1) / cnt
         w = logw.exp()[:, None].expand_as(d).clone()
     capped = torch.zeros_like(w, dtype=torch.bool)
+    if clip is not None:
+        capped = (w > clip) | (w < 1 / clip)
+        w = w.clamp(1 / clip, clip)
     if cap is not None:
-        capped = w > cap
+        capped |= w > cap
         w = w.clamp(max=cap)
     seq = w[:, 0] if correction != "per_step" else (w * kept).sum(1) / cnt
     ess = float(seq.sum() ** 2 / (seq ** 2).sum().clamp_min(1e-12))
+    q = torch.quantile(seq.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.double)).tolist()
     return w.detach(), {"replay/w_mean": float(seq.mean()), "replay/w_max": float(seq.max()),
+                        "replay/w_p10": q[0], "replay/w_p50": q[1], "replay/w_p90": q[2],
+                        "replay/logw_std": float(seq.log().std(unbiased=False)),
                         "replay/capped_frac": float((capped & kept).sum() / kept.sum().clamp_min(1)),
                         "replay/ess": ess}
 
@@ -134,16 +144,47 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
     return raw, final, nfe
 
 
+def prompt_key(prompt: str, meta: dict | None = None) -> str:
+    """The buffer's key of a prompt: its text, plus its metadata when it has any (two .jsonl rows
+    with the same text but other metadata, e.g. another OCR target, are different prompts)."""
+    import json
+
+    return prompt if not meta else prompt + "\x00" + json.dumps(meta, sort_keys=True, default=str)
+
+
 class ReplayBuffer:
+    """Best past trajectories per prompt. Age (for expiry after `max_age` and the ranking decay) is
+    counted in iterations, or in the prompt's own visits (`age_unit="visits"`: the number of times
+    its prompt was drawn since it was stored), so an entry of a prompt that was not drawn does not
+    age."""
+
     def __init__(self, sigmas: torch.Tensor, *, capacity_per_prompt: int = 2, max_age: int = 8,
-                 decay: float = 0.0, truncate_sigma: float | None = None, truncate_fraction: float | None = None):
+                 decay: float = 0.0, truncate_sigma: float | None = None, truncate_fraction: float | None = None,
+                 age_unit: str = "iterations"):
+        if age_unit not in ("iterations", "visits"):
+            raise ValueError(f"replay.age_unit={age_unit!r}; allowed: iterations, visits")
         self.sigmas = sigmas
         self.capacity = capacity_per_prompt
         self.max_age = max_age
         self.decay = decay
         self.truncate_sigma = truncate_sigma
         self.truncate_fraction = truncate_fraction
+        self.age_unit = age_unit
         self.entries: dict[str, list[Entry]] = {}
+        self.visits: dict[str, int] = {}
+
+    def visit(self, prompts: list[str]) -> None:
+        """Count one visit per drawn group of each prompt key (`prompt_key`; age_unit=visits);
+        expire what aged out."""
+        for p in prompts:
+            self.visits[p] = self.visits.get(p, 0) + 1
+        if self.age_unit == "visits":
+            self.expire(0)
+
+    def age(self, e: Entry, iteration: int) -> int:
+        if self.age_unit == "visits":
+            return self.visits.get(prompt_key(e.prompt, e.meta), 0) - e.visit
+        return iteration - e.version
 
     # ------------------------------------------------------------------ contents
     def kept_steps(self, train_row: torch.Tensor) -> torch.Tensor:
@@ -158,12 +199,15 @@ class ReplayBuffer:
     def add(self, iteration: int, prompts: list[str], states: torch.Tensor, train: torch.Tensor,
             log_probs: torch.Tensor, rewards: torch.Tensor, rewards_raw: torch.Tensor,
             step_rewards: torch.Tensor | None = None, finals: torch.Tensor | None = None,
-            metadata: list[dict] | None = None) -> int:
+            metadata: list[dict] | None = None, eligible: torch.Tensor | None = None) -> int:
         """Offer N fresh trajectories (states [N, T+1, *D], train [N, T], log_probs [N, T],
         rewards [N], rewards_raw [N, K], optional step_rewards [N, T+1, K] and final latents
         [N, *D]); returns how many were kept."""
         added = 0
         for i, p in enumerate(prompts):
+            if eligible is not None and not bool(eligible[i]):
+                continue
+            key = prompt_key(p, metadata[i] if metadata else None)
             steps = self.kept_steps(train[i])
             if steps.numel() == 0:
                 continue
@@ -174,8 +218,8 @@ class ReplayBuffer:
                       log_prob=log_probs[i, steps.to(log_probs.device)].detach().cpu(), version=iteration,
                       step_rewards=None if step_rewards is None else step_rewards[i].detach().cpu().clone(),
                       final=None if finals is None else finals[i].detach().cpu().clone(),
-                      meta=dict(metadata[i]) if metadata else {})
-            lst = self.entries.setdefault(p, [])
+                      meta=dict(metadata[i]) if metadata else {}, visit=self.visits.get(key, 0))
+            lst = self.entries.setdefault(key, [])
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, iteration), reverse=True)
             del lst[self.capacity:]
@@ -183,13 +227,13 @@ class ReplayBuffer:
         return added
 
     def _score(self, e: Entry, iteration: int) -> float:
-        return e.reward - self.decay * (iteration - e.version)
+        return e.reward - self.decay * self.age(e, iteration)
 
     def expire(self, iteration: int) -> int:
-        """Drop entries older than max_age; returns how many were dropped."""
+        """Drop entries older than max_age (in age_unit); returns how many were dropped."""
         dropped = 0
         for p in list(self.entries):
-            keep = [e for e in self.entries[p] if iteration - e.version <= self.max_age]
+            keep = [e for e in self.entries[p] if self.age(e, iteration) <= self.max_age]
             dropped += len(self.entries[p]) - len(keep)
             if keep:
                 self.entries[p] = keep
@@ -202,13 +246,14 @@ class ReplayBuffer:
         return lst[:k]
 
     def select(self, iteration: int, prompts: list[str], group_ids: torch.Tensor, rewards: torch.Tensor, *,
-               k: int, rule: str) -> list[tuple[int, Entry]]:
+               k: int, rule: str, metadata: list[dict] | None = None) -> list[tuple[int, Entry]]:
         """For each group (rows of all ranks, in global order) the up-to-k best stored trajectories of
         its prompt that the admission rule lets in → [(group id, entry)]."""
         out = []
         for g in torch.unique(group_ids).tolist():
             idx = torch.nonzero(group_ids == g).flatten()
-            for e in self.best(prompts[int(idx[0])], iteration, k):
+            i0 = int(idx[0])
+            for e in self.best(prompt_key(prompts[i0], metadata[i0] if metadata else None), iteration, k):
                 if admit(rule, e.reward, rewards[idx]):
                     out.append((g, e))
         return out
@@ -221,7 +266,8 @@ class ReplayBuffer:
         return sum(e.nbytes for v in self.entries.values() for e in v)
 
     # ------------------------------------------------------------------ checkpointing
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, {"entries": one record per entry, "visits": the prompts' visit counts})."""
         tensors: dict[str, torch.Tensor] = {}
         meta: list[dict] = []
         j = 0
@@ -231,16 +277,20 @@ class ReplayBuffer:
                     t = getattr(e, name)
                     if t is not None:
                         tensors[f"{j}.{name}"] = t.contiguous()
-                meta.append({"prompt": p, "reward": e.reward, "version": e.version, "meta": e.meta})
+                meta.append({"prompt": p, "reward": e.reward, "version": e.version, "meta": e.meta,
+                             "visit": e.visit})
                 j += 1
-        return tensors, meta
+        return tensors, {"entries": meta, "visits": dict(self.visits)}
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: list[dict]) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state) -> None:
+        """`state`: the dict of state_dict, or a list of entry records (checkpoints before visits)."""
+        meta = state["entries"] if isinstance(state, dict) else state
+        self.visits = {str(k): int(v) for k, v in (state.get("visits", {}) if isinstance(state, dict) else {}).items()}
         self.entries = {}
         for j, m in enumerate(meta):
             e = Entry(prompt=m["prompt"], reward=m["reward"], version=m["version"],
                       reward_raw=tensors[f"{j}.reward_raw"], steps=tensors[f"{j}.steps"], x=tensors[f"{j}.x"],
                       x_next=tensors[f"{j}.x_next"], log_prob=tensors[f"{j}.log_prob"],
                       step_rewards=tensors.get(f"{j}.step_rewards"), final=tensors.get(f"{j}.final"),
-                      meta=m.get("meta") or {})
-            self.entries.setdefault(m["prompt"], []).append(e)
+                      meta=m.get("meta") or {}, visit=int(m.get("visit", 0)))
+            self.entries.setdefault(prompt_key(m["prompt"], e.meta), []).append(e)

@@ -166,9 +166,19 @@ class ReplayConfig:
     capacity_per_prompt: int = 2
     """Best trajectories kept per prompt."""
     max_age: int = 8
-    """Entries older than this many iterations expire."""
+    """Entries older than this (in age_unit) expire."""
     decay: float = 0.0
     """Ranking score = reward − decay·age (0: rank by reward only)."""
+    age_unit: Literal["iterations", "visits"] = "iterations"
+    """What an entry's age counts: iterations since it was stored, or visits of its prompt (times
+    the prompt was drawn since), so a prompt that is rarely drawn keeps its entry."""
+    store: Literal["best", "above_mean"] = "best"
+    """Which fresh trajectories the buffer may keep: any (ranked by reward; 'best'), or only those
+    whose reward beats their group's mean ('above_mean': the high-quality ones, so a replayed entry
+    carried a positive advantage when it was stored)."""
+    fill: Literal["fixed", "on_hit"] = "fixed"
+    """Fresh samples per group: G − k always ('fixed'), or G − k only when the group's prompt has a
+    buffer entry and G otherwise ('on_hit': OP-GRPO's groups)."""
     rule: Literal["always", "beats_best", "no_spread", "beats_best_or_no_spread"] = "beats_best_or_no_spread"
     """When a replayed trajectory enters a group (adaptive rule) or 'always'."""
     is_correction: Literal["none", "sequence", "per_step"] = "sequence"
@@ -177,6 +187,12 @@ class ReplayConfig:
     """Sequence weight: Π_t π_old/β, or its geometric mean over the kept steps."""
     is_cap: Optional[float] = 2.0
     """Truncate the importance weight at this value (None: no cap)."""
+    is_density: Literal["reduced", "sum"] = "reduced"
+    """The density the weight is a ratio of: the log-probs as the loss reduces them
+    (sample.reduction; with mean, w stays within 1e-4 of 1), or the full Gaussian density over
+    all latent dimensions (log-ratio × D), clipped to [1/is_sum_clip, is_sum_clip]."""
+    is_sum_clip: float = 2.0
+    """is_density=sum: the weight's two-sided clip."""
     truncate_fraction: Optional[float] = None
     """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
     set truncate_sigma=null with it)."""

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch
-from flowpo.buffer import ReplayBuffer, importance_weights, regenerate_tails
+from flowpo.buffer import ReplayBuffer, importance_weights, prompt_key, regenerate_tails
 from flowpo.policy.base import cat_cond
 
 
@@ -27,6 +27,9 @@ class NoReplay:
     """replay.k = 0: groups are G fresh samples."""
 
     k = 0
+
+    def fresh_counts(self, it: int, prompts: list[str], G: int, metadata: list[dict] | None = None) -> torch.Tensor:
+        return torch.full((len(prompts),), G, dtype=torch.long)
 
     def select(self, it: int, gb: GlobalBatch) -> tuple[list, dict, int]:
         return [], {}, 0
@@ -57,15 +60,27 @@ class OPReplay:
         self.k = r.k
         self.buffer = ReplayBuffer(sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
                                    decay=r.decay, truncate_sigma=r.truncate_sigma,
-                                   truncate_fraction=r.truncate_fraction)
+                                   truncate_fraction=r.truncate_fraction, age_unit=r.age_unit)
+
+    def fresh_counts(self, it: int, prompts: list[str], G: int, metadata: list[dict] | None = None) -> torch.Tensor:
+        """Fresh samples of each of the iteration's groups (`prompts`: one per group): G − k, or
+        with replay.fill=on_hit G where the prompt has no entry. Counts the prompts' visits first
+        (replay.age_unit=visits ages and expires entries by them)."""
+        keys = [prompt_key(p, metadata[i] if metadata else None) for i, p in enumerate(prompts)]
+        self.buffer.visit(keys)
+        self._hits = [bool(self.buffer.entries.get(k)) for k in keys]
+        if self.r.fill == "fixed":
+            return torch.full((len(prompts),), G - self.k, dtype=torch.long)
+        return torch.tensor([G - self.k if h else G for h in self._hits], dtype=torch.long)
 
     # ------------------------------------------------------------------ before the advantages
     def select(self, it: int, gb: GlobalBatch) -> tuple[list, dict, int]:
         """Choose on the global batch; regenerate truncated tails (replay.tail=regenerate) once:
         rank r regenerates its contiguous share and all ranks exchange the results."""
         rep = self.buffer.select(it, gb.prompts, gb.group_ids, gb.raw @ self.rewards.weights, k=self.k,
-                                 rule=self.r.rule)
-        stats: dict = {"replay/admitted": len(rep)}
+                                 rule=self.r.rule, metadata=gb.metadata)
+        hits = getattr(self, "_hits", [])
+        stats: dict = {"replay/admitted": len(rep), "replay/hit_rate": sum(hits) / max(1, len(hits))}
         nfe = 0
         if rep and self.r.tail == "regenerate":
             mine = slice(*self._share(len(rep)))
@@ -137,8 +152,13 @@ class OPReplay:
         if pi_old is None:  # an objective without likelihood: replayed rows enter with weight 1
             pi_old, r_weight = torch.zeros_like(beta), torch.ones_like(beta)
         else:
+            dims = 1
+            for d in b.states.shape[2:]:
+                dims *= int(d)
+            scale = dims if (self.r.is_density == "sum" and self.cfg.sample.reduction == "mean") else 1
             r_weight, wstats = importance_weights(pi_old, beta, r_train, correction=self.r.is_correction,
-                                                  form=self.r.is_form, cap=self.r.is_cap)
+                                                  form=self.r.is_form, cap=self.r.is_cap, scale=scale,
+                                                  clip=self.r.is_sum_clip if self.r.is_density == "sum" else None)
             stats.update(wstats)
         rows = torch.tensor([j for j, _, _ in mine])
         return UpdateBatch(
@@ -152,8 +172,14 @@ class OPReplay:
     def observe(self, it: int, gb: GlobalBatch) -> dict:
         """Expire, then offer all N global rows in global order (every rank holds the same buffer)."""
         self.buffer.expire(it + 1)
-        self.buffer.add(it, gb.prompts, gb.states, gb.train, gb.log_probs, gb.raw @ self.rewards.weights, gb.raw,
-                        gb.step_rewards, finals=gb.final, metadata=gb.metadata)
+        comb = gb.raw @ self.rewards.weights
+        eligible = None
+        if self.r.store == "above_mean":
+            ids, inv = torch.unique(gb.group_ids, return_inverse=True)
+            mean = torch.zeros(len(ids)).index_add_(0, inv, comb) / torch.bincount(inv, minlength=len(ids))
+            eligible = comb > mean[inv] + 1e-6
+        self.buffer.add(it, gb.prompts, gb.states, gb.train, gb.log_probs, comb, gb.raw,
+                        gb.step_rewards, finals=gb.final, metadata=gb.metadata, eligible=eligible)
         return {"replay/entries": len(self.buffer), "replay/bytes": self.buffer.nbytes,
                 "replay/bytes_per_trajectory": self.buffer.nbytes / max(1, len(self.buffer))}
 

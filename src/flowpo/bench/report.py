@@ -27,6 +27,8 @@ TASKS: dict[str, Task] = {
                       ("reward.names=[digit_alignment]",)),
     "multi": Task("alignment + stroke quality, equal weights (multi-reward aggregation)",
                   ("reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]")),
+    "sparse": Task("binary success: the prompted digit in bold strokes (~10% of base samples; GenEval-like)",
+                   ("reward.names=[digit_bold]",)),
 }
 
 REFERENCE = "flow_grpo"  # the preset that defines each task's target

@@ -37,6 +37,7 @@ Scorer = Callable[..., torch.Tensor]
 # that `import flowpo.rewards` pulls in no transformers
 REGISTRY: dict[str, str] = {
     "digit_alignment": "flowpo.embedded.rewards:digit_alignment",
+    "digit_bold": "flowpo.embedded.rewards:digit_bold",
     "jpeg_compressibility": "flowpo.embedded.rewards:jpeg_compressibility",
     "jpeg_incompressibility": "flowpo.embedded.rewards:jpeg_incompressibility",
     "stroke_quality": "flowpo.embedded.rewards:stroke_quality",

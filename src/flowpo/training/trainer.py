@@ -144,9 +144,10 @@ class Trainer:
         t_start = time.time()
         seed = cfg.train.seed
         B, G = s.prompts_per_iteration, s.group_size
-        g_fresh = G - P.replay.k
         gen = torch.Generator().manual_seed(_seed(seed, it, 1))
         prompt_idx = torch.randint(len(P.pool), (B,), generator=gen)
+        heads = P.pool.take(prompt_idx)                                                    # [B] one per group
+        g_fresh = P.replay.fresh_counts(it, heads.texts, G, heads.meta)                    # [B] fresh per group
         drawn = P.pool.take(prompt_idx.repeat_interleave(g_fresh))                         # [N] texts + metadata
         prompts_all, meta_all = drawn.texts, drawn.meta
         groups_all = torch.arange(B).repeat_interleave(g_fresh)                             # [N]
@@ -177,6 +178,7 @@ class Trainer:
         rep, rstats, rep_nfe = P.replay.select(it, gb)
         adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
         no_signal = not bool((adv_all != 0).any())
+        rec["groups/zero_spread"] = _zero_spread_share(gb.raw @ self.rewards.weights, gb.group_ids)
         self._zero_adv = _say_if_no_signal(it, no_signal, gb.raw @ self.rewards.weights, self._zero_adv,
                                            self.dist.is_main)
         batch = UpdateBatch(states=roll.states, final=roll.final, train=roll.train.to(dev),
@@ -280,6 +282,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         train_state.save(self.state, self.out, self.cfg.train.keep_checkpoints)
+
+
+def _zero_spread_share(combined: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Share of the iteration's groups whose fresh rewards are all equal (no GRPO signal from them)."""
+    ids = torch.unique(group_ids)
+    flat = [float(combined[group_ids == g].std(unbiased=False)) < 1e-6 for g in ids.tolist()]
+    return sum(flat) / max(1, len(flat))
 
 
 def _say_if_no_signal(it: int, no_signal: bool, combined: torch.Tensor, count: int, main: bool) -> int:
