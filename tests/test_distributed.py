@@ -167,3 +167,36 @@ def test_two_processes_match_one_process_regenerated_tails_and_final_sample_obje
     lines = _train_lines(tmp_path / "two")
     assert any(x.get("replay/admitted", 0) > 0 for x in lines)
     _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)
+
+
+STRICT_META = '''
+from flowpo.embedded.rewards import stroke_quality
+def score(images, prompts, metadata):
+    """stroke_quality, after checking every sample's metadata is its own prompt's."""
+    for p, m in zip(prompts, metadata):
+        if int(m["digit"]) != int(p.split()[-1]):
+            raise ValueError(f"metadata {m} reached prompt {p!r}")
+    return stroke_quality(images, prompts)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # metadata stays with its sample over ranks (rollout, replay tails, eval padding): ~15 s
+def test_two_processes_keep_each_samples_metadata(tmp_path, tiny, monkeypatch):
+    (tmp_path / "strict_meta.py").write_text(STRICT_META)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"a handwritten {d}", "digit": d}) + "\n" for d in (3, 7)))
+    # eval.prompts=3 over 2 ranks: the evaluation pads a row; op_grpo (the paper's groups) regenerates tails
+    args = tiny + ["reward.names=[strict_meta:score]", "train.weight_decay=0", "log.grids=false",
+                   "train.iterations=3", "eval.prompts=3", f"sample.prompts_file={prompts}",
+                   f"eval.prompts_file={prompts}"]
+    _one_process(tmp_path / "one", args, preset="op_grpo")
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(TORCHRUN + ["-m", "flowpo", "train", "--preset", "op_grpo", "--out", str(tmp_path / "two")]
+                       + args, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert any(x.get("replay/admitted", 0) > 0 for x in _train_lines(tmp_path / "two"))
+    _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)
+    recs = [json.loads(x) for x in (tmp_path / "two" / "evals" / "000003.jsonl").read_text().splitlines()]
+    assert [r["metadata"]["digit"] for r in recs] == [int(r["prompt"].split()[-1]) for r in recs] and len(recs) == 3

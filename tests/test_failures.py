@@ -195,3 +195,12 @@ def test_resume_may_move_a_rewards_files_but_not_change_what_it_computes(tmp_pat
     code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3",
                        "reward.options.opt_scorers:mean.path=/new", "reward.options.opt_scorers:mean.batch_size=1")
     assert code == 0 and "reward.options.opt_scorers:mean.path='/new'" in err, err
+
+
+def test_resume_with_an_option_at_its_default_is_no_change(tmp_path, capsys, scorers):
+    (scorers / "def_scorers.py").write_text("import torch\ndef mean(images, prompts, scale=1.0):\n"
+                                           "    return images.mean(dim=(1, 2, 3)) * scale\n")
+    out = tmp_path / "run"
+    _train(capsys, out, "reward.names=[def_scorers:mean]")
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3", "reward.options.def_scorers:mean.scale=1.0")
+    assert code == 0 and "scale" not in err, err

@@ -106,3 +106,82 @@ def test_buffer_truncation_by_fraction():
     train = torch.ones(10, dtype=torch.bool)
     train[-1] = False
     assert buf.kept_steps(train).tolist() == list(range(7))  # the last round(0.3·10) = 3 steps dropped
+
+
+# ----------------------------------------------------------------------------- the paper's groups
+def _buffer(**kw):
+    from flowpo.buffer import ReplayBuffer
+    from flowpo.schedule import sigmas as make_sigmas
+
+    return ReplayBuffer(make_sigmas(4, 3.0), truncate_sigma=None, **kw)
+
+
+def _offer(buf, it, prompts, rewards, metadata=None, eligible=None):
+    n, T = len(prompts), 4
+    buf.add(it, prompts, torch.randn(n, T + 1, 2), torch.ones(n, T, dtype=torch.bool), torch.zeros(n, T),
+            torch.tensor(rewards), torch.tensor(rewards)[:, None], metadata=metadata, eligible=eligible)
+
+
+def test_age_in_visits_keeps_a_rarely_drawn_prompts_entry():
+    by_visit, by_iter = _buffer(max_age=2, age_unit="visits"), _buffer(max_age=2)
+    for b in (by_visit, by_iter):
+        b.visit(["a", "b"])
+        _offer(b, 0, ["a", "b"], [1.0, 1.0])
+    for it in range(1, 6):             # only "b" is drawn for 5 iterations
+        for b in (by_visit, by_iter):
+            b.visit(["b"])
+            b.expire(it)
+    assert [k for k in by_visit.entries] == ["a"]   # "a" was not visited: its entry has age 0
+    assert by_iter.entries == {}                    # in iterations, both aged out
+    for _ in range(3):
+        by_visit.visit(["a"])
+    assert by_visit.entries == {}                   # three visits later "a"'s entry is 3 > 2 old
+
+
+def test_fill_on_hit_gives_groups_without_an_entry_all_fresh_samples():
+    from flowpo.replay import OPReplay
+    from flowpo.rewards import RewardSet
+    from flowpo.schedule import sigmas as make_sigmas
+
+    cfg = config.load(None, "op_grpo", ["sample.steps=4"])
+    assert cfg.replay.fill == "on_hit" and cfg.replay.rule == "always" and cfg.replay.tail == "regenerate"
+    rep = OPReplay(cfg, make_sigmas(4, 3.0), policy=None, rewards=RewardSet(["digit_alignment"], [1.0]),
+                   dist=None, device="cpu")
+    _offer(rep.buffer, 0, ["a handwritten 1"], [1.0])
+    counts = rep.fresh_counts(1, ["a handwritten 1", "a handwritten 2"], G=8)
+    assert counts.tolist() == [7, 8]       # G − 1 fresh + 1 replayed where the prompt has an entry, else G
+    cfg.replay.fill = "fixed"
+    assert rep.fresh_counts(2, ["a handwritten 1", "a handwritten 2"], G=8).tolist() == [7, 7]
+
+
+def test_store_above_mean_and_metadata_keyed_entries():
+    from flowpo.buffer import prompt_key
+
+    b = _buffer(capacity_per_prompt=1)
+    _offer(b, 0, ["p", "p", "q", "q"], [0.0, 1.0, 0.5, 0.5], eligible=torch.tensor([False, True, False, False]))
+    assert list(b.entries) == ["p"] and b.entries["p"][0].reward == 1.0   # q's group had no spread: nothing kept
+    # the same text with other metadata (another OCR target) is another prompt
+    _offer(b, 1, ["sign", "sign"], [1.0, 1.0], metadata=[{"text": "A"}, {"text": "B"}])
+    assert {prompt_key("sign", {"text": "A"}), prompt_key("sign", {"text": "B"})} <= set(b.entries)
+    got = b.select(2, ["sign", "sign"], torch.tensor([0, 1]), torch.zeros(2), k=1, rule="always",
+                   metadata=[{"text": "B"}, {"text": "A"}])
+    assert [e.meta["text"] for _, e in got] == ["B", "A"]
+    tensors, state = b.state_dict()
+    again = _buffer(capacity_per_prompt=1)
+    again.load_state_dict(tensors, state)
+    assert set(again.entries) == set(b.entries) and again.visits == b.visits
+
+
+def test_importance_weight_on_the_full_density_is_clipped_both_ways():
+    kept = torch.tensor([[True, True], [True, True]])
+    pi_old = torch.tensor([[0.001, 0.001], [-0.001, -0.001]])   # mean-reduced log-ratios of 1e-3
+    beta = torch.zeros(2, 2)
+    w, _ = importance_weights(pi_old, beta, kept, correction="sequence", form="geomean", cap=None)
+    assert torch.allclose(w[:, 0], torch.exp(torch.tensor([0.001, -0.001])))          # ≈ 1 as sampled
+    w, st = importance_weights(pi_old, beta, kept, correction="sequence", form="geomean", cap=None,
+                               scale=256, clip=2.0)                                     # × D = 256 dims
+    assert torch.allclose(w[:, 0], torch.exp(torch.tensor([0.256, -0.256])))
+    w, st = importance_weights(pi_old * 10, beta, kept, correction="sequence", form="geomean", cap=None,
+                               scale=256, clip=2.0)
+    assert torch.allclose(w[:, 0], torch.tensor([2.0, 0.5])) and st["replay/capped_frac"] == 1.0
+    assert st["replay/w_p10"] <= st["replay/w_p50"] <= st["replay/w_p90"]

@@ -398,8 +398,8 @@ def test_wrong_checkpoints_are_one_line_naming_the_file(files, scorer, tmp_path)
 
     sd = openclip_state(len(files["tok"]) - 5)
     _one_line_error(files, "tokenizer has .* tokens but .* embeds", path=save_checkpoint(sd, tmp_path / "voc.pt"))
-    _one_line_error(files, "vision_heads=5 does not divide the width 32", vision_heads=5)
-    _one_line_error(files, "text_heads=5 does not divide the width 24", text_heads=5)
+    _one_line_error(files, "vision_heads=5 does not divide the checkpoint.s width 32", vision_heads=5)
+    _one_line_error(files, "text_heads=5 does not divide the checkpoint.s width 24", text_heads=5)
 
     from safetensors.torch import save_file
 

@@ -180,8 +180,12 @@ def test_ocr_reads_rendered_text_with_the_real_engine():
     r = s(images, prompts)
     assert r[0] == 1.0                  # the rendered target
     assert r[1] < 0.5 and r[2] == 0.0   # wrong text; a blank image
-    with pytest.raises(ConfigError, match="has no text in double quotes"):
+    with pytest.raises(ConfigError, match=r"has no \(non-empty\) text in double quotes"):
         s(images[:1], ["no quotes"])
+    with pytest.raises(ConfigError, match="non-empty"):
+        s(images[:1], ['an empty target ""'])  # would otherwise score 1 for any image
+    # min_confidence reaches the engine's own box filter: above every confidence, nothing is read
+    assert get_scorer("ocr", min_confidence=1.01)(images[:1], prompts[:1]).tolist() == [0.0]
     assert get_scorer("ocr", missing="zero")(images[:1], ["no quotes"]).tolist() == [0.0]
     assert get_scorer("ocr")(images[:1], ["no quotes"], [{"text": "flowpo"}]).tolist() == [1.0]
 

@@ -34,9 +34,6 @@ class GlobalBatch:
     def n(self) -> int:
         return len(self.prompts)
 
-    def meta(self, i: int) -> dict:
-        return self.metadata[i] if self.metadata else {}
-
 
 @dataclass
 class ReplayRows:

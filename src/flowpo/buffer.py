@@ -271,13 +271,13 @@ class ReplayBuffer:
         tensors: dict[str, torch.Tensor] = {}
         meta: list[dict] = []
         j = 0
-        for p, lst in self.entries.items():
+        for lst in self.entries.values():
             for e in lst:
                 for name in ("reward_raw", "steps", "x", "x_next", "log_prob", "step_rewards", "final"):
                     t = getattr(e, name)
                     if t is not None:
                         tensors[f"{j}.{name}"] = t.contiguous()
-                meta.append({"prompt": p, "reward": e.reward, "version": e.version, "meta": e.meta,
+                meta.append({"prompt": e.prompt, "reward": e.reward, "version": e.version, "meta": e.meta,
                              "visit": e.visit})
                 j += 1
         return tensors, {"entries": meta, "visits": dict(self.visits)}

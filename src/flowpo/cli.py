@@ -102,6 +102,17 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
+def _is_default_option(key: str, value, old: dict) -> bool:
+    """reward.options.<name>.<key> newly given with the scorer's default value: no change."""
+    if not key.startswith("reward.options.") or key in old:
+        return False
+    from flowpo.rewards import option_defaults
+
+    name, opt = key[len("reward.options."):].rsplit(".", 1)
+    defaults = option_defaults(name)
+    return opt in defaults and defaults[opt] == value
+
+
 def _leaves(cfg) -> dict:
     """describe()'s keys, with reward.options split into reward.options.<name>.<key>."""
     from flowpo.config import describe
@@ -118,7 +129,8 @@ def _leaves(cfg) -> dict:
 def _check_resume_changes(base, cfg) -> None:
     """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
     old, new = _leaves(base), _leaves(cfg)
-    changed = [k for k in new if new[k] != old.get(k)] + [k for k in old if k not in new]
+    changed = [k for k in new if new[k] != old.get(k) and not _is_default_option(k, new[k], old)]
+    changed += [k for k in old if k not in new]
     bad = [k for k in changed if not _resumable(k) and not (k.startswith("reward.options.")
                                                             and k.rsplit(".", 1)[1] in RESUMABLE_REWARD_OPTIONS)]
     if bad:
@@ -160,6 +172,7 @@ def _cmd_eval(args, rest) -> int:
     rec, _, records = evaluate_policy(cfg, policy, rewards, eval_prompts(cfg),
                                       policy.sigmas(cfg.eval.steps, cfg.sample.shift), resolve_device(cfg.model.device))
     if args.records:
+        Path(args.records).parent.mkdir(parents=True, exist_ok=True)
         Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in records))
     print(json.dumps({"step": iteration, **rec}))
     return 0

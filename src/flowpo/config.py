@@ -108,7 +108,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} is not a mapping; write it as {key}.<name>=value or a YAML mapping")
+            raise ConfigError(f"{key}={value!r} is not a mapping; write it as {key}.<key>=value or a YAML mapping")
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):

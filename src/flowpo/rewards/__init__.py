@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from flowpo.errors import ConfigError
+from flowpo.rewards.loading import RewardOptionError  # a bad option: one line, exit code 2
 
 Scorer = Callable[..., torch.Tensor]
 
@@ -120,7 +121,7 @@ def _coerce_option(name: str, key: str, value: Any, param: inspect.Parameter | N
     try:
         return _coerce(f"reward.options.{name}.{key}", value, hint)
     except ConfigError as e:
-        raise RewardNameError(str(e)) from None
+        raise RewardOptionError(str(e)) from None
     except Exception:  # noqa: BLE001 - a hint _coerce does not know (e.g. a user class): pass as is
         return value
 
@@ -142,9 +143,22 @@ def _split_options(name: str, obj, options: dict) -> dict:
             allowed = sorted(settable) + list(COMMON_OPTIONS)
             close = difflib.get_close_matches(k, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RewardNameError(f"reward.options.{name}.{k}: reward {name!r} has no option {k!r}{hint}; "
+            raise RewardOptionError(f"reward.options.{name}.{k}: reward {name!r} has no option {k!r}{hint}; "
                                   f"its options: {allowed}")
         out[k] = _coerce_option(name, k, v, by_name.get(k), hints)
+    return out
+
+
+def option_defaults(name: str) -> dict:
+    """The options of reward `name` that have defaults → {option: default} (best effort: {} when
+    the scorer does not import)."""
+    try:
+        obj = _target(name)
+    except ConfigError:
+        return {}
+    params, _ = _params(obj)
+    out = {"batch_size": 0, "frames": "first"}
+    out.update({p.name: p.default for p in params if p.default is not p.empty})
     return out
 
 
@@ -156,8 +170,16 @@ class _Scorer:
         self.name, self.fn, self.call_kw = name, fn, call_kw
         self.batch_size, self.frames = batch_size, frames
         self.meta = _takes_metadata(fn)
+        try:
+            p = inspect.signature(fn).parameters.get("metadata")
+        except (TypeError, ValueError):
+            p = None
+        if p is not None and p.kind is p.KEYWORD_ONLY:
+            self.meta = "keyword"
 
     def _call(self, images, prompts, metadata):
+        if self.meta == "keyword":
+            return self.fn(images, prompts, metadata=metadata, **self.call_kw)
         if self.meta:
             return self.fn(images, prompts, metadata, **self.call_kw)
         return self.fn(images, prompts, **self.call_kw)
@@ -187,16 +209,17 @@ def get_scorer(name: str, **options) -> Scorer:
     """A registered name or `package.module:function`, configured with `options` → a scorer
     `fn(images, prompts, metadata=None) -> [N]` (CPU fp32)."""
     options = dict(options)
-    batch_size = options.pop("batch_size", 0)
-    frames = options.pop("frames", "first")
+    from flowpo.config import _coerce
+
     try:
-        batch_size = int(batch_size)
-    except (TypeError, ValueError):
-        raise RewardNameError(f"reward.options.{name}.batch_size={batch_size!r} is not an integer") from None
+        batch_size = _coerce(f"reward.options.{name}.batch_size", options.pop("batch_size", 0), int)
+    except ConfigError as e:
+        raise RewardOptionError(str(e)) from None
+    frames = options.pop("frames", "first")
     if batch_size < 0:
-        raise RewardNameError(f"reward.options.{name}.batch_size={batch_size} must be >= 0 (0: all at once)")
+        raise RewardOptionError(f"reward.options.{name}.batch_size={batch_size} must be >= 0 (0: all at once)")
     if frames not in ("first", "mean"):
-        raise RewardNameError(f"reward.options.{name}.frames={frames!r} is not allowed; choose first or mean")
+        raise RewardOptionError(f"reward.options.{name}.frames={frames!r} is not allowed; choose first or mean")
     obj = _target(name)
     kw = _split_options(name, obj, options)
     if inspect.isclass(obj):
@@ -214,7 +237,7 @@ class RewardSet:
         options = options or {}
         unknown = [k for k in options if k not in names]
         if unknown:
-            raise RewardNameError(f"reward.options.{unknown[0]} is set but {unknown[0]!r} is not in "
+            raise RewardOptionError(f"reward.options.{unknown[0]} is set but {unknown[0]!r} is not in "
                                   f"reward.names={list(names)}; add it there or drop its options")
         self.names = list(names)
         self.weights = torch.tensor(weights, dtype=torch.float32)  # [K]

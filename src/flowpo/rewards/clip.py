@@ -35,11 +35,16 @@ class _CLIP:
         model_dir = need_path(self.reward, "path", path, self.what, folder=True)
         proc_dir = need_path(self.reward, "processor_path", processor_path, "the CLIP processor folder",
                              folder=True) if processor_path else model_dir
-        self.device, self.dtype = device_of(device), dtype_of(self.reward, dtype)
-        self.model = from_pretrained(CLIPModel, self.reward, "path", model_dir).to(self.device, self.dtype)
-        self.model.eval().requires_grad_(False)
+        self.device, self.dtype = device_of(device, self.reward), dtype_of(self.reward, dtype)
+        model = from_pretrained(CLIPModel, self.reward, "path", model_dir)
+        self.logit_scale = float(model.logit_scale.float().exp())  # fp32, before a bf16/fp16 cast rounds it
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         proc = from_pretrained(AutoProcessor, self.reward, "processor_path" if processor_path else "path", proc_dir)
         self.tokenizer = getattr(proc, "tokenizer", proc)
+        # CLIP's text length (77): the model's positions bound it (a tokenizer folder without
+        # model_max_length reports a huge default)
+        self.text_length = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77),
+                               int(model.config.text_config.max_position_embeddings))
         image_proc = getattr(proc, "image_processor", None)
         if image_proc is None:
             raise RewardOptionError(f"reward {self.reward!r}: {proc_dir} has no image processor config "
@@ -58,7 +63,7 @@ class _CLIP:
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+                             max_length=self.text_length, return_tensors="pt")
         f = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
                                          attention_mask=tok["attention_mask"].to(self.device))
         f = getattr(f, "pooler_output", f)
@@ -91,7 +96,7 @@ class PickScore(_CLIP):
         cos = self.cosine(images, prompts)
         if self.scaling == "cosine":
             return cos
-        s = self.model.logit_scale.float().exp() * cos
+        s = self.logit_scale * cos
         return {"flow_grpo": s / 26.0, "mix_grpo": (s - 18.0) / 8.0, "raw": s}[self.scaling]
 
 
@@ -115,10 +120,10 @@ class CLIPScore(_CLIP):
         cos = self.cosine(images, prompts)
         if self.scaling == "hessel":
             return 2.5 * cos.clamp_min(0)
-        return self.model.logit_scale.float().exp() * cos / 30.0
+        return self.logit_scale * cos / 30.0
 
 
-class AestheticHead(torch.nn.Module):
+class MLPHead(torch.nn.Module):
     """768→1024→128→64→16→1, linear layers at indices 0, 2, 4, 6, 7 of `layers` (dropouts between,
     identity at inference) so that the LAION state dict loads as it is."""
 
@@ -150,7 +155,7 @@ class Aesthetic(_CLIP):
         from flowpo.rewards.loading import load_strict
 
         dim = int(self.model.config.projection_dim)
-        self.head = AestheticHead(dim)
+        self.head = MLPHead(dim)
         load_strict(self.head, read_state_dict("aesthetic", "head", head_file), "aesthetic", str(head_file))
         self.head.to(self.device, torch.float32).eval().requires_grad_(False)
 

@@ -55,8 +55,8 @@ import re
 
 import torch
 
-from flowpo.rewards.loading import RewardOptionError, device_of, dtype_of, from_pretrained, load_strict, \
-    need_path, read_state_dict
+from flowpo.rewards.loading import RewardOptionError, check_heads, device_of, dtype_of, from_pretrained, \
+    load_strict, need_path, read_state_dict
 from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, to_pixels
 
 REWARD = "hpsv2"
@@ -105,13 +105,6 @@ def _depth(state_dict: dict, tower: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _heads(width: int, heads: int, option: str, source: str) -> int:
-    if heads < 1 or width % heads:
-        raise RewardOptionError(f"reward.options.{REWARD}.{option}={heads} does not divide the width {width} of "
-                                f"{source}; ViT-H-14 (HPSv2) uses 16")
-    return heads
-
-
 def openclip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int = 16, tokenizer=None,
                    source: str = "the checkpoint"):
     """An open_clip CLIP state dict → (transformers CLIPConfig, CLIPModel state dict).
@@ -147,8 +140,8 @@ def openclip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int 
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
         raise RewardOptionError(f"reward {REWARD!r}: {source} does not have open_clip ViT shapes ({type(e).__name__}: "
                                 f"{e}); give HPS_v2.1_compressed.pt or a .safetensors of it") from None
-    _heads(int(v_width), vision_heads, "vision_heads", source)
-    _heads(int(t_width), text_heads, "text_heads", source)
+    check_heads(REWARD, "vision_heads", int(v_width), vision_heads, "ViT-H-14 (HPSv2) uses 16")
+    check_heads(REWARD, "text_heads", int(t_width), text_heads, "ViT-H-14 (HPSv2) uses 16")
 
     ids = {}
     if tokenizer is not None:
@@ -238,7 +231,7 @@ class HPSv2:
         ckpt = need_path(REWARD, "path", path, "HPS_v2.1_compressed.pt", folder=False)
         tok_dir = need_path(REWARD, "processor_path", processor_path,
                             "the CLIP tokenizer folder (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)", folder=True)
-        self.device, self.dtype = device_of(device), dtype_of(REWARD, dtype)
+        self.device, self.dtype = device_of(device, REWARD), dtype_of(REWARD, dtype)
         self.tokenizer = from_pretrained(AutoTokenizer, REWARD, "processor_path", tok_dir)
         source = f"reward.options.{REWARD}.path={str(ckpt)!r}"
         config, hf_state = openclip_to_hf(read_state_dict(REWARD, "path", ckpt), vision_heads=int(vision_heads),

@@ -61,8 +61,10 @@ import math
 
 import torch
 
-from flowpo.rewards.loading import device_of, dtype_of, from_pretrained, load_strict, need_path, \
+from flowpo.rewards.loading import check_heads, device_of, dtype_of, from_pretrained, load_strict, need_path, \
     read_state_dict, RewardOptionError
+
+HEADS_HINT = "the ImageReward v1.0 values are vision_heads=16, text_heads=12"
 from flowpo.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, to_pixels
 
 REWARD = "imagereward"
@@ -103,13 +105,6 @@ def _vision_key(rest: str) -> str | None:
         if inner in _VISION_BLOCK and leaf in ("weight", "bias"):
             return f"encoder.layers.{parts[1]}.{_VISION_BLOCK[inner]}.{leaf}"
     return None
-
-
-def _heads(key: str, width: int, heads: int) -> int:
-    if heads < 1 or width % heads:
-        raise RewardOptionError(f"reward.options.{REWARD}.{key}={heads} does not divide the checkpoint's width "
-                                f"{width}; the ImageReward v1.0 values are vision_heads=16, text_heads=12")
-    return heads
 
 
 def blip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int = 12, source: str = "the checkpoint"):
@@ -153,7 +148,7 @@ def blip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int = 12
         raise _layout_error(source, "no complete visual_encoder.blocks.{i}")
     vision_config = BlipVisionConfig(
         hidden_size=width, intermediate_size=int(vision_sd["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-        num_hidden_layers=len(blocks), num_attention_heads=_heads("vision_heads", width, vision_heads),
+        num_hidden_layers=len(blocks), num_attention_heads=check_heads(REWARD, "vision_heads", width, vision_heads, HEADS_HINT),
         image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6, attention_dropout=0.0)
 
     words = text_sd["embeddings.word_embeddings.weight"]  # [vocab, hidden]
@@ -169,7 +164,7 @@ def blip_to_hf(state_dict: dict, *, vision_heads: int = 16, text_heads: int = 12
         vocab_size=int(words.shape[0]), hidden_size=hidden, encoder_hidden_size=width,
         intermediate_size=int(text_sd["encoder.layer.0.intermediate.dense.weight"].shape[0])
         if "encoder.layer.0.intermediate.dense.weight" in text_sd else 4 * hidden,
-        num_hidden_layers=len(layers), num_attention_heads=_heads("text_heads", hidden, text_heads),
+        num_hidden_layers=len(layers), num_attention_heads=check_heads(REWARD, "text_heads", hidden, text_heads, HEADS_HINT),
         max_position_embeddings=int(text_sd["embeddings.position_embeddings.weight"].shape[0]),
         hidden_act="gelu", layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         is_decoder=True, pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None)
@@ -196,7 +191,7 @@ class ImageReward:
                  text_heads: int = 12, device: str = "auto", dtype: str = "float32", quantize: bool = True):
         from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
 
-        from flowpo.rewards.clip import AestheticHead  # the same 768→1024→128→64→16→1 stack, same indices
+        from flowpo.rewards.clip import MLPHead  # the same 768→1024→128→64→16→1 stack, same indices
 
         ckpt = need_path(REWARD, "path", path, "ImageReward.pt", folder=False)
         tok_dir = need_path(REWARD, "processor_path", processor_path, "bert-base-uncased (its tokenizer)",
@@ -204,7 +199,7 @@ class ImageReward:
         if not any((tok_dir / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
             raise RewardOptionError(f"reward.options.{REWARD}.processor_path={processor_path!r} holds no vocab.txt or "
                                     "tokenizer.json; point it at the bert-base-uncased tokenizer folder")
-        self.device, self.dtype = device_of(device), dtype_of(REWARD, dtype)
+        self.device, self.dtype = device_of(device, REWARD), dtype_of(REWARD, dtype)
         self.quantize = quantize
         source = str(ckpt)
         vision_config, text_config, vision_sd, text_sd, head_sd = blip_to_hf(
@@ -230,7 +225,7 @@ class ImageReward:
         _load(self.vision, vision_sd, source)
         self.text = BlipTextModel(text_config, add_pooling_layer=False)
         _load(self.text, text_sd, source)
-        self.head = AestheticHead(text_config.hidden_size)
+        self.head = MLPHead(text_config.hidden_size)
         _load(self.head, head_sd, source)
         for m, dt in ((self.vision, self.dtype), (self.text, self.dtype), (self.head, torch.float32)):
             m.to(self.device, dt).eval().requires_grad_(False)

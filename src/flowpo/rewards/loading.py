@@ -19,16 +19,32 @@ class RewardOptionError(ConfigError):
     """A reward option names a missing file, a bad value, or nothing at all (exit code 2)."""
 
 
-def device_of(name: str) -> torch.device:
-    """'auto' → cuda:LOCAL_RANK when CUDA is available (each rank scores on its own GPU), else cpu."""
+def device_of(name: str, reward: str = "") -> torch.device:
+    """'auto' → cuda:LOCAL_RANK when CUDA is available (each rank scores on its own GPU), else cpu.
+    A device this machine does not have is one line naming the option."""
+    key = f"reward.options.{reward}.device" if reward else "device"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
-        raise RewardOptionError(f"device={name!r} is not a torch device; use auto, cpu or cuda:N") from None
+        raise RewardOptionError(f"{key}={name!r} is not a torch device; use auto, cpu or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise RewardOptionError(f"{key}={name!r}: this machine has {n} CUDA device(s); use auto, cpu"
+                                    + (f" or cuda:0..{n - 1}" if n else ""))
+    return dev
+
+
+def check_heads(reward: str, key: str, width: int, heads: int, hint: str) -> int:
+    """An attention head count that divides the checkpoint's width, or one line saying so."""
+    if heads < 1 or width % heads:
+        raise RewardOptionError(f"reward.options.{reward}.{key}={heads} does not divide the checkpoint's width "
+                                f"{width}; {hint}")
+    return heads
 
 
 def dtype_of(reward: str, name: str) -> torch.dtype:

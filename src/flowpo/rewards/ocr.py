@@ -8,8 +8,9 @@ the wheel, nothing downloads).
     d       = 0 if t is a substring of o, else min(Levenshtein(o, t), |t|)
     reward  = 1 − d / |t|                  ∈ [0, 1]
 
-A prompt with no quoted text and no `text` metadata is an error naming the prompt (option
-`missing=zero` scores it 0 instead).
+A prompt with no (or empty) quoted text and no `text` metadata is an error naming the prompt
+(option `missing=zero` scores it 0 instead). RapidOCR runs with its angle classifier off and its
+own box filter at `min_confidence` (Flow-GRPO's PaddleOCR call: cls=False, every box kept).
 """
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ class OCR:
         except ImportError:
             raise RewardOptionError("reward 'ocr' needs RapidOCR: pip install 'flowpo[ocr]' "
                                     "(rapidocr + onnxruntime, no torch dependency)") from None
-        params = {"Global.log_level": "error"}  # else a line per model loaded and per blank image
+        # RapidOCR's own box filter (Global.text_score, default 0.5) would hide boxes below it, and its
+        # angle classifier is on by default; Flow-GRPO keeps every box and reads without it
+        params = {"Global.log_level": "error", "Global.text_score": float(min_confidence), "Global.use_cls": False}
         if threads > 0:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(threads)
         self.engine = RapidOCR(params=params)
@@ -86,12 +89,14 @@ class OCR:
         out = []
         for img, p, m in zip(arr, prompts, metadata):
             t = target_text(p, m)
+            if t is not None and not t.replace(" ", ""):
+                t = None  # an empty quoted target ("") would score 1 for any image
             if t is None:
                 if self.missing == "zero":
                     out.append(0.0)
                     continue
-                raise RewardOptionError(f"reward 'ocr': prompt {p[:80]!r} has no text in double quotes and no "
-                                        "metadata field 'text'; quote the text to render or set "
+                raise RewardOptionError(f"reward 'ocr': prompt {p[:80]!r} has no (non-empty) text in double quotes "
+                                        "and no metadata field 'text'; quote the text to render or set "
                                         "reward.options.ocr.missing=zero")
             out.append(ocr_reward(self.read(np.ascontiguousarray(img[..., ::-1])), t))
         return torch.tensor(out, dtype=torch.float32)
