@@ -150,7 +150,7 @@ def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode):
     assert waited < timeout_s + 5
     assert "rank 0/2" in msg and "FLOWPO_DIST_TIMEOUT_S" in msg   # who failed, where, and what to do
     if mode == "sleep":
-        assert "rank 1 last entered collective #1" in msg and "stalled or dead" in msg
+        assert "rank 1 last entered collective #2" in msg and "stalled or dead" in msg
 
 
 @pytest.mark.slow
@@ -200,3 +200,17 @@ def test_two_processes_keep_each_samples_metadata(tmp_path, tiny, monkeypatch):
     _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)
     recs = [json.loads(x) for x in (tmp_path / "two" / "evals" / "000003.jsonl").read_text().splitlines()]
     assert [r["metadata"]["digit"] for r in recs] == [int(r["prompt"].split()[-1]) for r in recs] and len(recs) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # rows that do not divide over the ranks (OP-GRPO's groups vary in size): ~15 s
+def test_two_processes_match_one_process_when_rows_do_not_divide(tmp_path, tiny):
+    # 3 prompts × 3 samples = 9 rows: ranks hold 5 and 4; op_grpo's groups then vary (G − 1 on a hit)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 3\na handwritten 7\n")
+    args = tiny + SETTINGS + ["train.iterations=3", "sample.prompts_per_iteration=3", "sample.group_size=3",
+                              "eval.prompts=3", f"sample.prompts_file={prompts}"]
+    _one_process(tmp_path / "one", args, preset="op_grpo")
+    _torchrun(["train", "--preset", "op_grpo", "--out", str(tmp_path / "two")] + args)
+    assert any(x.get("replay/admitted", 0) > 0 for x in _train_lines(tmp_path / "two"))
+    _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)

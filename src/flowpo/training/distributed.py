@@ -118,12 +118,11 @@ class Dist:
 
     # ------------------------------------------------------------------ rows and gathers
     def split(self, n: int) -> slice:
-        """This rank's contiguous slice of n global rows (n must divide evenly)."""
-        if n % self.world:
-            raise ValueError(f"{n} rows per iteration do not split over {self.world} processes; "
-                             f"make sample.prompts_per_iteration × group size a multiple of {self.world}")
-        per = n // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+        """This rank's contiguous slice of n global rows: ⌊n/W⌋ each, the first n mod W ranks one
+        more (any n: OP-GRPO's groups vary in size; rank order is global row order)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
 
     @staticmethod
     def local_chunks(global_chunks: list[torch.Tensor], local: slice) -> tuple[list[torch.Tensor], list[int]]:
@@ -139,15 +138,24 @@ class Dist:
         return chunks, ids
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
+        """Concatenate the ranks' tensors along dim 0, in rank order (dim 0 may differ by rank:
+        the sizes are exchanged first and the parts padded to the largest)."""
         if self.world == 1:
             return t
         home = t.device
         t = t.to(self.comm_device)  # nccl needs CUDA tensors, gloo takes CPU ones
+        size = torch.tensor([t.shape[0]], device=self.comm_device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        with self._guard("all_gather sizes"):
+            dist.all_gather(sizes, size)
+        sizes_i = [int(s) for s in sizes]
+        big = max(sizes_i)
+        if t.shape[0] < big:
+            t = torch.cat([t, t.new_zeros((big - t.shape[0], *t.shape[1:]))])
         parts = [torch.empty_like(t) for _ in range(self.world)]
         with self._guard(f"all_gather {tuple(t.shape)}"):
             dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts).to(home)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes_i)]).to(home)
 
     def all_gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] (picklable objects; small metadata only)."""

@@ -37,11 +37,6 @@ class Trainer:
             from flowpo.schedule import sigmas as shifted
 
             cfg.sample.sigmas = [float(x) for x in shifted(cfg.sample.steps, cfg.sample.shift)]
-        rows = cfg.sample.prompts_per_iteration * (cfg.sample.group_size - cfg.replay.k)
-        if rows % self.dist.world:  # checked before anything is written
-            raise config_mod.ConfigError(
-                f"{rows} fresh rows per iteration (sample.prompts_per_iteration × (group_size − replay.k)) do not "
-                f"split over {self.dist.world} processes; make them a multiple of {self.dist.world}")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
@@ -325,15 +320,14 @@ def evaluate_policy(cfg: Config, policy, rewards, eval_prompts, eval_sigmas: tor
     held = eval_prompts if isinstance(eval_prompts, PromptSet) else PromptSet(list(eval_prompts))
     every = held.take([i for i in range(len(held)) for _ in range(e.samples_per_prompt)])
     n_all = len(every)
-    padded = every.take(list(range(n_all)) + list(range(n_all))[:(-n_all) % dist.world])
-    local = dist.split(len(padded))
-    rows = list(range(len(padded)))[local]
-    prompts, metas = padded.texts[local], padded.meta[local]
+    local = dist.split(n_all)                                  # ranks may hold one row more or less
+    rows = list(range(n_all))[local]
+    prompts, metas = every.texts[local], every.meta[local]
     x_init = row_noise([_seed(e.seed, i) for i in rows], policy.latent_shape).to(device)
     policy.module.eval()
     x0, _ = ode_sample(policy, policy.encode_prompts(prompts), eval_sigmas, x_init, g, cfg.sample.batch_size)
     images = policy.decode(x0)
-    raw = dist.all_gather_cat(rewards.score(images, prompts, metas))[:n_all]            # [n_all, K]
+    raw = dist.all_gather_cat(rewards.score(images, prompts, metas))                    # [n_all, K]
     comb = raw @ rewards.weights
     rec = {"eval_reward_mean": float(comb.mean()), "eval_reward_std": float(comb.std(unbiased=False))}
     for k, name in enumerate(rewards.names):
