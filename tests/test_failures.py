@@ -204,3 +204,61 @@ def test_resume_with_an_option_at_its_default_is_no_change(tmp_path, capsys, sco
     _train(capsys, out, "reward.names=[def_scorers:mean]")
     code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=3", "reward.options.def_scorers:mean.scale=1.0")
     assert code == 0 and "scale" not in err, err
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from flowpo.training import checkpoint
+
+    out = tmp_path / "run"
+    real = checkpoint.save_file
+    calls = {"n": 0}
+
+    def full_disk(tensors, path, *a, **k):  # the second checkpoint's first file hits a full disk
+        calls["n"] += 1
+        if "iter_000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    code, _, err = cli(capsys, "train", "--out", out, *TINY)
+    assert code == 1 and "no space left on the device" in one_line(err) and "--resume" in one_line(err)
+    assert (out / "checkpoints" / "iter_000001").is_dir() and checkpoint.verify(out / "checkpoints" / "iter_000001") is None
+    assert not (out / "checkpoints" / "iter_000002").exists()      # nothing half-written in its place
+    monkeypatch.setattr(checkpoint, "save_file", real)             # space freed
+    code, _, err = cli(capsys, "train", "--resume", out)
+    assert code == 0, err
+    assert checkpoint.verify(out / "checkpoints" / "iter_000002") is None
+
+
+def test_tensorboard_does_not_log_resumed_steps_twice(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    tb = [a for a in TINY if not a.startswith("log.tensorboard")] + ["log.tensorboard=true",
+                                                                       "train.checkpoint_every=2"]
+    _train(capsys, out, *tb[:-1], "train.iterations=3", "train.checkpoint_every=2")
+    # killed after iteration 3 was logged but before its checkpoint: the resume redoes iteration 3
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "iter_000003", ignore_errors=True)
+    code, _, err = cli(capsys, "train", "--resume", out, "train.iterations=4")
+    assert code == 0, err
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("reward_mean")]
+    assert steps == sorted(set(steps)) == [0, 1, 2, 3], steps
+
+
+def test_eval_grids_carry_prompt_captions(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    _train(capsys, out, "log.grids=true", "train.iterations=1")
+    img = np.asarray(Image.open(out / "samples" / "eval_000001.png").convert("L"))
+    tile = 16 * 4 + 4   # a 16 px digit upsampled ×4 and its padding
+    strip = img[tile - 4: tile + 8]   # the caption band under the first row of tiles
+    assert img.shape[0] > tile and (strip < 100).any()   # dark text on the white caption band

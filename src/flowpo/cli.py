@@ -57,7 +57,7 @@ def _run_cfg(run: str, flag: str, rest):
 
 
 def _cmd_train(args, rest) -> int:
-    from flowpo.training.trainer import train
+    from flowpo.errors import ConfigError
 
     if args.resume:
         given = [f for f, v in (("--preset", args.preset), ("--config", args.config), ("--out", args.out)) if v]
@@ -81,7 +81,15 @@ def _cmd_train(args, rest) -> int:
         if not args.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("under torchrun give --out DIR: every process must write to the same run folder")
         out = Path(args.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result = train(cfg, out, resume=bool(args.resume))
+    from flowpo.training.trainer import Trainer
+
+    try:  # building the run validates its inputs (model folder, prompts, rewards): a ValueError there is bad input
+        trainer = Trainer(cfg, out, resume=bool(args.resume))
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from e
+    result = trainer.run()
     if result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final eval_reward_mean={result['eval_reward_mean']:.4f}  run: {out}")
     return 0
@@ -166,7 +174,7 @@ def _cmd_eval(args, rest) -> int:
     cfg, path = _run_cfg(args.run, "--run", rest) if args.run else (_load_cfg(args, rest), None)
     try:
         policy, iteration = load_policy(cfg, path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # a missing checkpoint, a model folder the library rejects
         raise UsageError(str(e)) from None
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     rec, _, records = evaluate_policy(cfg, policy, rewards, eval_prompts(cfg),
@@ -203,7 +211,7 @@ def _cmd_sample(args, rest) -> int:
     cfg = _run_cfg(args.run, "--run", rest)[0] if args.run else _load_cfg(args, rest)
     try:
         policy, _ = load_policy(cfg, args.run)  # the run's evaluated weights (its EMA, if it kept one)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     prompts = [args.prompt] * args.n
     x = row_noise(list(range(args.seed, args.seed + args.n)), policy.latent_shape)
@@ -212,7 +220,7 @@ def _cmd_sample(args, rest) -> int:
         x0, _ = ode_sample(policy, policy.encode_prompts(prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
                            cfg.sample.batch_size)
         images = policy.decode(x0)
-    save_grid(images, args.out, nrow=min(8, args.n))
+    save_grid(images, args.out, nrow=min(8, args.n), labels=[f"seed {args.seed + i}" for i in range(args.n)])
     print(f"wrote {args.out}")
     return 0
 
@@ -330,8 +338,6 @@ def explain(e: Exception) -> tuple[int, str]:
 
     if isinstance(e, (RewardError, FloatingPointError, DistributedError)):
         return 1, str(e)  # runtime failures whose messages name the fix
-    if isinstance(e, ValueError):
-        return 2, str(e)  # bad values the libraries reject (model folders, shapes)
     return 1, f"{type(e).__name__}: {e} (an unexpected failure: set FLOWPO_DEBUG=1 for the traceback and report it)"
 
 

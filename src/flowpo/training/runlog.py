@@ -58,12 +58,13 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def grid(self, images: torch.Tensor, name: str, nrow: int) -> Path | None:
-        """Save images [N, C, H, W] in [0, 1] as one PNG grid (upsampled ×4 when small)."""
+    def grid(self, images: torch.Tensor, name: str, nrow: int, labels: list[str] | None = None) -> Path | None:
+        """Save images [N, C, H, W] in [0, 1] as one PNG grid (upsampled ×4 when small), each
+        tile captioned with its label (its prompt)."""
         if not self.enabled:
             return None
         path = self.out / "samples" / f"{name}.png"
-        save_grid(images, path, nrow)
+        save_grid(images, path, nrow, labels=labels)
         return path
 
     def eval_records(self, step: int, records: list[dict]) -> Path | None:
@@ -85,7 +86,10 @@ class RunLog:
             self.wandb.finish()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1) -> None:
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1,
+              labels: list[str] | None = None) -> None:
+    """Images [N, C, H, W] in [0, 1] as one PNG grid, `nrow` per row (tiles under 64 px upsampled);
+    `labels`: one caption per tile under it (its prompt; the end kept when it does not fit)."""
     from PIL import Image
 
     x = images.detach().float().clamp(0, 1).cpu()
@@ -99,7 +103,29 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1) -
     arr = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    if labels:
+        img = _captioned(img.convert("RGB"), labels, nrow, (h + pad) * scale, (w + pad) * scale, pad * scale)
     img.save(path)
+
+
+def _captioned(img, labels: list[str], nrow: int, th: int, tw: int, pad: int):
+    """A caption strip under each row of tiles of `img` (tile pitch th × tw), one label per tile."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cap = 12
+    rows = math.ceil(len(labels) / nrow)
+    out = Image.new("RGB", (img.width, img.height + rows * cap), "white")
+    draw = ImageDraw.Draw(out)
+    fits = max(3, (tw - 2) // 6)  # characters of the default 6-px font that fit a tile
+    for r in range(rows):
+        out.paste(img.crop((0, r * th, img.width, (r + 1) * th + pad)), (0, r * (th + cap)))
+        for q in range(nrow):
+            i = r * nrow + q
+            if i < len(labels):
+                text = labels[i] if len(labels[i]) <= fits else "…" + labels[i][-(fits - 1):]
+                draw.text((pad + q * tw, r * (th + cap) + th + pad - 1), text, fill="black", font=font)
+    return out
 
 
 def read_metrics(path: str | Path, *, notice: bool = False) -> list[dict]:
