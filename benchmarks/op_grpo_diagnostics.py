@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-KEYS = ("groups/zero_spread", "replay/hit_rate", "replay/admitted", "replay/w_p10", "replay/w_p50", "replay/w_p90",
+KEYS = ("groups/zero_spread", "replay/hit_rate", "replay/admitted", "replay/rescued_groups", "replay/w_p10", "replay/w_p50", "replay/w_p90",
         "reward_mean")
 
 

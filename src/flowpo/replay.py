@@ -93,7 +93,19 @@ class OPReplay:
             fin_all = torch.cat([p[1] for p in parts if p[1] is not None])
             rep = [(g, dataclasses.replace(e, reward_raw=raw_all[i], final=fin_all[i])) for i, (g, e) in enumerate(rep)]
             stats["replay/regenerate_nfe"] = float(self.dist.all_reduce_sum(torch.tensor([float(nfe)])))
+        stats["replay/rescued_groups"] = self._rescued(gb, rep)
         return rep, stats, nfe
+
+    def _rescued(self, gb: GlobalBatch, rep: list) -> float:
+        """Groups whose fresh rewards are all equal (no GRPO signal) that the replayed row gives a
+        different reward, hence a signal: the groups replay rescues this iteration."""
+        comb = gb.raw @ self.rewards.weights
+        n = 0
+        for g, e in rep:
+            fresh = comb[gb.group_ids == g]
+            r = float(e.reward_raw.float() @ self.rewards.weights)
+            n += int(fresh.numel() > 0 and float(fresh.std(unbiased=False)) < 1e-6 and abs(r - float(fresh[0])) > 1e-6)
+        return float(n)
 
     def _share(self, R: int) -> tuple[int, int]:
         W, rank = self.dist.world, self.dist.rank
