@@ -36,21 +36,36 @@ the timed iteration as in its steady state (its replayed tail is regenerated). P
 - share = (forward + backward) / iteration (goal of the issue: ≥ 90%); the rest (text encoders,
   VAE decode, reward, kernels, advantages, optimizer, Python) is listed too;
 - peak RSS: `ru_maxrss`, a process high-water mark. It is read twice: after building the
-  Trainer (loading included), then reset (Linux `/proc/self/clear_refs` = 5) and read after the
-  two iterations (warm-up + timed), i.e. the iterations' own peak. On a GPU, the peak allocated
-  memory of the timed iteration, and every timer synchronises the device.
+  Trainer (loading included: "setup"), then reset after the warm-up (Linux
+  `/proc/self/clear_refs` = 5) and read after the timed iteration(s): the iterations' own peak
+  ("iter"; nan where the reset is not allowed). On a GPU, also the peak allocated memory of the
+  timed iterations, and every timer synchronises the device.
+
+`--timed N` times N iterations after the warm-up and reports the one of median wall time (and
+the fastest as s_per_iteration_min): on a loaded machine a single iteration is noisy.
 
 Sweeps: resolution, group size G and steps T, one varied at a time around a base point (the
 middle value of each list unless `--base RES,G,T`); the exponent b of time ≈ a·x^b is fitted by
 least squares on log–log over each sweep, for the wall time and for forward+backward. Writes a
 CSV (`--out`) and prints markdown tables.
 
-Full measurement recommended on the 2-core CPU (about 15 minutes; sweeps on flow_grpo, the other
-three presets at the base point only):
+Full measurement recommended on a 2-core CPU (estimated 14–16 minutes on an idle machine,
+longer under load: the FLUX points are about two thirds of it; sweeps on flow_grpo only, the
+other three presets at the base point):
 
     .venv/bin/python benchmarks/real_shapes.py --models sd3,flux --depth 1 --flux-depth 1,1 \\
-        --res 128,192,256 --groups 2,4,8 --steps 2,4,8 --base 128,2,4 --sweep-presets flow_grpo \\
+        --res 128,192,256 --groups 2,4,8 --steps 4,8,12 --base 128,2,4 --sweep-presets flow_grpo \\
         --threads 2 --out benchmarks/real_shapes.csv
+
+The defaults (SD3 2 blocks, FLUX 1 + 2, 128/256/384 px, G 2/4/8, T 4/8/16, all four presets
+swept) are several times that. Below ~128 px one call is bound by reading the weights, not by
+the tokens, so resolution exponents fitted there come out low. T = 2 is refused by flowpo's
+config check (plan.window_size 2 must be ≤ T − 1, for every plan); use T ≥ 3.
+
+Memory notes: diffusers loads safetensors memory-mapped, so weight pages count in RSS only when
+first touched (the setup peak can be below the model's size; SD3's 384²×1536 positional table
+is computed at construction, in float64, which is most of SD3's setup peak; a forward touches
+only its centre crop).
 
 Smoke test (about a minute): `.venv/bin/python benchmarks/real_shapes.py --quick --models sd3
 --out /tmp/real_shapes.csv`. On a GPU, e.g. `--depth 24 --flux-depth 19,38 --res 512 --set
@@ -267,33 +282,41 @@ def child_run(spec: dict) -> dict:
         if enc is not None:
             enc.forward = text.wrap(enc.forward)
     policy.decode = vae.wrap(policy.decode)
+    timed = []
     try:
         t = time.perf_counter()
         tr.train_iteration(0)  # warm-up
         warmup_s = time.perf_counter() - t
-        rss_reset = _reset_peak_rss()
-        for m in (fwd, bwd, text, vae):
-            m.reset()
+        rss_reset = _reset_peak_rss()  # from here on ru_maxrss is the timed iterations' own peak
         if cuda:
             torch.cuda.reset_peak_memory_stats(tr.device)
-        _sync(cuda)
-        t = time.perf_counter()
-        rec = tr.train_iteration(1)
-        _sync(cuda)
-        dt = time.perf_counter() - t
+        for it in range(1, 1 + spec["timed"]):
+            for m in (fwd, bwd, text, vae):
+                m.reset()
+            _sync(cuda)
+            t = time.perf_counter()
+            rec = tr.train_iteration(it)
+            _sync(cuda)
+            dt = time.perf_counter() - t
+            timed.append({
+                "s_per_iteration": dt, "forward_s": fwd.s, "backward_s": bwd.s,
+                "transformer_share": (fwd.s + bwd.s) / dt,
+                "forward_calls": fwd.calls, "forward_rows": fwd.rows, "backward_calls": bwd.calls,
+                "text_encoder_s": text.s, "vae_decode_s": vae.s,
+                "other_s": dt - fwd.s - bwd.s - text.s - vae.s,
+                "rollout_s": rec["time/rollout_s"], "reward_s": rec["time/reward_s"],
+                "advantage_s": rec["time/advantage_s"], "update_s": rec["time/update_s"],
+                "nfe_per_image": rec["nfe_per_image"], "trained_steps": rec["plan/trained_steps"],
+                "optimizer_steps": rec.get("train/optimizer_steps", float("nan")),
+                "replayed_rows": rec.get("replay/admitted", 0),
+            })
     finally:
         cls.forward, torch.Tensor.backward = orig_forward, orig_backward
+    walls = sorted(r["s_per_iteration"] for r in timed)
+    median = min(timed, key=lambda r: abs(r["s_per_iteration"] - walls[(len(walls) - 1) // 2]))
     params = list(pipe.transformer.parameters())
     return {
-        "s_per_iteration": dt, "forward_s": fwd.s, "backward_s": bwd.s,
-        "transformer_share": (fwd.s + bwd.s) / dt,
-        "forward_calls": fwd.calls, "forward_rows": fwd.rows, "backward_calls": bwd.calls,
-        "text_encoder_s": text.s, "vae_decode_s": vae.s,
-        "other_s": dt - fwd.s - bwd.s - text.s - vae.s,
-        "rollout_s": rec["time/rollout_s"], "reward_s": rec["time/reward_s"],
-        "advantage_s": rec["time/advantage_s"], "update_s": rec["time/update_s"],
-        "nfe_per_image": rec["nfe_per_image"], "trained_steps": rec["plan/trained_steps"],
-        "optimizer_steps": rec.get("train/optimizer_steps", float("nan")),
+        **median, "timed_iterations": len(timed), "s_per_iteration_min": walls[0],
         "transformer_params_m": sum(p.numel() for p in params) / 1e6,
         "trainable_params_m": sum(p.numel() for p in policy.trainable_parameters()) / 1e6,
         "peak_rss_mib_iteration": _peak_rss_mib() if rss_reset else float("nan"),
@@ -368,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-len", type=int, default=None, help="model.max_sequence_length: T5 tokens (default 16)")
     ap.add_argument("--lora-rank", type=int, default=None, help="default: sd3 32, flux 64 (α = 2r)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timed", type=int, default=1, help="timed iterations after the warm-up (median reported)")
     ap.add_argument("--mode", default="lora", choices=("lora", "full"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--quick", action="store_true",
@@ -434,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                         "eval.every=0", "train.checkpoint_every=0", f"train.threads={args.threads}",
                         "log.progress=false", "log.tensorboard=false", "log.grids=false", *args.set]
                     spec = {"preset": preset, "model": model, "overrides": overrides, "run_dir": str(run_dir),
-                            "threads": args.threads}
+                            "threads": args.threads, "timed": max(1, args.timed)}
                     m = _spawn("run", spec, args.timeout)
                     row = {"model": model, "preset": preset, "mode": args.mode,
                            "depth": depth if model == "sd3" else "%d+%d" % flux_depth,
@@ -462,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
              "| model | preset | px | G | T | s / it | fwd s | bwd s | transformer share | calls (rows) | "
              "text enc s | VAE s | other s | peak RSS MiB (iter / setup) | trainable M / total M |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["model"], r["preset"], r["resolution"], r["group_size"], r["steps"])):
         lines.append(
             f"| {r['model']} d{r['depth']} | {r['preset']} | {r['resolution']} | {r['group_size']} | {r['steps']} | "
             f"{r['s_per_iteration']:.2f} | {r['forward_s']:.2f} | {r['backward_s']:.2f} | {r['transformer_share']:.1%} | "
