@@ -87,3 +87,12 @@ def test_attention_kernel_switch_is_process_wide_and_validated():
 
     from flowpo.parts import ATTENTION_BACKENDS
     assert typing.get_args(typing.get_type_hints(config.ModelConfig)["attention"]) == ("auto", *ATTENTION_BACKENDS)
+
+
+def test_window_size_is_checked_only_for_plans_with_a_window():
+    from flowpo import config as cfgmod
+    from flowpo.errors import ConfigError
+
+    assert cfgmod.load(None, "flow_grpo", ["sample.steps=2"]).sample.steps == 2   # no window: T = 2 is fine
+    with pytest.raises(ConfigError, match=r"plan.window_size=2 is out of range"):
+        cfgmod.load(None, "mix_grpo", ["sample.steps=2"])

@@ -49,8 +49,9 @@ def check(cfg) -> None:
             raise ConfigError(str(e)) from None
     _check_range("plan.train_fraction", p.train_fraction, 0, 1, lo_open=True)
     _check_range("plan.subset_fraction", p.subset_fraction, 0, 1, lo_open=True)
-    _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
-    _check_range("plan.window_min", p.window_min, 1, p.window_size)
+    if p.kind in ("sliding_window", "random_window"):  # the plans with a window (others ignore its size)
+        _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
+        _check_range("plan.window_min", p.window_min, 1, p.window_size)
     _check_range("plan.window_range", p.window_range, 0, 1, lo_open=True)
     _check_range("plan.tau", p.tau, 1)
     _check_range("plan.stride", p.stride, 1)
