@@ -5,8 +5,9 @@ iterations to the task's target as a ratio of flow_grpo's.
 
     python benchmarks/op_grpo_diagnostics.py --bench runs/bench19 [--bench more…] --out benchmarks/op_grpo
 
-Writes OUT.csv (one row per task × preset × iteration), OUT_ratios.csv (per task × preset × seed)
-and OUT.png (one column per task).
+Writes OUT.csv (one row per task × preset × iteration), OUT_ratios.csv (per task × preset × seed),
+OUT_curve_ratios.csv (on the seed-mean eval curves: iterations to reach flow_grpo's reward at
+iteration k, over k, interpolated between evaluations) and OUT.png (one column per task).
 """
 from __future__ import annotations
 
@@ -30,11 +31,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", action="append", required=True, help="a flowpo bench --out folder (repeatable)")
     ap.add_argument("--out", default="benchmarks/op_grpo")
+    ap.add_argument("--tasks", default="", help="comma-separated tasks to keep (default: all found)")
     args = ap.parse_args(argv)
+    keep = {t for t in args.tasks.split(",") if t}
     curves: dict = {}
     evals: dict = {}
     for b in args.bench:
         for task, preset, seed, rows in _runs(Path(b)):
+            if keep and task not in keep:
+                continue
             train = [r for r in rows if "reward_mean" in r]
             for r in train:
                 for k in KEYS:
@@ -74,6 +79,34 @@ def main(argv=None) -> int:
             w = csv.DictWriter(f, fieldnames=list(ratios[0]))
             w.writeheader()
             w.writerows(ratios)
+    # the same on the seed-mean eval curves, interpolated between evaluations: the iterations a
+    # preset needs to reach flow_grpo's mean eval reward at iteration k, divided by k
+    curve_rows = []
+    for task in sorted({t for t, _, _ in evals}):
+        mean_curve = {}
+        for (t, p, _), v in evals.items():
+            if t == task:
+                for st, e in v:
+                    mean_curve.setdefault(p, {}).setdefault(st, []).append(e)
+        mean_curve = {p: sorted((st, sum(es) / len(es)) for st, es in c.items()) for p, c in mean_curve.items()}
+        ref = dict(mean_curve.get("flow_grpo", []))
+        for p, c in sorted(mean_curve.items()):
+            for k in sorted(ref):
+                if k == 0 or ref[k] <= ref[0]:
+                    continue
+                reach = None
+                for (s0, e0), (s1, e1) in zip(c, c[1:]):
+                    if e1 >= ref[k] - 1e-9:
+                        reach = s0 + (s1 - s0) * (0.0 if e0 >= ref[k] else (ref[k] - e0) / (e1 - e0))
+                        break
+                curve_rows.append(dict(task=task, preset=p, flow_grpo_iteration=k, target=round(ref[k], 4),
+                                       iterations=None if reach is None else round(reach, 2),
+                                       ratio=None if reach is None else round(reach / k, 3)))
+    with open(str(out) + "_curve_ratios.csv", "w", newline="") as f:
+        if curve_rows:
+            w = csv.DictWriter(f, fieldnames=list(curve_rows[0]))
+            w.writeheader()
+            w.writerows(curve_rows)
     try:
         import matplotlib
 
