@@ -16,6 +16,8 @@ import csv
 import json
 from pathlib import Path
 
+from flowpo.bench.report import write_csv
+
 KEYS = ("groups/zero_spread", "replay/hit_rate", "replay/admitted", "replay/rescued_groups", "replay/w_p10", "replay/w_p50", "replay/w_p90",
         "reward_mean")
 
@@ -74,11 +76,7 @@ def main(argv=None) -> int:
             ratios.append(dict(task=t, preset=p, seed=s, target=round(target, 4), base=v[0][1] if v else None,
                                final=v[-1][1] if v else None, steps_to_target=st, flow_grpo_steps=rs,
                                ratio=None if st is None or not rs else round(st / rs, 4)))
-    with open(str(out) + "_ratios.csv", "w", newline="") as f:
-        if ratios:
-            w = csv.DictWriter(f, fieldnames=list(ratios[0]))
-            w.writeheader()
-            w.writerows(ratios)
+    write_csv(Path(str(out) + "_ratios.csv"), ratios)
     # the same on the seed-mean eval curves, interpolated between evaluations: the iterations a
     # preset needs to reach flow_grpo's mean eval reward at iteration k, divided by k
     curve_rows = []
@@ -102,11 +100,7 @@ def main(argv=None) -> int:
                 curve_rows.append(dict(task=task, preset=p, flow_grpo_iteration=k, target=round(ref[k], 4),
                                        iterations=None if reach is None else round(reach, 2),
                                        ratio=None if reach is None else round(reach / k, 3)))
-    with open(str(out) + "_curve_ratios.csv", "w", newline="") as f:
-        if curve_rows:
-            w = csv.DictWriter(f, fieldnames=list(curve_rows[0]))
-            w.writeheader()
-            w.writerows(curve_rows)
+    write_csv(Path(str(out) + "_curve_ratios.csv"), curve_rows)
     try:
         import matplotlib
 

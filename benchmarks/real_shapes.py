@@ -74,7 +74,6 @@ model.device=cuda --set model.dtype=bf16 --set model.gradient_checkpointing=true
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -473,12 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         return 1
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from flowpo.bench.report import write_csv
+
+    write_csv(Path(args.out), rows)
 
     lines = [f"command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}",
              f"total {time.perf_counter() - t_all:.0f} s; {rows[0]['threads']} threads; transformers at real width, "

@@ -13,7 +13,6 @@ models. `--real-width` adds one row with the real CLIP ViT-L/14 widths (the `aes
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -168,13 +167,10 @@ def main(argv=None) -> int:
                              images_per_s=round(args.n / total, 2), preprocess_ms_per_image=round(1e3 * pre / args.n, 3),
                              preprocess_share=round(pre / total, 4), pil_processor_ms_per_image=None))
             print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    from flowpo.bench.report import write_csv
+
+    write_csv(Path(args.out), rows)
+    print(f"wrote {args.out}")
     return 0
 
 

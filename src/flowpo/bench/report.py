@@ -182,7 +182,10 @@ def fmt(v) -> str:
     return str(v)
 
 
-def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """rows as CSV (columns: the first row's keys by default), the folder made if missing."""
+    columns = columns or (list(rows[0]) if rows else [])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()

@@ -73,54 +73,49 @@ class _CLIP:
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
-PICKSCORE_SCALINGS = ("flow_grpo", "mix_grpo", "cosine", "raw")
+class _ScaledCLIP(_CLIP):
+    """A CLIP score s(cos, exp(logit_scale)) picked by name from `scalings` (option `scaling`)."""
+
+    scalings: dict = {}
+
+    def __init__(self, path: str | None, processor_path: str | None, scaling: str, device: str, dtype: str,
+                 quantize: bool):
+        if scaling not in self.scalings:
+            raise RewardOptionError(f"reward.options.{self.reward}.scaling={scaling!r} is unknown; choose one of "
+                                    f"{list(self.scalings)}")
+        super().__init__(path, processor_path, device, dtype, quantize)
+        self.scale = self.scalings[scaling]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> torch.Tensor:
+        return self.scale(self.cosine(images, prompts), self.logit_scale)
 
 
-class PickScore(_CLIP):
+class PickScore(_ScaledCLIP):
     """PickScore_v1. Options: path (the PickScore_v1 folder), processor_path (the
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K folder), scaling, device, dtype."""
 
     reward = "pickscore"
     what = "PickScore_v1 (yuvalkirstain/PickScore_v1)"
+    scalings = {"flow_grpo": lambda cos, ls: ls * cos / 26.0, "mix_grpo": lambda cos, ls: (ls * cos - 18.0) / 8.0,
+                "cosine": lambda cos, ls: cos, "raw": lambda cos, ls: ls * cos}
 
     def __init__(self, path: str | None = None, processor_path: str | None = None, scaling: str = "flow_grpo",
                  device: str = "auto", dtype: str = "float32", quantize: bool = True):
-        if scaling not in PICKSCORE_SCALINGS:
-            raise RewardOptionError(f"reward.options.pickscore.scaling={scaling!r} is unknown; choose one of "
-                                    f"{list(PICKSCORE_SCALINGS)}")
-        super().__init__(path, processor_path, device, dtype, quantize)
-        self.scaling = scaling
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> torch.Tensor:
-        cos = self.cosine(images, prompts)
-        if self.scaling == "cosine":
-            return cos
-        s = self.logit_scale * cos
-        return {"flow_grpo": s / 26.0, "mix_grpo": (s - 18.0) / 8.0, "raw": s}[self.scaling]
+        super().__init__(path, processor_path, scaling, device, dtype, quantize)
 
 
-class CLIPScore(_CLIP):
+class CLIPScore(_ScaledCLIP):
     """CLIPScore. Options: path (a CLIP folder, e.g. openai/clip-vit-large-patch14),
     processor_path (default: path), scaling (hessel | flow_grpo), device, dtype."""
 
     reward = "clipscore"
     what = "a CLIP model (e.g. openai/clip-vit-large-patch14)"
+    scalings = {"hessel": lambda cos, ls: 2.5 * cos.clamp_min(0), "flow_grpo": lambda cos, ls: ls * cos / 30.0}
 
     def __init__(self, path: str | None = None, processor_path: str | None = None, scaling: str = "hessel",
                  device: str = "auto", dtype: str = "float32", quantize: bool = True):
-        if scaling not in ("hessel", "flow_grpo"):
-            raise RewardOptionError(f"reward.options.clipscore.scaling={scaling!r} is unknown; choose hessel or "
-                                    "flow_grpo")
-        super().__init__(path, processor_path, device, dtype, quantize)
-        self.scaling = scaling
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> torch.Tensor:
-        cos = self.cosine(images, prompts)
-        if self.scaling == "hessel":
-            return 2.5 * cos.clamp_min(0)
-        return self.logit_scale * cos / 30.0
+        super().__init__(path, processor_path, scaling, device, dtype, quantize)
 
 
 class MLPHead(torch.nn.Module):
