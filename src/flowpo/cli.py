@@ -1,10 +1,11 @@
-"""Command line: flowpo train | eval | sample | pretrain | bench | presets | config.
+"""Command line: flowpo train | eval | sample | pretrain | bench | serve-reward | presets | config.
 
     flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
     flowpo eval --run DIR [key.path=value ...]
     flowpo sample --run DIR --prompt "a handwritten 7" [--n 8] [--out FILE.png]
     flowpo pretrain [--out DIR] [--seed N]
     flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
+    flowpo serve-reward --reward NAME [--reward LABEL=TARGET ...] [--host 127.0.0.1] [--port 8765]
     flowpo presets
     flowpo config [--preset NAME] [key.path=value ...]   (every key: type, value, allowed, help)
 Bad input exits with status 2 and one line naming the problem and the fix.
@@ -231,6 +232,12 @@ def _cmd_pretrain(_args, rest) -> int:
     return main(rest) or 0
 
 
+def _cmd_serve_reward(args, _rest) -> int:
+    from flowpo.rewards.server import serve
+
+    return serve(args.reward, args.option or [], args.host, args.port, args.max_request_mb, args.log_level)
+
+
 def _cmd_bench(_args, rest) -> int:
     from flowpo.bench import main
 
@@ -269,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     sub.add_parser("pretrain", add_help=False, help="retrain the embedded model and its classifier (flowpo pretrain --help)")
     sub.add_parser("bench", add_help=False, help="presets × seeds × tasks benchmark (flowpo bench --help)")
+    sp = sub.add_parser("serve-reward", help="serve reward scorers over HTTP for remote training processes",
+                        description="Serve registered or dotted-path reward scorers over HTTP (protocol 1: "
+                                    "safetensors or PNG in, JSON out, no pickle; docs/reward_services.md). "
+                                    "Train against it with reward.names=[remote] reward.options.remote.url=...")
+    sp.add_argument("--reward", action="append", required=True, metavar="NAME | LABEL=TARGET",
+                    help="a registered reward or package.module:function, optionally served under LABEL; repeatable")
+    sp.add_argument("--option", action="append", metavar="LABEL.KEY=VALUE",
+                    help="an option of a served scorer, e.g. pickscore.device=cuda:1; repeatable")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    sp.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body (default 256 MiB)")
+    sp.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default warning)")
     sub.add_parser("presets", help="list the methods (presets) with their papers")
     return ap
 
@@ -286,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key.path=value)")
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "pretrain": _cmd_pretrain,
-                "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config}
+                "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config,
+                "serve-reward": _cmd_serve_reward}
     if getattr(args, "help_config", False):
         args.verb = "config"
     import signal

@@ -129,6 +129,11 @@ class RewardConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-reward options, reward.options.<name>.<key>=value: local model paths, device, dtype,
     batch_size, frames (videos: first | mean), scaling, … (README, Rewards; `flowpo.rewards`)."""
+    overlap: bool = False
+    """Score each finished rollout chunk in a worker thread while the next chunk samples (remote
+    or slow scorers; flowpo.rewards.overlap). The scorer is then called once per chunk of
+    sample.batch_size rows instead of once per iteration: the same rewards for any scorer that
+    scores each image on its own, deterministic whatever the timing."""
     aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """Multi-reward: Flow-GRPO sums weighted rewards then normalises; MixGRPO normalises each then sums
     (with advantage.kind=stepwise: the gains of the sum, or the sum of each reward's normalised gains)."""

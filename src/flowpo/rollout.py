@@ -81,8 +81,13 @@ class RolloutSpec:
 def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, *, x_init: torch.Tensor,
            step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor, chunks: list[torch.Tensor],
            prompts: list[str] | None = None, group_ids: torch.Tensor | None = None,
-           metadata: list[dict] | None = None) -> Rollout:
-    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere)."""
+           metadata: list[dict] | None = None,
+           on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Rollout:
+    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere).
+
+    Chunk by chunk: each chunk runs every step (and the tail) before the next starts, so
+    `on_chunk(rows, x_final [len(rows), *D])` can hand a finished chunk to the rewards while the
+    next one samples (reward.overlap). A chunk's numbers do not depend on the order."""
     n, T = x_init.shape[0], sigmas.numel() - 1
     dims = tuple(x_init.shape[1:])
     kern, guidance, noise_level, reduction = spec.kernel, spec.guidance, spec.noise_level, spec.reduction
@@ -90,41 +95,44 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
     sde, train = sde.to(dev), train.to(dev)
     states = torch.zeros((n, T + 1, *dims), device=dev)
     log_probs = torch.zeros((n, T), device=dev)
-    x = x_init.float().clone()
-    states[:, 0] = x
+    final = torch.empty((n, *dims), device=dev)
+    states[:, 0] = x_init.float()
     nfe = 0
     sde_any = sde.any(0)  # [T]
     last_sde = int(torch.nonzero(sde_any).max()) + 1 if sde_any.any() else 0
     # grid steps run one by one; after `stop` the tail part (a compressed solver segment) may take over
     stop = spec.tail.stop(T, last_sde)
-    for t in range(stop):
-        s, s_next = float(sigmas[t]), float(sigmas[t + 1])
-        x_next = torch.empty_like(x)
-        for idx in chunks:
-            xc = x[idx]
+    for idx in chunks:
+        xc = x_init[idx].float()
+        cond_c = select_cond(cond, idx)
+        for t in range(stop):
+            s, s_next = float(sigmas[t]), float(sigmas[t + 1])
             sig = torch.full((len(idx),), s, device=dev)
-            v = policy.velocity(xc, sig, select_cond(cond, idx), guidance)
+            v = policy.velocity(xc, sig, cond_c, guidance)
             nfe += len(idx) * policy.evals_per_row(guidance)
             rows_sde = sde[idx, t]
             if rows_sde.all():
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
-                x_next[idx], log_probs[idx, t] = st.sample, st.log_prob
+                xc, log_probs[idx, t] = st.sample, st.log_prob
             elif rows_sde.any():  # a per-row plan (DanceGRPO-style) mixes SDE and ODE rows in a chunk
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
                 od = ode_step(xc, v, s, s_next, noise_level)
                 mask = rows_sde.view(-1, *([1] * len(dims)))
-                x_next[idx] = torch.where(mask, st.sample, od.sample)
+                xc = torch.where(mask, st.sample, od.sample)
                 log_probs[idx, t] = torch.where(rows_sde, st.log_prob, torch.zeros_like(st.log_prob))
             else:
-                x_next[idx] = ode_step(xc, v, s, s_next, noise_level).sample
-        x = x_next
-        states[:, t + 1] = x
-    if stop < T:
-        x, evals = spec.tail.finish(chunked_velocity(policy, cond, chunks, guidance), x, float(sigmas[stop]), T - stop)
-        nfe += evals * n * policy.evals_per_row(guidance)
+                xc = ode_step(xc, v, s, s_next, noise_level).sample
+            states[idx, t + 1] = xc
+        if stop < T:
+            xc, evals = spec.tail.finish(chunked_velocity(policy, cond_c, [torch.arange(len(idx))], guidance), xc,
+                                         float(sigmas[stop]), T - stop)
+            nfe += evals * len(idx) * policy.evals_per_row(guidance)
+        final[idx] = xc
+        if on_chunk is not None:
+            on_chunk(idx, xc)
     return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
                    cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
-                   final=x, chunks=chunks, nfe=nfe, metadata=list(metadata or []))
+                   final=final, chunks=chunks, nfe=nfe, metadata=list(metadata or []))
 
 
 def chunked_velocity(policy: Policy, cond: Cond, chunks: list[torch.Tensor], guidance: float):

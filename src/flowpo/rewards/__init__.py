@@ -6,9 +6,12 @@ A scorer is `fn(images, prompts, metadata) -> rewards` with
               mean of the per-frame scores),
     prompts:  list[str] of length N,
     metadata: list[dict] of length N (the prompt file's extra fields; empty dicts for .txt files),
-    returns:  float tensor (or array/list) [N], larger is better.
+    returns:  float tensor (or array/list) [N], larger is better; or a mapping
+              {"scores": [N], "<field>": [N], ...} whose extra per-sample fields (e.g. GenEval's
+              `correct`, a judge's `unreadable`) are logged as reward/<name>/<field>.
 Two-argument scorers `fn(images, prompts)` keep working. A user scorer plugs in as
-`reward.names=[my_package.my_module:my_function]`.
+`reward.names=[my_package.my_module:my_function]`. `base@label` names a second instance of a
+scorer with its own options (e.g. `remote@geneval` and `remote@judge`, two services).
 
 Options: `reward.options.<name>.<key>=value`. A registered scorer that is a class is built with
 its options as keyword arguments; a function (registered or dotted path) receives them as keyword
@@ -48,6 +51,8 @@ REGISTRY: dict[str, str] = {
     "hpsv2": "flowpo.rewards.hps:HPSv2",
     "imagereward": "flowpo.rewards.imagereward:ImageReward",
     "ocr": "flowpo.rewards.ocr:OCR",
+    "remote": "flowpo.rewards.remote:Remote",
+    "vlm_judge": "flowpo.rewards.vlm:VLMJudge",
 }
 COMMON_OPTIONS = ("batch_size", "frames")
 
@@ -64,7 +69,13 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def base_name(name: str) -> str:
+    """`base@label` → base (a second instance of a scorer under its own name); else the name."""
+    return name.partition("@")[0] if "@" in name else name
+
+
 def _target(name: str):
+    name = base_name(name)
     if ":" in name:
         mod_name, _, attr = name.partition(":")
         what = f"reward {name!r}"
@@ -184,25 +195,49 @@ class _Scorer:
             return self.fn(images, prompts, metadata, **self.call_kw)
         return self.fn(images, prompts, **self.call_kw)
 
-    def _batched(self, images, prompts, metadata) -> torch.Tensor:
+    def _batched(self, images, prompts, metadata) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = images.shape[0]
         bs = self.batch_size if self.batch_size > 0 else max(1, n)
-        outs = []
+        outs, details = [], []
         for i in range(0, n, bs):
-            r = self._call(images[i:i + bs], prompts[i:i + bs], metadata[i:i + bs])
-            outs.append(torch.as_tensor(r).detach().to("cpu", torch.float32).reshape(-1))
-        return torch.cat(outs) if outs else torch.zeros(0)
+            r, d = split_result(self._call(images[i:i + bs], prompts[i:i + bs], metadata[i:i + bs]))
+            outs.append(r)
+            details.append(d)
+        keys = sorted(set().union(*details)) if details else []
+        missing = [k for k in keys if any(k not in d for d in details)]
+        if missing:
+            raise ValueError(f"detail field {missing[0]!r} is returned for some batches only")
+        return (torch.cat(outs) if outs else torch.zeros(0)), {k: torch.cat([d[k] for d in details]) for k in keys}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+    def detailed(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scores [N], {field: [N]}) — the extra per-sample fields a scorer returned."""
         metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
         if images.ndim == 5:  # video [N, C, F, H, W]
             if self.frames == "first":
                 return self._batched(images[:, :, 0], prompts, metadata)
             n, f = images.shape[0], images.shape[2]
             flat = images.permute(0, 2, 1, 3, 4).reshape(n * f, *images.shape[1:2], *images.shape[3:])
-            r = self._batched(flat, [p for p in prompts for _ in range(f)], [m for m in metadata for _ in range(f)])
-            return r.reshape(n, f).mean(1) if r.numel() == n * f else r
+            r, d = self._batched(flat, [p for p in prompts for _ in range(f)], [m for m in metadata for _ in range(f)])
+            if r.numel() != n * f:
+                return r, {}
+            return r.reshape(n, f).mean(1), {k: v.reshape(n, f).mean(1) for k, v in d.items() if v.numel() == n * f}
         return self._batched(images, prompts, metadata)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        return self.detailed(images, prompts, metadata)[0]
+
+
+def split_result(r) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A scorer's return value → (scores [n] fp32 CPU, {field: [n]}); a mapping must hold 'scores'."""
+    def flat(v):
+        return torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1)
+
+    if isinstance(r, dict):
+        if "scores" not in r:
+            raise ValueError(f"a scorer returning a mapping must include 'scores' (got keys {sorted(r)})")
+        return flat(r["scores"]), {str(k): flat(v) for k, v in r.items() if k != "scores"}
+    return flat(r), {}
 
 
 def get_scorer(name: str, **options) -> Scorer:
@@ -223,7 +258,13 @@ def get_scorer(name: str, **options) -> Scorer:
     obj = _target(name)
     kw = _split_options(name, obj, options)
     if inspect.isclass(obj):
-        return _Scorer(name, obj(**kw), {}, batch_size=batch_size, frames=frames)
+        try:
+            inst = obj(**kw)
+        except ConfigError:
+            raise
+        except RewardError as e:  # e.g. a service that is down: one line naming the reward
+            raise type(e)(f"reward {name!r}: {e}") from None
+        return _Scorer(name, inst, {}, batch_size=batch_size, frames=frames)
     return _Scorer(name, obj, kw, batch_size=batch_size, frames=frames)
 
 
@@ -245,15 +286,23 @@ class RewardSet:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        return self.score_detail(images, prompts, metadata)[0]
+
+    @torch.no_grad()
+    def score_detail(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(raw rewards [N, K], {"<reward>/<field>": [N]} the scorers' extra per-sample fields)."""
         n = images.shape[0]
         if metadata is None:
             metadata = [{} for _ in range(n)]
-        cols = []
+        cols, detail = [], {}
         for name, fn in zip(self.names, self.scorers):
             try:
-                r = fn(images, prompts, metadata)
+                r, d = fn.detailed(images, prompts, metadata)
             except ConfigError:
                 raise  # a bad option found on first use: already one line
+            except RewardError as e:  # a service's error: already says what and where
+                raise type(e)(f"reward {name!r}: {e}") from None
             except Exception as e:  # noqa: BLE001 - re-raised with the reward's name
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e} "
                                   f"(scoring {n} samples)") from e
@@ -266,7 +315,12 @@ class RewardSet:
                 raise RewardError(f"reward {name!r} returned NaN/inf for {bad} of {n} samples; "
                                   "fix the scorer (nothing was written to the weights)")
             cols.append(r)
-        return torch.stack(cols, dim=1)  # [N, K]
+            for k, v in d.items():
+                if v.numel() != n:
+                    raise RewardError(f"reward {name!r} returned {v.numel()} values of its detail field {k!r} "
+                                      f"for {n} samples; a detail field holds one value per image")
+                detail[f"{name}/{k}"] = v
+        return torch.stack(cols, dim=1), detail  # [N, K]
 
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
         """Weighted sum Σ_k w_k r_k → [N]."""

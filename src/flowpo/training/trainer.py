@@ -22,6 +22,8 @@ from flowpo.batch import GlobalBatch, UpdateBatch
 from flowpo.build import build
 from flowpo.config import Config
 from flowpo.policy.base import select_cond
+from flowpo.rewards import RewardError
+from flowpo.rewards.overlap import ChunkScoring
 from flowpo.rollout import make_chunks, ode_sample, row_noise, sample, stream_seed as _seed
 from flowpo.training import state as train_state
 from flowpo.training.distributed import Dist
@@ -160,12 +162,22 @@ class Trainer:
         g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
         chunks, chunk_ids = dist.local_chunks(g_chunks, local)
         self.policy.module.eval()
-        with P.objective.sampling():
-            roll = sample(self.policy, cond, self.sigmas, P.spec, x_init=x_init, step_noise=step_noise,
-                          sde=plan.sde[local], train=plan.train[local], chunks=chunks, prompts=prompts,
-                          group_ids=groups, metadata=meta_all[local])
+        streamed = ChunkScoring(self.rewards, self.policy.decode, prompts, meta_all[local], len(rows)) \
+            if cfg.reward.overlap else None
+        roll, failed = None, None
+        try:
+            with P.objective.sampling():
+                roll = sample(self.policy, cond, self.sigmas, P.spec, x_init=x_init, step_noise=step_noise,
+                              sde=plan.sde[local], train=plan.train[local], chunks=chunks, prompts=prompts,
+                              group_ids=groups, metadata=meta_all[local],
+                              on_chunk=None if streamed is None else streamed.submit)
+        except RewardError as e:  # an overlapped chunk's scoring failed: the ranks agree in _score, then stop
+            failed = e
+        finally:
+            if streamed is not None and roll is None:
+                streamed.close()
         t_roll = time.time()
-        raw = self.rewards.score(self.policy.decode(roll.final), prompts, roll.metadata)  # [n, K]
+        raw, detail, busy = self._score(roll, prompts, streamed, failed)                    # [n, K]
         t_rew = time.time()
         step_rewards, nfe_it, rec = P.advantage.intermediate(self.policy, roll, self.sigmas, raw)
         nfe_it += roll.nfe
@@ -197,9 +209,38 @@ class Trainer:
                     "adv/all_zero": float(no_signal)})
         for k, name in enumerate(self.rewards.names):
             rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
+        if detail:  # the scorers' extra per-sample fields, over all ranks
+            cols = dist.all_gather_cat(torch.stack([detail[k] for k in sorted(detail)], 1))
+            rec.update({f"reward/{k}": float(cols[:, j].mean()) for j, k in enumerate(sorted(detail))})
+        if streamed is not None:
+            rec["time/reward_busy_s"] = busy
         if plan.window is not None:
             rec["plan/window_start"] = plan.window[0]
         return rec
+
+    def _score(self, roll, prompts: list[str], streamed, err: Exception | None) -> tuple[torch.Tensor, dict, float]:
+        """This rank's rewards [n, K] and detail fields (from the overlapped chunks, or all rows at
+        once). Ranks agree before anyone raises: a scorer that fails on one rank (a service
+        down) stops every rank now, in one line, instead of leaving the others in a collective."""
+        raw, detail, busy = None, {}, 0.0
+        t0 = time.perf_counter()
+        try:
+            if err is not None:
+                pass
+            elif streamed is not None:
+                raw, detail, busy = streamed.result()
+            else:
+                raw, detail = self.rewards.score_detail(self.policy.decode(roll.final), prompts, roll.metadata)
+                busy = time.perf_counter() - t0
+        except RewardError as e:
+            err = e
+        if not self.dist.all_true(err is None):
+            if err is not None:
+                raise err
+            raise RewardError(f"rank {self.dist.rank}: a reward failed on another rank (its log has the one-line "
+                              "error); every rank stops here; the last checkpoint is intact: fix the reward and "
+                              "continue with flowpo train --resume")
+        return raw, detail, busy
 
     def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None, meta_all: list[dict]) -> GlobalBatch:
         """Every rank's fresh rows, in global order (identity on one process); the metadata of

@@ -1,0 +1,387 @@
+"""Reward services: `flowpo serve-reward` in a real process on 127.0.0.1, the `remote` and
+`vlm_judge` scorers, overlapped scoring, and the faults (down at start, killed mid-run, slow,
+malformed, 4xx, NaN, one rank failing)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+from flowpo import config
+from flowpo.cli import main
+from flowpo.errors import ConfigError
+from flowpo.rewards import RewardError, RewardSet, get_scorer
+from flowpo.rewards.service import SAFETENSORS, RewardServiceError, encode_request, to_uint8
+from flowpo.training.trainer import Trainer
+
+TESTS = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m flowpo serve-reward` in a subprocess; waits until /v1/health answers."""
+
+    def __init__(self, *rewards: str, port: int | None = None, extra=(), env=None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "flowpo", "serve-reward", "--port", str(self.port), *extra]
+        for r in rewards:
+            cmd += ["--reward", r]
+        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                    "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+            try:
+                if requests.get(self.url + "/v1/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.kill()
+        raise AssertionError("the server did not come up in 90 s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("rowwise=service_scorers:rowwise", "digits=digit_alignment", "nan=service_scorers:nan_scorer",
+               "raises=service_scorers:raises", "jittery=service_scorers:jittery", extra=["--max-request-mb", "1"])
+    yield s
+    s.kill()
+
+
+def _images(n=6, seed=0):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+PROMPTS = [f"a handwritten {i % 10}" for i in range(6)]
+META = [{"target": i % 10} for i in range(6)]
+
+
+# ---------------------------------------------------------------------- the server and the remote scorer
+def test_health_version_and_remote_scores_equal_local_scores(server):
+    h = requests.get(server.url + "/v1/health", timeout=5).json()
+    assert h["status"] == "ok" and h["protocol"] == 1 and "rowwise" in h["rewards"]
+    v = requests.get(server.url + "/v1/version", timeout=5).json()
+    assert v["protocol"] == 1 and v["torch"] == torch.__version__
+    x = _images()
+    local = get_scorer("digit_alignment")
+    exact = get_scorer("remote", url=server.url, reward="digits", dtype="float32")
+    assert torch.equal(exact(x, PROMPTS, META), local(x, PROMPTS, META))          # float32: bit for bit
+    as_png = get_scorer("remote", url=server.url, reward="digits")                 # uint8 (the default)
+    assert torch.equal(as_png(x, PROMPTS, META), local(to_uint8(x).float() / 255, PROMPTS, META))
+    scores, detail = get_scorer("remote", url=server.url, reward="rowwise").detailed(x, PROMPTS, META)
+    assert torch.equal(detail["target"], torch.tensor([float(m["target"]) for m in META]))  # metadata reached it
+    # the JSON + PNG form (for clients in other languages) gives the uint8 scores
+    from flowpo.rewards.service import encode_png
+
+    body = {"prompts": PROMPTS, "metadata": META, "images_png": [encode_png(im) for im in x]}
+    r = requests.post(server.url + "/v1/score/rowwise", json=body, timeout=10).json()
+    assert torch.allclose(torch.tensor(r["scores"]), scores, atol=1e-6)
+
+
+def test_remote_with_batch_size_sends_several_requests_and_keeps_the_order(server):
+    x = _images(7, seed=1)
+    p, m = [f"p{i}" for i in range(7)], [{"target": i} for i in range(7)]
+    whole = get_scorer("remote", url=server.url, reward="rowwise")
+    split = get_scorer("remote", url=server.url, reward="rowwise", batch_size=3)
+    a, da = whole.detailed(x, p, m)
+    b, db = split.detailed(x, p, m)
+    assert torch.equal(a, b) and torch.equal(da["target"], db["target"]) and db["target"].tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("body, ctype, code, words", [
+    (b"not a safetensors file", SAFETENSORS, 400, "safetensors"),
+    (b'{"prompts": ["a"]}', "application/json", 400, "images_png"),
+    (b"\x80\x04\x95 pickle bytes", "application/octet-stream", 415, "content type"),
+    (b"x" * (2 * 2**20), SAFETENSORS, 413, "MiB"),
+])
+def test_bad_requests_get_a_4xx_with_one_line(server, body, ctype, code, words):
+    r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
+    assert r.status_code == code and words in r.json()["error"] and "\n" not in r.json()["error"]
+
+
+def test_count_mismatch_and_unknown_reward(server):
+    body = encode_request(_images(3), ["a", "b"], [{}, {}])
+    r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": SAFETENSORS}, timeout=10)
+    assert r.status_code == 400 and "3 images but 2 prompts" in r.json()["error"]
+    r = requests.post(server.url + "/v1/score/nope", data=body, headers={"Content-Type": SAFETENSORS}, timeout=10)
+    assert r.status_code == 404 and "served" in r.json()["error"]
+    with pytest.raises(ConfigError, match="does not serve 'nope'"):  # bad input: exit code 2
+        get_scorer("remote", url=server.url, reward="nope")
+    with pytest.raises(ConfigError, match="choose one with"):
+        get_scorer("remote", url=server.url)  # several served, none chosen
+
+
+def test_a_scorer_that_raises_is_a_500_naming_its_error_after_bounded_retries(server):
+    rs = RewardSet(["remote@bad"], [1.0], {"remote@bad": {"url": server.url, "reward": "raises", "retries": 1,
+                                                          "backoff_s": 0.05}})
+    with pytest.raises(RewardError) as e:
+        rs.score(_images(2), PROMPTS[:2], META[:2])
+    msg = str(e.value)
+    assert "remote@bad" in msg and "HTTP 500" in msg and "the detector ran out of memory" in msg
+    assert "after 2 attempts" in msg and server.url in msg
+
+
+def test_a_nan_score_from_the_service_is_refused_by_name(server):
+    rs = RewardSet(["remote@nan"], [1.0], {"remote@nan": {"url": server.url, "reward": "nan"}})
+    with pytest.raises(RewardError, match=r"'remote@nan' returned NaN/inf for 1 of 4"):
+        rs.score(_images(4), PROMPTS[:4], META[:4])
+
+
+# ---------------------------------------------------------------------- the client's policy, on a scripted server
+class Scripted:
+    """A real HTTP server on loopback answering POSTs from a script of (status, body, delay)."""
+
+    def __init__(self, script, health=None):
+        self.script, self.posts, self.headers, self.bodies = list(script), 0, [], []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body):
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                self._send(200, health or {"status": "ok", "protocol": 1, "rewards": ["r"]})
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", 0))
+                outer.bodies.append(self.rfile.read(n))
+                outer.headers.append(dict(self.headers))
+                outer.posts += 1
+                code, body, delay = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
+                time.sleep(delay)
+                try:
+                    self._send(code, body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+OK2 = (200, {"scores": [0.5, 0.25]}, 0)
+
+
+@pytest.mark.parametrize("script, posts, words", [
+    ([(503, {"error": "warming up"}, 0), (502, b"bad gateway", 0), OK2], 3, None),          # retried, then fine
+    ([(400, {"error": "images must be RGB"}, 0)], 1, "images must be RGB"),                   # 4xx: not retried
+    ([(500, {"error": "CUDA out of memory"}, 0)], 3, "after 3 attempts"),                     # bounded
+    ([(200, {"scores": [0.5, 0.25]}, 1.5)], 3, "no reply within timeout_s=0.4s"),             # slower than timeout
+    ([(200, b"<html>proxy error</html>", 0)], 1, "malformed reply"),                          # not JSON
+    ([(200, {"rewards": [1, 2]}, 0)], 1, "no 'scores'"),                                      # wrong JSON
+    ([(200, {"scores": [0.5]}, 0)], 1, "list of 2 numbers"),                                  # wrong count
+])
+def test_client_retry_policy(script, posts, words):
+    srv = Scripted(script)
+    try:
+        fn = get_scorer("remote", url=srv.url, timeout_s=0.4, retries=2, backoff_s=0.01)
+        if words is None:
+            assert fn(_images(2), ["a", "b"], [{}, {}]).tolist() == [0.5, 0.25]
+        else:
+            with pytest.raises(RewardServiceError, match=words.replace("(", r"\(")) as e:
+                fn(_images(2), ["a", "b"], [{}, {}])
+            assert srv.url in str(e.value) and "\n" not in str(e.value)
+        assert srv.posts == posts
+    finally:
+        srv.close()
+
+
+def test_a_service_of_another_protocol_is_refused_at_start():
+    srv = Scripted([OK2], health={"status": "ok", "protocol": 99, "rewards": ["r"]})
+    try:
+        with pytest.raises(RewardServiceError, match="protocol 1"):
+            get_scorer("remote", url=srv.url)
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------- training against a service
+def _cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowpo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _weights(out: Path) -> dict:
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    return {f"{f.name}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def _remote(url, reward, *extra):
+    return ["reward.names=[remote]", f"reward.options.remote.url={url}", f"reward.options.remote.reward={reward}",
+            "log.grids=false", *extra]
+
+
+def test_service_down_at_start_is_one_line_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "train", "--out", out, *TINY,
+                        *_remote(f"http://127.0.0.1:{free_port()}", "r", "reward.options.remote.retries=1",
+                                 "reward.options.remote.backoff_s=0.01"))
+    line = _one_line(err)
+    assert code == 1 and "connection refused" in line and "127.0.0.1" in line and "start the service" in line
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_overlapped_scoring_is_deterministic_equals_serial_and_logs_detail_fields(tmp_path, server):
+    runs = {}
+    for name, overlap in (("serial", "false"), ("overlap_a", "true"), ("overlap_b", "true")):
+        out = tmp_path / name
+        cfg = config.load(None, None, [*TINY, *_remote(server.url, "jittery"), f"reward.overlap={overlap}",
+                                       "sample.batch_size=3", "eval.every=0"])
+        Trainer(cfg, out).run()
+        runs[name] = _weights(out)
+    for k in runs["serial"]:
+        assert torch.equal(runs["overlap_a"][k], runs["overlap_b"][k]), k   # whatever the thread timing
+        assert torch.equal(runs["serial"][k], runs["overlap_a"][k]), k      # a per-image scorer: same rewards
+    out = tmp_path / "detail"
+    Trainer(config.load(None, None, [*TINY, *_remote(server.url, "rowwise"), "reward.overlap=true"]), out).run()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "reward_mean" in r]
+    assert all("reward/remote/target" in r and "time/reward_busy_s" in r for r in train)
+    assert all(r["reward/remote/target"] == -1.0 for r in train)  # the embedded prompts carry no target
+
+
+def test_service_killed_mid_run_then_resume_continues_to_the_same_weights(tmp_path, capsys):
+    port = free_port()
+    base = [*TINY, "train.iterations=4", "eval.every=0",
+            *_remote(f"http://127.0.0.1:{port}", "d", "reward.options.remote.retries=2",
+                     "reward.options.remote.backoff_s=0.05", "reward.options.remote.timeout_s=5")]
+    # calls: 1 preflight + 1 first eval + 1 per iteration → dies at the 5th: during iteration 2
+    srv = Server("d=service_scorers:dies", port=port, env={"FLOWPO_TEST_DIE_AT": "5"})
+    out = tmp_path / "run"
+    try:
+        code, _, err = _cli(capsys, "train", "--out", out, *base)
+    finally:
+        srv.kill()
+    line = _one_line(err)
+    assert code == 1 and "after 3 attempts" in line and f"127.0.0.1:{port}" in line and "--resume" in line
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
+    assert steps == [0, 1] and sorted(p.name for p in (out / "checkpoints").iterdir())[-1].endswith("2")
+    srv = Server("d=service_scorers:dies", port=port)  # back (without the fault)
+    try:
+        code, _, err = _cli(capsys, "train", "--resume", out)
+        assert code == 0, err
+        ref = tmp_path / "ref"
+        code, _, err = _cli(capsys, "train", "--out", ref, *base)
+        assert code == 0, err
+    finally:
+        srv.kill()
+    a, b = _weights(out), _weights(ref)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------- the VLM judge
+class FakeOpenAI(Scripted):
+    @staticmethod
+    def reply(text):
+        return (200, {"choices": [{"message": {"role": "assistant", "content": text}}]}, 0)
+
+
+def test_vlm_judge_sends_png_template_and_key_and_reads_the_score(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    srv = FakeOpenAI([(503, {"error": {"message": "loading"}}, 0), FakeOpenAI.reply("Score: 7.5 / 10")])
+    try:
+        fn = get_scorer("vlm_judge", url=srv.url + "/v1", model="qwen-vl", api_key_env="JUDGE_KEY",
+                        template="Rate {prompt} (digit {target})", concurrency=1, backoff_s=0.01)
+        x = _images(2)
+        scores, detail = fn.detailed(x, ["a 3", "a 4"], [{"target": 3}, {"target": 4}])
+        assert scores.tolist() == pytest.approx([0.75, 0.75]) and detail["unreadable"].tolist() == [0.0, 0.0]
+        assert srv.posts == 3                                        # one retry of the 503, then one per image
+        req = json.loads(srv.bodies[-1])
+        assert req["model"] == "qwen-vl" and srv.headers[-1]["Authorization"] == "Bearer sk-test"
+        parts = req["messages"][-1]["content"]
+        assert parts[1]["text"] == "Rate a 4 (digit 4)"
+        from PIL import Image
+        import numpy as np
+
+        png = Image.open(io.BytesIO(base64.b64decode(parts[0]["image_url"]["url"].split(",", 1)[1])))
+        assert png.format == "PNG" and np.array_equal(np.asarray(png), to_uint8(x[1, 0]).numpy())  # lossless
+    finally:
+        srv.close()
+
+
+def test_vlm_judge_unreadable_replies_error_or_a_counted_value(tmp_path):
+    srv = FakeOpenAI([FakeOpenAI.reply("I cannot rate this image.")])
+    try:
+        with pytest.raises(RewardError, match="has no score matching pattern"):
+            get_scorer("vlm_judge", url=srv.url, model="m")(_images(1), ["a 1"], [{}])
+        rs = RewardSet(["vlm_judge"], [1.0], {"vlm_judge": {"url": srv.url, "model": "m", "on_unreadable": "value",
+                                                            "unreadable_value": -1.0}})
+        raw, detail = rs.score_detail(_images(3), ["a"] * 3, [{}] * 3)
+        assert raw[:, 0].tolist() == [-1.0] * 3 and detail["vlm_judge/unreadable"].tolist() == [1.0] * 3
+        with pytest.raises(ConfigError, match="needs field 'target'"):
+            get_scorer("vlm_judge", url=srv.url, model="m", template="{prompt} {target}")(_images(1), ["a"], [{}])
+        with pytest.raises(ConfigError, match="no \\{prompt\\} field"):
+            get_scorer("vlm_judge", url=srv.url, model="m", template="rate it")
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------- the command line and torchrun
+def test_serve_reward_bad_arguments_are_one_line(capsys):
+    code, _, err = _cli(capsys, "serve-reward", "--reward", "stroke_quality", "--option", "nope.device=cpu")
+    assert code == 2 and "'nope' is not served" in _one_line(err)
+    code, _, err = _cli(capsys, "serve-reward", "--reward", "stroke_qualty")
+    assert code == 2 and "did you mean 'stroke_quality'" in _one_line(err)
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # the ranks agree on a reward failure instead of waiting out the stall timeout: ~15 s
+def test_a_reward_failing_on_one_rank_stops_every_rank_promptly(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", FLOWPO_DIST_TIMEOUT_S="300",
+               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flowpo",
+           "train", "--out", str(tmp_path / "run"), *TINY, "eval.every=0", "log.grids=false",
+           "reward.names=[service_scorers:fails_on_rank_1]"]
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    took = time.time() - t0
+    text = r.stdout + r.stderr
+    assert r.returncode != 0 and took < 120, (took, text[-2000:])  # far below the 300 s stall timeout
+    assert "rank 1's scorer is broken" in text and "a reward failed on another rank" in text, text[-2000:]
