@@ -110,3 +110,29 @@ def test_corrupted_run_folders_never_traceback_nor_change_a_checkpoint(tmp_path,
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         (out / "metrics.jsonl").write_text(metrics)
+
+
+REWARD_KEYS = ["batch_size", "frames", "device", "dtype", "path", "processor_path", "scaling", "url", "reward",
+               "timeout_s", "retries", "pattern", "template", "on_unreadable", "model", "nope", "head", "threads"]
+
+
+def test_random_reward_options_run_or_fail_in_one_line(tmp_path, capsys):
+    """reward.options.<name>.<key>=<value> at random, for embedded, model and service scorers (no
+    service runs, no model folder exists): a clean run or one line, never a traceback."""
+    rng = random.Random(3)
+    names = ["digit_alignment", "stroke_quality", "pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore",
+             "remote", "vlm_judge", "remote@a"]
+    seen = {0: 0, 1: 0, 2: 0}
+    for i in range(60):
+        name = rng.choice(names)
+        opts = [f"reward.options.{name}.{rng.choice(REWARD_KEYS)}={rng.choice(VALUES)}"
+                for _ in range(rng.choice([1, 2]))]
+        code, text = _run(capsys, "train", "--out", tmp_path / f"r{i}", *TINY, "train.iterations=1", "eval.every=0",
+                          "log.grids=false", f"reward.names=[{name}]", *opts)
+        assert "Traceback" not in text, (name, opts, text[-800:])
+        assert code in (0, 1, 2), (name, opts, text[-800:])
+        if code:
+            assert len([ln for ln in text.splitlines() if ln.startswith("flowpo: error:")]) == 1, (name, opts, text)
+            assert "unexpected failure" not in text, (name, opts, text[-800:])
+        seen[code] += 1
+    assert seen[0] >= 3 and seen[2] >= 20, seen  # runs and refusals both exercised
