@@ -236,3 +236,85 @@ def tiny_wan_pipeline(seed: int = 0):
 def brightness_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """A stand-in reward for end-to-end runs: mean pixel value of each image, [N]."""
     return images.mean(dim=tuple(range(1, images.dim())))
+
+
+# QwenImagePipeline's chat template (its `prompt_template_encode`) and the number of template tokens
+# it drops before the prompt (`prompt_template_encode_start_idx`, 34 with the real Qwen2 tokenizer).
+QWEN_TEMPLATE_WORDS = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+    "a red blue cat dog photo of on sign that reads hello world<|im_end|>\n<|im_start|>assistant\n"
+)
+QWEN_TEMPLATE_DROP = 34
+
+
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer (Qwen2Tokenizer, as the real one) trained here, offline, on the
+    pipeline's template and a few words: every template word is one token, so the template prefix
+    is 34 tokens as with the real tokenizer; any other text falls back to bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([QWEN_TEMPLATE_WORDS], trainer)
+    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    prefix = QWEN_TEMPLATE_WORDS.split("user\n")[0] + "user\n"
+    assert len(tok(prefix)["input_ids"]) == QWEN_TEMPLATE_DROP, "template prefix must be 34 tokens"
+    return tok
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """QwenImagePipeline: 2-block QwenImageTransformer2DModel, a 2-layer Qwen2.5-VL text encoder
+    (hidden 32; its vision tower is tiny and unused for text), 4-channel latents packed into
+    16-channel 2×2 tokens, a 1-level AutoencoderKLQwenImage (2× compression: 16 px → [4, 8, 8]), and
+    the real Qwen-Image scheduler config (dynamic exponential shift, shift_terminal 0.02)."""
+    from diffusers import (
+        AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    unused = len(tok) - 1  # vision token ids: never in text-only prompts of the tests
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+            temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0],
+        ),
+        image_token_id=unused, video_token_id=unused, vision_start_token_id=unused, vision_end_token_id=unused,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels × 2×2 patch
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # = the text encoder's hidden size
+        axes_dims_rope=(4, 6, 6),  # frame, row, col; sums to the head dim
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.8, 1.0],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler/scheduler_config.json
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True,
+    )
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )

@@ -17,7 +17,7 @@ RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1 or Wan2.1 folder."""
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1 or Qwen-Image (qwen_image) folder."""
     path: Optional[str] = None
     """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
     mode: Literal["lora", "full"] = "lora"
@@ -39,7 +39,7 @@ class ModelConfig:
     (torch chooses), 'math' (the reference kernel: use it if bf16 gradients turn NaN/inf), or one
     fused kernel alone (torch raises if it cannot take the inputs). No effect on the CPU."""
     max_sequence_length: Optional[int] = None
-    """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Wan 512)."""
+    """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Qwen-Image/Wan 512)."""
     num_frames: int = 81
     """Frames per video (wan only)."""
     cfg_grad: Literal["conditional", "both"] = "conditional"

@@ -1,9 +1,9 @@
-"""What the diffusers-backed policies (sd3.py, flux.py, wan.py) share beyond plumbing: no RL logic.
+"""What the diffusers-backed policies (sd3.py, flux.py, qwen_image.py, wan.py) share beyond plumbing: no RL logic.
 
 - `TrainableTransformer`: what is trained (LoRA via peft, or the full transformer), the frozen
   reference (`disable_adapter`), trainable state dicts, saving in diffusers' LoRA format with its
   config so that α ≠ r reloads at the right scale (scale = α / r).
-- `DiffusersPolicy`: the base class of the three adapters: loading, device/dtype placement, the
+- `DiffusersPolicy`: the base class of the adapters: loading, device/dtype placement, the
   pipeline scheduler's σ grid, true CFG's gradient option, and the `Policy` members that only
   delegate to `TrainableTransformer`.
 Loading, dtypes, placement, decoding and the prompt cache are in `pipeline_io.py` (re-exported).

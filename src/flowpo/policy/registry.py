@@ -1,6 +1,6 @@
 """`build_policy(kind, path, **options)`: the one place a `model.kind` string becomes a Policy.
 
-Imports are lazy: diffusers and peft load only when an SD3, FLUX or Wan policy is built.
+Imports are lazy: diffusers and peft load only when an SD3, FLUX, Qwen-Image or Wan policy is built.
 
     policy = build_policy("sd3", "/models/stable-diffusion-3.5-medium", dtype="bf16", lora_rank=32)
 """
@@ -11,19 +11,20 @@ from typing import Any
 
 from flowpo.policy.base import Policy
 
-# kind → (module, class); sd3/flux/wan load `Class.from_pretrained(path)` from a diffusers folder.
+# kind → (module, class); sd3/flux/qwen_image/wan load `Class.from_pretrained(path)` from a diffusers folder.
 POLICY_KINDS: dict[str, tuple[str, str]] = {
     "embedded": ("flowpo.policy.embedded", "EmbeddedPolicy"),
     "sd3": ("flowpo.policy.sd3", "SD3Policy"),
     "flux": ("flowpo.policy.flux", "FluxPolicy"),
     "wan": ("flowpo.policy.wan", "WanPolicy"),
+    "qwen_image": ("flowpo.policy.qwen_image", "QwenImagePolicy"),
 }
 
 
 def build_policy(kind: str, path: str | None = None, **options: Any) -> Policy:
     """Build the policy for `model.kind`; `options` are the class's keyword arguments.
 
-    sd3 / flux / wan: `<Class>.from_pretrained(path, **options)`, path a local diffusers folder.
+    sd3 / flux / qwen_image / wan: `<Class>.from_pretrained(path, **options)`, path a local diffusers folder.
     embedded: `EmbeddedPolicy(weights=path, **options)` (path None = the shipped weights).
     """
     if kind not in POLICY_KINDS:
