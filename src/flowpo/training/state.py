@@ -36,9 +36,9 @@ class TrainState:
 
     def state_dict(self) -> tuple[dict, dict]:
         P, d = self.parts, self.dist
-        # under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full
+        # under FSDP2 the weights, optimizer and EMA state are DTensor shards: gathered to full tensors
         opt_t, opt_s = checkpoint.optimizer_to_flat(P.opt)
-        tensors = {"trainable": P.policy.trainable_state_dict(), "optimizer": d.full(opt_t)}
+        tensors = {"trainable": d.full(P.policy.trainable_state_dict()), "optimizer": d.full(opt_t)}
         if P.ema.shadow:
             tensors["ema"] = d.full({str(i): t for i, t in enumerate(P.ema.shadow)})
         objective = d.full(P.objective.state_dict())
