@@ -14,6 +14,7 @@ from flowpo import config
 from flowpo.rollout import make_chunks, stream_seed
 from flowpo.training.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # batch 2 over 8 rows: global chunks of 2 rows, some wholly on one rank (the other runs a dummy
@@ -26,7 +27,8 @@ FULL = ["reward.names=[stroke_quality]", "train.weight_decay=0", "log.grids=fals
 def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), **extra)
+    e.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    e.update(extra)
     return e
 
 
@@ -42,6 +44,14 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
     ck = sorted((out / "checkpoints").iterdir())[-1]
     return load_file(str(ck / "trainable.safetensors"))
+
+
+def one_process(out: Path, preset: str, args: list[str]) -> dict[str, torch.Tensor]:
+    """Train in this process; returns the initial trainable weights."""
+    tr = Trainer(config.load(None, preset, args), out)
+    base = {k: v.detach().clone() for k, v in tr.policy.trainable_state_dict().items()}
+    tr.run()
+    return base
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -67,7 +77,7 @@ def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, pres
         prompts.write_text("a handwritten 3\na handwritten 7\n")
         extra = [f"sample.prompts_file={prompts}"]
     args = tiny + FULL + extra
-    Trainer(config.load(None, preset, args), tmp_path / "one").run()
+    base = one_process(tmp_path / "one", preset, args)
     torchrun(2, ["train", "--preset", preset, "--out", str(tmp_path / "two")] + args)
     if preset == "op_grpo":
         lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -75,3 +85,44 @@ def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, pres
     worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
     print(f"{preset}: max |Δθ| = {worst:.2e}")
     assert worst < 1e-5, worst
+    assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4  # and the weights did move
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from tiny_pipelines import save_tiny, tiny_sd3_pipeline
+
+    return save_tiny(tiny_sd3_pipeline(seed=0), tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+def sd3_args(folder) -> list[str]:
+    from tiny_pipelines import T5_LENGTH
+
+    return [f"model.kind=sd3", f"model.path={folder}", "model.mode=full", f"model.max_sequence_length={T5_LENGTH}",
+            "model.resolution=16", "train.iterations=3", "train.lr=1e-4", "train.weight_decay=0",
+            "sample.steps=4", "sample.prompts_per_iteration=2", "sample.group_size=4", "sample.batch_size=2",
+            "sample.guidance=2.0", "eval.prompts=3", "eval.samples_per_prompt=1", "eval.steps=3", "eval.every=3",
+            "train.checkpoint_every=3", "advantage.substeps=2", "plan.window_size=2",
+            "reward.names=[tiny_pipelines:brightness_reward]", "log.progress=false", "log.tensorboard=false",
+            "log.grids=false", "train.threads=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # the diffusers path (SD3 transformer blocks sharded, reference copy sharded): ~25 s each
+@pytest.mark.parametrize("preset", ["flow_grpo", "mix_grpo_flash", "op_grpo", "stepwise_grpo"])
+def test_fsdp2_tiny_sd3_full_two_ranks_equal_one(tmp_path, tiny_sd3, preset):
+    tests_dir = str(Path(__file__).resolve().parent)
+    args = sd3_args(tiny_sd3)
+    if preset == "op_grpo":
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red cat\na blue dog\n")
+        args.append(f"sample.prompts_file={prompts}")
+    base = one_process(tmp_path / "one", preset, args)
+    torchrun(2, ["train", "--preset", preset, "--out", str(tmp_path / "two")] + args,
+             PYTHONPATH=os.pathsep.join([SRC, tests_dir]))
+    worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    print(f"sd3 {preset}: max |Δθ| = {worst:.2e}")
+    assert worst < 1e-5, worst
+    assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4  # and the weights did move
