@@ -40,10 +40,10 @@ def torchrun(n: int, args: list[str], timeout: float = 300, **extra) -> subproce
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from flowpo.training import checkpoint
 
     ck = sorted((out / "checkpoints").iterdir())[-1]
-    return load_file(str(ck / "trainable.safetensors"))
+    return checkpoint.load(ck)[0]["trainable"]   # a sharded checkpoint consolidated
 
 
 def one_process(out: Path, preset: str, args: list[str]) -> dict[str, torch.Tensor]:
@@ -126,3 +126,48 @@ def test_fsdp2_tiny_sd3_full_two_ranks_equal_one(tmp_path, tiny_sd3, preset):
     print(f"sd3 {preset}: max |Δθ| = {worst:.2e}")
     assert worst < 1e-5, worst
     assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4  # and the weights did move
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # sharded checkpoints: resume on another number of ranks, both ways (~35 s)
+def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, tiny):
+    from flowpo.training import checkpoint
+
+    args = tiny + FULL + ["train.ema=0.9", "train.checkpoint_every=1", "eval.every=0"]
+    one_process(tmp_path / "one", None, args)                         # uninterrupted, 3 iterations
+    run = tmp_path / "chain"
+    one_process(run, None, args + ["train.iterations=1"])  # 1 process: iteration 1 (not sharded)
+    torchrun(2, ["train", "--resume", str(run), "train.iterations=2"])  # 2 ranks read their rows of it
+    ck2 = checkpoint.latest(run)
+    names = sorted(p.name for p in ck2.iterdir())
+    assert "trainable.rank00000-of-00002.safetensors" in names and "trainable.rank00001-of-00002.safetensors" in names
+    assert "trainable.safetensors" not in names                       # no full copy was written
+    from flowpo.cli import main
+
+    assert main(["train", "--resume", str(run), "train.iterations=3"]) == 0  # 1 process from the 2-rank shards
+    ga, gb = checkpoint.load(checkpoint.latest(tmp_path / "one"))[0], checkpoint.load(checkpoint.latest(run))[0]
+    assert set(ga) == set(gb) == {"trainable", "optimizer", "ema"}
+    for g in ga:
+        worst = max_diff(ga[g], gb[g])
+        assert worst < 1e-5, (g, worst)
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # the consolidated export of a sharded run loads in diffusers (~15 s)
+def test_sharded_run_exports_a_transformer_folder_diffusers_loads(tmp_path, tiny_sd3):
+    from diffusers import SD3Transformer2DModel
+
+    from flowpo.training import checkpoint
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    args = sd3_args(tiny_sd3) + ["train.iterations=1", "train.checkpoint_every=1", "eval.every=0"]
+    torchrun(2, ["train", "--out", str(tmp_path / "two")] + args, PYTHONPATH=os.pathsep.join([SRC, tests_dir]))
+    r = subprocess.run([sys.executable, "-m", "flowpo", "export", "--run", str(tmp_path / "two"), "--out",
+                        str(tmp_path / "export")], env=env(PYTHONPATH=os.pathsep.join([SRC, tests_dir])),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = SD3Transformer2DModel.from_pretrained(str(tmp_path / "export" / "transformer"))
+    trained = checkpoint.load(checkpoint.latest(tmp_path / "two"))[0]["trainable"]
+    loaded = model.state_dict()
+    assert set(trained) <= set(loaded)
+    assert max_diff(trained, {k: loaded[k] for k in trained}) == 0.0

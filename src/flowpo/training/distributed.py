@@ -292,8 +292,8 @@ class Dist:
 
     def like(self, full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """`full` sharded as `ref` when ref is a DTensor of the same global shape, else `full`."""
-        if not _is_dtensor(ref) or tuple(full.shape) != tuple(ref.shape):
-            return full
+        if _is_dtensor(full) or not _is_dtensor(ref) or tuple(full.shape) != tuple(ref.shape):
+            return full  # (a DTensor is already a shard: the sharded resume reads its rows itself)
         from torch.distributed.tensor import distribute_tensor
 
         with self._guard("fsdp shard checkpoint"):
