@@ -4,6 +4,7 @@ this also checks that the ranks lock-step their calls (a deadlock would time out
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -171,3 +172,83 @@ def test_sharded_run_exports_a_transformer_folder_diffusers_loads(tmp_path, tiny
     loaded = model.state_dict()
     assert set(trained) <= set(loaded)
     assert max_diff(trained, {k: loaded[k] for k in trained}) == 0.0
+
+
+# ---------------------------------------------------------------------------- faults
+FAULTY_REWARD = '''
+import os, signal, time
+from flowpo.embedded.rewards import stroke_quality
+CALLS = [0]
+def score(images, prompts):
+    """stroke_quality; on rank 1, call FAULT_AT (rollout rewards of iteration 2 here) dies or stalls."""
+    CALLS[0] += 1
+    if os.environ.get("RANK") == "1" and CALLS[0] == int(os.environ.get("FAULT_AT", "0")):
+        if os.environ["FAULT"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)
+    return stroke_quality(images, prompts)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_a_rank_lost_mid_iteration_stops_every_rank_in_time_naming_it_and_resume_continues(tmp_path, tiny, fault,
+                                                                                            monkeypatch):
+    # stepwise_grpo: after its own reward the survivor goes on to the (sharded) Tweedie estimates,
+    # whose first collective is where it finds rank 1 gone
+    (tmp_path / "faulty.py").write_text(FAULTY_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = tiny + FULL + ["reward.names=[faulty:score]", "train.checkpoint_every=1", "eval.every=0",
+                          "advantage.substeps=1"]
+    path = os.pathsep.join([SRC, str(tmp_path)])
+    timeout_s = 10
+    t0 = time.time()
+    # reward calls: preflight 1, evaluation 2, then 2 per iteration (final, Tweedie): the 7th is
+    # iteration 2's rollout reward (checkpoint 2 exists)
+    r = subprocess.run(TORCHRUN + ["--nproc_per_node=2", "-m", "flowpo", "train", "--preset", "stepwise_grpo",
+                                   "--out", str(tmp_path / "run")] + args,
+                       env=env(PYTHONPATH=path, FAULT=fault, FAULT_AT="7", FLOWPO_DIST_TIMEOUT_S=str(timeout_s)),
+                       capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    log = r.stdout + r.stderr
+    print(f"{fault}: all ranks gone after {took:.1f}s;", [x for x in log.splitlines() if "flowpo: error" in x][:2])
+    assert r.returncode != 0
+    assert took < 60 + timeout_s, took          # startup + 2 iterations + the timeout, not forever
+    if fault == "stall":                        # the survivor names the rank that did not arrive
+        assert "rank 0/2" in log and "rank 1 last entered collective" in log and "stalled or dead" in log, log[-3000:]
+    else:                                       # a dead rank: the survivor's error or torchrun names rank 1
+        assert ("rank 1 last entered collective" in log) or ("rank      : 1" in log and "-9" in log), log[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "iter_000002").is_dir()
+    torchrun(2, ["train", "--resume", str(tmp_path / "run")], PYTHONPATH=path)    # continues to iteration 3
+    one_process(tmp_path / "one", "stepwise_grpo", args)
+    worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "run"))
+    assert worst < 1e-5, worst
+
+
+def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    from flowpo.training import checkpoint
+
+    tensors = {"trainable": {"w": torch.arange(6.0).reshape(3, 2)}}
+    checkpoint.save(tmp_path, 1, tensors=tensors, state={"iteration": 1}, keep=2)
+
+    class Killed(BaseException):
+        pass
+
+    calls = []
+
+    def barrier():  # the 2nd barrier: this rank's shards are written; it dies before the manifest
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        checkpoint.save_sharded(tmp_path, 2, tensors={"trainable": {"w": torch.zeros(3, 2)}}, state={"iteration": 2},
+                                keep=2, rank=0, world=2, barrier=barrier)
+    assert (tmp_path / "checkpoints" / "iter_000002.tmp").is_dir()     # the partial save is left aside...
+    path, skipped = checkpoint.latest_intact(tmp_path)
+    assert path.name == "iter_000001" and skipped == []                 # ...and the previous one is what loads
+    assert torch.equal(checkpoint.load(path)[0]["trainable"]["w"], tensors["trainable"]["w"])
+    checkpoint.save_sharded(tmp_path, 2, tensors={"trainable": {"w": torch.ones(3, 2)}}, state={"iteration": 2},
+                            keep=2, rank=0, world=1, barrier=lambda: None)  # the next save replaces the partial one
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert checkpoint.verify(tmp_path / "checkpoints" / "iter_000002") is None
