@@ -69,7 +69,7 @@ def test_the_settings_leave_a_rank_without_rows_in_some_chunk(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # the point of issue 21: sharded full fine-tuning equals one process, per preset (~20 s each)
+@pytest.mark.ci  # the point of issue 21: sharded full fine-tuning equals one process, per preset (~8 s each)
 @pytest.mark.parametrize("preset", ["flow_grpo", "mix_grpo_flash", "op_grpo", "stepwise_grpo"])
 def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, preset):
     extra = []
@@ -111,7 +111,7 @@ def sd3_args(folder) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # the diffusers path (SD3 transformer blocks sharded, reference copy sharded): ~25 s each
+@pytest.mark.ci  # the diffusers path (SD3 transformer blocks sharded, reference copy sharded): ~10 s each
 @pytest.mark.parametrize("preset", ["flow_grpo", "mix_grpo_flash", "op_grpo", "stepwise_grpo"])
 def test_fsdp2_tiny_sd3_full_two_ranks_equal_one(tmp_path, tiny_sd3, preset):
     tests_dir = str(Path(__file__).resolve().parent)
@@ -130,7 +130,7 @@ def test_fsdp2_tiny_sd3_full_two_ranks_equal_one(tmp_path, tiny_sd3, preset):
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # sharded checkpoints: resume on another number of ranks, both ways (~35 s)
+@pytest.mark.ci  # sharded checkpoints: resume on another number of ranks, both ways (~7 s)
 def test_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, tiny):
     from flowpo.training import checkpoint
 
