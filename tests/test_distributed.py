@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from flowpo import config
+from flowpo.training import checkpoint
 from flowpo.training.trainer import Trainer
 
 # rewards with spread (stroke_quality), no weight decay, so the weights really move
@@ -58,9 +59,11 @@ def _compare(a: Path, b: Path, atol: float) -> float:
     cb = sorted((b / "checkpoints").iterdir())[-1]
     assert ca.name == cb.name
     worst = 0.0
-    for f in ca.glob("*.safetensors"):
-        ta, tb = load_file(str(f)), load_file(str(cb / f.name))
-        assert set(ta) == set(tb), f.name
+    ga, gb = checkpoint.load(ca)[0], checkpoint.load(cb)[0]   # sharded (FSDP2) checkpoints consolidated
+    assert set(ga) == set(gb)
+    for g in ga:
+        ta, tb = ga[g], gb[g]
+        assert set(ta) == set(tb), g
         for k in ta:
             worst = max(worst, float((ta[k].float() - tb[k].float()).abs().max()))
     assert worst < atol, worst

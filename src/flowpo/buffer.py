@@ -123,20 +123,31 @@ def regenerate_tails(policy, entries: list[Entry], sigmas: torch.Tensor, *, guid
     the policy runs (entries are stored on the CPU).
     """
     from flowpo.rollout import ode_sample
+    from flowpo.training.distributed import agreed_values
 
     T = sigmas.numel() - 1
+    if not entries:  # a rank with no share under lock-step (FSDP2): it still runs every tail's calls
+        dims = tuple(policy.latent_shape)
+        for c in agreed_values(policy, []):
+            if c < T:
+                ode_sample(policy, policy.encode_prompts([]), sigmas[c:], torch.zeros((0, *dims), device=device),
+                           guidance, batch_size)
+        return None, None, 0
     raw = torch.stack([e.reward_raw for e in entries]).clone()  # [R, K]
     dims = entries[0].x.shape[1:]
     final = torch.stack([e.final if e.final is not None else torch.zeros(dims) for e in entries])  # [R, *D]
     nfe = 0
     starts = [int(e.steps[-1]) + 1 for e in entries]
-    for c in sorted(set(starts)):
+    for c in agreed_values(policy, starts):  # the starts of every rank's tails under lock-step
         if c >= T:
             continue
         idx = [i for i, s in enumerate(starts) if s == c]
-        x = torch.stack([entries[i].x_next[-1] for i in idx]).to(device)  # x_c, [n, *D] on the policy's device
+        x = torch.stack([entries[i].x_next[-1] for i in idx]).to(device) if idx else \
+            torch.zeros((0, *dims), device=device)  # x_c, [n, *D] on the policy's device
         cond = policy.encode_prompts([entries[i].prompt for i in idx])
         x0, n_evals = ode_sample(policy, cond, sigmas[c:], x, guidance, batch_size)
+        if not idx:
+            continue
         nfe += n_evals
         raw[idx] = score(policy.decode(x0), [entries[i].prompt for i in idx],
                          [entries[i].meta for i in idx]).to(raw.dtype)

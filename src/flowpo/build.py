@@ -69,8 +69,14 @@ def build(cfg: Config, dist) -> Parts:
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     policy = build_policy(cfg.model)
     device = resolve_device(cfg.model.device)
-    # LoRA: broadcast rank 0's weights; full: FSDP2-shard (params become DTensors) — distributed.py
-    dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full")
+    # LoRA: broadcast rank 0's weights; full: FSDP2-shard block by block, the frozen reference too
+    # (params become DTensors), and lock-step the model calls of all ranks — distributed.py
+    dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",
+              frozen=[getattr(policy, "reference_module", None)])
+    if dist.lockstep:
+        from flowpo.training.distributed import LockstepPolicy
+
+        policy = LockstepPolicy(policy, dist)
     params = policy.trainable_parameters()
     opt = build_optimizer(params, cfg.train)
     ema = build_ema(params, cfg.train.ema)

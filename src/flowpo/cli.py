@@ -1,8 +1,9 @@
-"""Command line: flowpo train | eval | sample | pretrain | bench | serve-reward | presets | config.
+"""Command line: flowpo train | eval | sample | export | pretrain | bench | serve-reward | presets | config.
 
     flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
     flowpo eval --run DIR [key.path=value ...]
     flowpo sample --run DIR --prompt "a handwritten 7" [--n 8] [--out FILE.png]
+    flowpo export --run DIR --out DIR [--no-ema]   (a run's weights as one model folder)
     flowpo pretrain [--out DIR] [--seed N]
     flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
     flowpo serve-reward --reward NAME [--reward LABEL=TARGET ...] [--host 127.0.0.1] [--port 8765]
@@ -226,6 +227,18 @@ def _cmd_sample(args, rest) -> int:
     return 0
 
 
+def _cmd_export(args, rest) -> int:
+    from flowpo.training.state import export
+
+    cfg, path = _run_cfg(args.run, "--run", rest)
+    try:
+        it = export(cfg, path, args.out, ema=not args.no_ema)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {args.out} (iteration {it})")
+    return 0
+
+
 def _cmd_pretrain(_args, rest) -> int:
     from flowpo.embedded.pretrain import main
 
@@ -274,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--n", type=int, default=8, help="how many samples (default 8)")
             sp.add_argument("--seed", type=int, default=0, help="first noise seed (sample i uses seed + i)")
             sp.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
+    ex = sub.add_parser("export", help="write a run's latest checkpoint (sharded or not) as one model folder: the "
+                                       "transformer in diffusers format (full), the LoRA (lora), adapter files (embedded)")
+    ex.add_argument("--run", required=True, help="a training run directory")
+    ex.add_argument("--out", required=True, help="folder to write (must not exist)")
+    ex.add_argument("--no-ema", action="store_true", help="the trained weights, not the EMA (default: the EMA "
+                                                             "when the run kept one, i.e. what it evaluated)")
     sub.add_parser("pretrain", add_help=False, help="retrain the embedded model and its classifier (flowpo pretrain --help)")
     sub.add_parser("bench", add_help=False, help="presets × seeds × tasks benchmark (flowpo bench --help)")
     sp = sub.add_parser("serve-reward", help="serve reward scorers over HTTP for remote training processes",
@@ -305,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rest if "=" not in r]
         if bad:
             ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key.path=value)")
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "pretrain": _cmd_pretrain,
-                "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config,
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "export": _cmd_export,
+                "pretrain": _cmd_pretrain, "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config,
                 "serve-reward": _cmd_serve_reward}
     if getattr(args, "help_config", False):
         args.verb = "config"

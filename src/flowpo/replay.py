@@ -87,7 +87,8 @@ class OPReplay:
             entries = [e for _, e in rep[mine]]
             raw, final, nfe = (regenerate_tails(self.policy, entries, self.sigmas, guidance=self.cfg.sample.guidance,
                                                 batch_size=self.cfg.sample.batch_size, score=self.rewards.score,
-                                                device=self.device) if entries else (None, None, 0))
+                                                device=self.device)
+                               if entries or getattr(self.dist, "lockstep", False) else (None, None, 0))
             parts = self.dist.all_gather_objects((raw, None if final is None else final.cpu()))
             raw_all = torch.cat([p[0] for p in parts if p[0] is not None])
             fin_all = torch.cat([p[1] for p in parts if p[1] is not None])
@@ -141,14 +142,21 @@ class OPReplay:
         lo, hi = self._share(R)
         mine = [(j, g, e) for j, (g, e) in enumerate(rep)][lo:hi]
         g_rchunks = make_chunks(R, self.cfg.sample.batch_size, None)
-        r_chunks, r_ids = self.dist.local_chunks(g_rchunks, slice(lo, hi))
+        lockstep = getattr(self.dist, "lockstep", False)  # FSDP2 sharded: empty parts stay (distributed.py)
+        r_chunks, r_ids = (self.dist.local_chunks(g_rchunks, slice(lo, hi), keep_empty=True) if lockstep
+                           else self.dist.local_chunks(g_rchunks, slice(lo, hi)))
         chunk_ids = b.chunk_ids + [b.n_chunks + i for i in r_ids]
         n_chunks = b.n_chunks + len(g_rchunks)
-        if not mine:
-            return dataclasses.replace(b, chunk_ids=chunk_ids, n_chunks=n_chunks), {}
         T = b.train.shape[1]
         dev = b.states.device
         n = b.states.shape[0]
+        if not mine:  # (under lock-step the empty chunks stay, and π_old's calls are still made)
+            if lockstep:
+                objective.old_log_probs(torch.zeros((0, T + 1, *b.states.shape[2:]), device=dev),
+                                        torch.zeros((0, T), dtype=torch.bool, device=dev),
+                                        self.policy.encode_prompts([]), r_chunks)
+            return dataclasses.replace(b, chunks=b.chunks + [c + n for c in r_chunks], chunk_ids=chunk_ids,
+                                       n_chunks=n_chunks), {}
         r_states = torch.zeros((len(mine), T + 1, *b.states.shape[2:]), device=dev)
         r_train = torch.zeros((len(mine), T), dtype=torch.bool, device=dev)
         beta = torch.zeros((len(mine), T), device=dev)

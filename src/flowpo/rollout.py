@@ -22,6 +22,7 @@ import torch
 
 from flowpo.policy.base import Cond, Policy, select_cond
 from flowpo.sde import ode_step
+from flowpo.training.distributed import agreed_count, agreed_steps
 
 
 @dataclass
@@ -98,7 +99,8 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
     final = torch.empty((n, *dims), device=dev)
     states[:, 0] = x_init.float()
     nfe = 0
-    sde_any = sde.any(0)  # [T]
+    sde_any = torch.zeros(T, dtype=torch.bool, device=dev)  # [T] (over all ranks under lock-step)
+    sde_any[agreed_steps(policy, sde.any(0))] = True
     last_sde = int(torch.nonzero(sde_any).max()) + 1 if sde_any.any() else 0
     # grid steps run one by one; after `stop` the tail part (a compressed solver segment) may take over
     stop = spec.tail.stop(T, last_sde)
@@ -128,7 +130,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
                                          float(sigmas[stop]), T - stop)
             nfe += evals * len(idx) * policy.evals_per_row(guidance)
         final[idx] = xc
-        if on_chunk is not None:
+        if on_chunk is not None and len(idx):  # (a rank's empty part of a lock-stepped chunk: nothing to score)
             on_chunk(idx, xc)
     return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
                    cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
@@ -155,6 +157,8 @@ def ode_sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, x_init: torch.T
     from flowpo.solvers import solve
 
     n = x_init.shape[0]
-    x, steps = solve("euler", chunked_velocity(policy, cond, make_chunks(n, batch_size, None), guidance), x_init,
-                     sigmas)
+    chunks = make_chunks(n, batch_size, None)
+    # lock-step: as many chunk calls as the rank with the most rows (the others run empty chunks)
+    chunks += [torch.zeros(0, dtype=torch.long)] * (agreed_count(policy, len(chunks)) - len(chunks))
+    x, steps = solve("euler", chunked_velocity(policy, cond, chunks, guidance), x_init, sigmas)
     return x, steps * n * policy.evals_per_row(guidance)

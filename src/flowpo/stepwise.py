@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from flowpo.policy.base import Cond, Policy, select_cond
+from flowpo.training.distributed import agreed_count
 
 
 @torch.no_grad()
@@ -21,10 +22,11 @@ def tweedie_estimate(policy: Policy, x: torch.Tensor, sigma: torch.Tensor, cond:
     m = x.shape[0]
     nfe = 0
     shape = (-1,) + (1,) * (x.dim() - 1)
+    m_run = agreed_count(policy, m)  # lock-step: the most rows of any rank (slices past m are empty)
     for k in range(substeps):
         s_k = sigma * (1 - k / substeps)            # [M]
         s_next = sigma * (1 - (k + 1) / substeps)   # [M]
-        for a in range(0, m, batch_size):
+        for a in range(0, m_run, batch_size):
             sl = slice(a, a + batch_size)
             v = policy.velocity(x[sl], s_k[sl], select_cond(cond, sl), guidance)
             x[sl] = x[sl] + (s_next[sl] - s_k[sl]).view(shape) * v
@@ -56,14 +58,15 @@ def intermediate_rewards(policy: Policy, states: torch.Tensor, train: torch.Tens
     step_rewards = torch.zeros((n, T + 1, *final_reward.shape[1:]))  # rewards live on the CPU
     step_rewards[:, T] = final_reward.cpu()
     nfe = 0
-    if rows.numel():
+    if agreed_count(policy, rows.numel()):  # lock-step: a rank with nothing to estimate still runs the calls
         dev = states.device
         rows_d = rows.to(dev)
         x0, nfe = tweedie_estimate(policy, states[rows_d, ts.to(dev)], sigmas[ts].float().to(dev),
                                    select_cond(cond, rows_d),
                                    substeps=substeps, guidance=guidance, batch_size=batch_size)
-        images = policy.decode(x0)
         sel = [int(i) for i in rows]
-        scores = score_fn(images, [prompts[i] for i in sel], *([[metadata[i] for i in sel]] if metadata else []))
-        step_rewards[rows, ts] = torch.as_tensor(scores).float().cpu()
+        if sel:
+            images = policy.decode(x0)
+            scores = score_fn(images, [prompts[i] for i in sel], *([[metadata[i] for i in sel]] if metadata else []))
+            step_rewards[rows, ts] = torch.as_tensor(scores).float().cpu()
     return step_rewards, train.clone(), nfe

@@ -18,6 +18,7 @@ import torch
 
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
 from flowpo.policy.base import select_cond
+from flowpo.training.distributed import agreed_steps
 
 
 class ClippedSurrogate:
@@ -43,7 +44,7 @@ class ClippedSurrogate:
         """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
         out = torch.zeros(train.shape, device=states.device)
         for idx in chunks:
-            for t in torch.nonzero(train[idx].any(0)).flatten().tolist():
+            for t in agreed_steps(self.ctx.policy, train[idx].any(0)):
                 st = self.rescore(states, idx, t, select_cond(cond, idx))
                 out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
         return out
@@ -60,7 +61,7 @@ class ClippedSurrogate:
         lc, c = self.loss, self.ctx
         cond = select_cond(b.cond, idx)
         out = []
-        for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
             rows = b.train[idx, t]                                               # [n_c]
             if lc.forward_rows == "trained" and not bool(rows.all()):
                 ids = idx[rows.cpu()]

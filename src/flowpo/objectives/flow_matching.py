@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from flowpo.policy.base import select_cond
+from flowpo.training.distributed import agreed_steps
 from flowpo.training.ema import EMA, NoEMA
 
 
@@ -55,7 +56,7 @@ class FinalSampleObjective:
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
         cond = select_cond(b.cond, idx)
         out = []
-        for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
@@ -97,7 +98,7 @@ class FinalSampleObjective:
         """(idx, t, rows, σ, x_σ, u, cond) over every chunk and trained step of the batch."""
         for idx in b.chunks:
             cond = select_cond(b.cond, idx)
-            for t in torch.nonzero(b.train[idx].any(0)).flatten().tolist():
+            for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
                 sig, x, u = self._noised(b, idx, t)
                 yield idx, t, b.train[idx, t], sig, x, u, cond
 

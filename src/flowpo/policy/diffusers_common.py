@@ -236,6 +236,11 @@ class DiffusersPolicy:
     def module(self, wrapped: nn.Module) -> None:  # a DDP/FSDP wrapper of the transformer
         self._trainable.module = wrapped
 
+    @property
+    def reference_module(self) -> nn.Module | None:
+        """The frozen reference copy in full mode (None in LoRA mode: adapters off)."""
+        return self._trainable.reference
+
     def evals_per_row(self, guidance: float) -> int:
         """True CFG: the unconditional and conditional rows at guidance ≠ 1, one row at 1."""
         return 1 if guidance == 1.0 else 2

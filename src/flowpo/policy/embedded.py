@@ -70,6 +70,11 @@ class EmbeddedPolicy:
         self.module: nn.Module = net.eval()
         self._use_ref = False
 
+    @property
+    def reference_module(self) -> nn.Module | None:
+        """The frozen copy that is the reference in full mode (None in LoRA mode: adapters off)."""
+        return self._ref
+
     # ---- prompts, velocity, decoding -------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Cond:
         return {"tokens": P.tokenize(prompts, self.max_len)}  # [N, L]

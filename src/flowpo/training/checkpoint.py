@@ -7,6 +7,12 @@ Layout: DIR/checkpoints/iter_000010/
     buffer.safetensors      replay buffer tensors (if enabled)
     state.json              iteration, nfe, wall time, plan/buffer metadata, RNG, optimizer scalars
     manifest.json           sha256 and size of every file above, written last
+Sharded (FSDP2 full fine-tuning on W ranks, `save_sharded`): each rank writes its rows of every
+sharded tensor as `<group>.rank00003-of-00008.safetensors` (metadata `flowpo_shards`: the rows
+[start, stop) and the global shape of each), tensors that are not sharded go to
+`<group>.safetensors` (rank 0), and rank 0 writes state.json and the manifest of all files after
+every rank has finished. `load` consolidates either layout into full tensors (one process, the
+export); `Reader.rows` reads only a slice, so W' ranks resume from a W-rank checkpoint (any W').
 A save writes everything into `iter_XXXXXX.tmp`, fsyncs, then renames it into place: a kill during
 a save leaves the previous checkpoint intact and the partial one ignored (and removed next time).
 `latest_intact` verifies the manifest (and that every file parses) and falls back to the newest
@@ -75,6 +81,11 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
         os.chmod(f, 0o644)  # like the rest of the run folder (safetensors writes 0600)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return _publish(ckdir, tmp, final, iteration, keep)
+
+
+def _publish(ckdir: Path, tmp: Path, final: Path, iteration: int, keep: int) -> Path:
+    """Rename the finished `tmp` folder into place and rotate (a damaged one there is kept aside)."""
     if final.exists():
         if verify(final) is None:
             shutil.rmtree(final)
@@ -172,7 +183,159 @@ def latest(root: str | Path) -> Path | None:
 
 
 def load(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Every tensor of a checkpoint, full (sharded ones consolidated), and its state.json."""
     path = Path(path)
-    tensors = {f.stem: load_file(str(f)) for f in path.glob("*.safetensors")}
+    r = Reader(path)
+    tensors = {g: {k: r.full(g, k) for k in r.keys(g)} for g in r.groups()}
     state = json.loads((path / "state.json").read_text())
     return tensors, state
+
+
+SHARD_META = "flowpo_shards"
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of dim 0 that FSDP2's Shard(0) gives `rank` of `world` (torch.chunk:
+    ceil(n/W) rows each, the last ranks fewer or none)."""
+    size = -(-n // world) if n else 0
+    return min(n, rank * size), min(n, (rank + 1) * size)
+
+
+def _sharded_name(group: str, rank: int, world: int) -> str:
+    return f"{group}.rank{rank:05d}-of-{world:05d}.safetensors"
+
+
+class Reader:
+    """Tensors of one checkpoint folder, either layout, read lazily (safetensors slices)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._whole: dict[str, Path] = {}
+        self._parts: dict[str, list[tuple[Path, dict]]] = {}   # group -> [(file, {key: [start, stop, *shape]})]
+        for f in sorted(self.path.glob("*.safetensors")):
+            group, _, rest = f.name[: -len(".safetensors")].partition(".rank")
+            if not rest:
+                self._whole[group] = f
+                continue
+            with safe_open(str(f), "pt") as h:
+                meta = json.loads((h.metadata() or {}).get(SHARD_META, "{}"))
+            self._parts.setdefault(group, []).append((f, meta))
+
+    def groups(self) -> list[str]:
+        return sorted(set(self._whole) | set(self._parts))
+
+    def keys(self, group: str) -> list[str]:
+        from safetensors import safe_open
+
+        keys = set()
+        if group in self._whole:
+            with safe_open(str(self._whole[group]), "pt") as h:
+                keys |= set(h.keys())
+        for _, meta in self._parts.get(group, []):
+            keys |= set(meta)
+        return sorted(keys)
+
+    def _sharded_shape(self, group: str, key: str) -> tuple[int, ...] | None:
+        for _, meta in self._parts.get(group, []):
+            if key in meta:
+                return tuple(meta[key][2:])
+        return None
+
+    def shape(self, group: str, key: str) -> tuple[int, ...]:
+        """The global shape of one tensor."""
+        from safetensors import safe_open
+
+        s = self._sharded_shape(group, key)
+        if s is not None:
+            return s
+        with safe_open(str(self._whole[group]), "pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def rows(self, group: str, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 of one tensor, reading only the overlapping shards."""
+        from safetensors import safe_open
+
+        if self._sharded_shape(group, key) is None:
+            with safe_open(str(self._whole[group]), "pt") as h:
+                return h.get_slice(key)[start:stop].contiguous()
+        pieces = []
+        for f, meta in self._parts.get(group, []):
+            if key not in meta:
+                continue
+            a, b = meta[key][0], meta[key][1]
+            lo, hi = max(a, start), min(b, stop)
+            if lo < hi or (start == stop and not pieces):  # (an empty shard: 0 rows, the right dtype)
+                lo, hi = (lo, hi) if lo < hi else (a, a)
+                with safe_open(str(f), "pt") as h:
+                    pieces.append((lo, h.get_slice(key)[lo - a:hi - a].contiguous()))
+        if not pieces:
+            raise KeyError(f"{group}/{key} rows {start}:{stop} are in no file of {self.path}")
+        pieces.sort(key=lambda p: p[0])
+        out = torch.cat([p for _, p in pieces])
+        if out.shape[0] != stop - start:
+            raise KeyError(f"{group}/{key}: the shards of {self.path} cover {out.shape[0]} of rows {start}:{stop}")
+        return out
+
+    def full(self, group: str, key: str) -> torch.Tensor:
+        shape = self._sharded_shape(group, key)
+        if shape is None:
+            from safetensors import safe_open
+
+            with safe_open(str(self._whole[group]), "pt") as h:
+                return h.get_tensor(key)
+        return self.rows(group, key, 0, shape[0]).reshape(shape)
+
+
+def save_sharded(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+                 keep: int, rank: int, world: int, barrier) -> Path:
+    """Every rank: write this rank's rows of the DTensors in `tensors` (rank 0 also the plain
+    tensors, state.json and the manifest), atomically as `save`. `barrier()` is the ranks' barrier."""
+    ckdir = Path(root) / "checkpoints"
+    final = ckdir / _name(iteration)
+    tmp = ckdir / (_name(iteration) + ".tmp")
+    if rank == 0:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    mine = []
+    for group, tdict in tensors.items():
+        local, meta, plain = {}, {}, {}
+        for k, v in tdict.items():
+            if type(v).__name__ == "DTensor":
+                rows = v.to_local().detach()
+                a, b = shard_rows(v.shape[0], rank, world)
+                if rows.shape[0] != b - a:
+                    raise RuntimeError(f"{group}/{k}: local shard has {rows.shape[0]} rows, expected {b - a} "
+                                       "(not FSDP2's Shard(0))")
+                local[k] = rows.cpu().contiguous()
+                meta[k] = [a, b, *v.shape]
+            else:
+                plain[k] = v.detach().cpu().contiguous()
+        if local:
+            f = tmp / _sharded_name(group, rank, world)
+            save_file(local, str(f), metadata={SHARD_META: json.dumps(meta)})
+            mine.append(f)
+        if plain and rank == 0:
+            f = tmp / f"{group}.safetensors"
+            save_file(plain, str(f))
+            mine.append(f)
+    for f in mine:
+        os.chmod(f, 0o644)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    barrier()  # every rank's shards are on disk before the manifest names them
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({**state, "shards": world}, indent=1))
+        manifest = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in ("state.json", MANIFEST):
+            os.chmod(tmp / name, 0o644)
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _publish(ckdir, tmp, final, iteration, keep)
+    barrier()
+    return final

@@ -16,12 +16,15 @@ transitions, so the global gradient is the plain sum of the ranks' gradients:
   step (chunks × trained steps, reference passes), with a rank-dependent number of calls, which
   DDP's per-forward hooks and `no_sync` bookkeeping do not fit. Initial trainable weights are
   broadcast from rank 0, as DDP does at construction.
-- full fine-tuning: FSDP2 (`fully_shard`) on the policy's module. Parameters and optimizer state
-  are sharded (DTensor); the module is kept *unsharded* between optimizer steps
-  (`gather_params`), so forwards and backwards do no communication and ranks may run different
-  numbers of model calls; gradients accumulate locally (`set_requires_gradient_sync(False)`) and
-  are reduce-scattered (sum) by one tiny synchronising backward per optimizer step that every
-  rank runs (`sync_gradients`).
+- full fine-tuning: FSDP2 (`fully_shard`) on every block of the policy's module and on the
+  module itself (and the same on the frozen reference copy), resharded after every forward and
+  backward: parameters, gradients, AdamW and EMA state stay DTensor shards, ~1/W of the model
+  per rank. Every forward all-gathers a block's parameters and every backward reduce-scatters its
+  gradients (sum), so every forward and backward is a collective and ranks must make the same
+  sequence of model calls: `lockstep` is set, the policy is wrapped in `LockstepPolicy` (a call
+  with no rows runs one dummy row and returns none) and the loops agree on their structure with
+  `agreed_steps` / `agreed_count` / `agreed_values` (one small all-reduce or gather each; no-ops
+  off lockstep, so 1 process and LoRA runs are unchanged).
 
 Timeouts. Every collective runs under `FLOWPO_DIST_TIMEOUT_S` (default 600 s). A dead peer or one
 that does not arrive in time raises `DistributedError` naming this rank, the collective, how far
@@ -54,6 +57,7 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.timeout_s = float(os.environ.get("FLOWPO_DIST_TIMEOUT_S", "600"))
         self.fsdp: nn.Module | None = None  # the fully_shard-ed module in full fine-tuning
+        self.lockstep = False                # FSDP2 sharded between calls: every model call is a collective
         self._seq = 0                        # collectives entered by this rank (for diagnostics)
         self._store = None
         if self.world > 1 and not dist.is_initialized():
@@ -125,14 +129,17 @@ class Dist:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
     @staticmethod
-    def local_chunks(global_chunks: list[torch.Tensor], local: slice) -> tuple[list[torch.Tensor], list[int]]:
+    def local_chunks(global_chunks: list[torch.Tensor], local: slice,
+                     keep_empty: bool = False) -> tuple[list[torch.Tensor], list[int]]:
         """This rank's part of each global chunk of rows, as local row indices, and the global
-        index of each non-empty part. Minibatches are defined on global chunks, so a 1-process
-        and an N-process run update on the same rows at each optimizer step."""
+        index of each non-empty part (of every part with keep_empty: the lock-stepped FSDP2 mode,
+        where a rank without rows in a chunk still makes that chunk's model calls). Minibatches are
+        defined on global chunks, so a 1-process and an N-process run update on the same rows at
+        each optimizer step."""
         chunks, ids = [], []
         for g, c in enumerate(global_chunks):
             mine = c[(c >= local.start) & (c < local.stop)] - local.start
-            if mine.numel():
+            if mine.numel() or keep_empty:
                 chunks.append(mine)
                 ids.append(g)
         return chunks, ids
@@ -187,19 +194,38 @@ class Dist:
         flag = torch.tensor([0.0 if ok else 1.0])
         return float(self.all_reduce_sum(flag)) == 0.0
 
+    def any_over_ranks(self, mask: torch.Tensor) -> torch.Tensor:
+        """Elementwise OR of a bool tensor over ranks (same shape on every rank)."""
+        if self.world == 1:
+            return mask
+        flat = mask.detach().to("cpu", torch.float32).reshape(-1).clone()
+        return (self.all_reduce_sum(flat) > 0).reshape(mask.shape).to(mask.device)
+
+    def max_over_ranks(self, n: int) -> int:
+        if self.world == 1:
+            return int(n)
+        t = torch.tensor([float(n)])
+        if dist.is_initialized():
+            with self._guard("all_reduce max"):
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world > 1:
             with self._guard("barrier"):
                 dist.barrier()
 
     # ------------------------------------------------------------------ wrapping and gradients
-    def wrap(self, module: nn.Module, params: list[nn.Parameter], full: bool) -> None:
+    def wrap(self, module: nn.Module, params: list[nn.Parameter], full: bool,
+             frozen: list[nn.Module] | tuple = ()) -> None:
         """Prepare the policy's module for training on `world` ranks (call before building the
         optimizer, and take the trainable parameters *after* it: FSDP2 replaces them by DTensors).
 
         full=False (LoRA): broadcast the trainable tensors from rank 0.
-        full=True: `fully_shard` the module (FSDP2), sum-reduction, no gradient sync per backward,
-        parameters kept gathered between optimizer steps."""
+        full=True: `fully_shard` every block (`shard_units`) and then the module (FSDP2), each
+        resharded after forward, sum reduction of the gradients in every backward; `frozen`
+        modules (the reference copy) are sharded the same way. Sets `lockstep`: from here on
+        every rank must make the same sequence of model calls (`LockstepPolicy`)."""
         if self.world == 1:
             return
         if not full:
@@ -207,42 +233,33 @@ class Dist:
                 for p in params:
                     dist.broadcast(p.data, src=0)
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
-        fully_shard(module, reshard_after_forward=False)
-        module.set_reshard_after_backward(False)
-        module.set_requires_gradient_sync(False)
-        module.set_gradient_divide_factor(1.0)      # sum, not mean (global normaliser)
-        module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        with self._guard("fsdp shard module"):
+            _shard(module)
+            for m in frozen:
+                if m is not None:
+                    _shard(m)
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)       # sum, not mean (global normaliser)
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
         self.fsdp = module
+        self.lockstep = True
 
     def gather_params(self) -> None:
-        """FSDP2: (re)gather the full parameters from the shards, e.g. after an optimizer step or
-        after writing into the sharded parameters (EMA swap, checkpoint load). No-op otherwise."""
-        if self.fsdp is not None:
-            with self._guard("fsdp all_gather params"):
-                self.fsdp.reshard()
-                self.fsdp.unshard()
+        """Kept for callers (EMA swaps, checkpoint loads): nothing to refresh, the module's
+        parameters are the DTensor shards between calls and every forward gathers what it needs."""
 
     def shard_params(self) -> None:
-        """FSDP2: drop the gathered copy; the module's parameters are the DTensor shards again."""
-        if self.fsdp is not None:
-            self.fsdp.reshard()
+        """Kept for callers: the parameters are always the DTensor shards between calls."""
 
     def sync_gradients(self, params: list[nn.Parameter], probe: Callable[[], torch.Tensor]) -> None:
         """Make every rank's gradients the sum over ranks (see module docstring).
 
-        probe(): a forward of the module on one row (any output); FSDP2 reduce-scatters the
-        accumulated gradients in the backward of 0·probe(), which every rank runs once."""
-        if self.world == 1:
-            return
-        if self.fsdp is not None:
-            with self._guard("fsdp reduce_scatter grads"):
-                self.fsdp.set_requires_gradient_sync(True)
-                try:
-                    (probe().float().sum() * 0.0).backward()
-                finally:
-                    self.fsdp.set_requires_gradient_sync(False)
+        probe(): unused now (kept for callers); under FSDP2 every backward already
+        reduce-scattered (summed) its gradients into the shards, so there is nothing left to do."""
+        if self.world == 1 or self.fsdp is not None:
             return
         for p in params:  # a rank without rows in this minibatch still takes part, with zeros
             if p.grad is None:
@@ -275,9 +292,98 @@ class Dist:
 
     def like(self, full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """`full` sharded as `ref` when ref is a DTensor of the same global shape, else `full`."""
-        if not _is_dtensor(ref) or tuple(full.shape) != tuple(ref.shape):
-            return full
+        if _is_dtensor(full) or not _is_dtensor(ref) or tuple(full.shape) != tuple(ref.shape):
+            return full  # (a DTensor is already a shard: the sharded resume reads its rows itself)
         from torch.distributed.tensor import distribute_tensor
 
         with self._guard("fsdp shard checkpoint"):
             return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
+
+
+# ---------------------------------------------------------------------- FSDP2 units and lock-step
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")  # diffusers' block lists
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP2 shards one by one (each all-gathered only while it runs): the elements of
+    the module's block lists (diffusers transformers: `transformer_blocks`, FLUX's
+    `single_transformer_blocks`, Wan's `blocks`), else its direct children that are themselves
+    containers of parameterised layers (the embedded FlowNet's residual blocks). What is left
+    (embedders, final layers) belongs to the root unit."""
+    units = [b for name in BLOCK_LISTS if isinstance(getattr(module, name, None), nn.ModuleList)
+             for b in getattr(module, name)]
+    if units:
+        return units
+    return [c for c in module.children()
+            if any(True for _ in c.children()) and any(True for _ in c.parameters())]
+
+
+def _shard(module: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in shard_units(module):
+        fully_shard(unit, reshard_after_forward=True)
+    # explicit True: FSDP2's default keeps the root gathered after forward
+    fully_shard(module, reshard_after_forward=True)
+
+
+class LockstepPolicy:
+    """A policy under lock-stepped FSDP2 (Dist.lockstep): every `velocity` is a collective, guarded
+    (a dead or stalled peer raises DistributedError naming it), and a call with no rows (a rank
+    whose part of a global chunk is empty) runs one dummy row of zeros and returns the empty
+    result, still attached to the graph, so the backward is a collective too. Everything else is
+    the wrapped policy's."""
+
+    def __init__(self, policy, dist: Dist):
+        self.__dict__["_inner"] = policy
+        self.__dict__["lockstep"] = dist
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_inner"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["_inner"], name, value)
+
+    def encode_prompts(self, prompts: list[str]):
+        if len(prompts):
+            return self._inner.encode_prompts(prompts)
+        return {k: v[:0] for k, v in self._inner.encode_prompts([""]).items()}
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, guidance: float) -> torch.Tensor:
+        d = self.lockstep
+        with d._guard("fsdp forward"):
+            if x.shape[0]:
+                return self._inner.velocity(x, sigma, cond, guidance)
+            x1 = x.new_zeros((1, *x.shape[1:]))
+            s1 = torch.full((1,), 0.5, device=x.device)
+            c1 = {k: v.new_zeros((1, *v.shape[1:])) for k, v in cond.items()}
+            return self._inner.velocity(x1, s1, c1, guidance)[:0]
+
+
+def lockstep_of(policy) -> Dist | None:
+    """The Dist a lock-stepped policy runs under, else None (one process, LoRA)."""
+    d = policy.__dict__.get("lockstep") if hasattr(policy, "__dict__") else None
+    return d if isinstance(d, Dist) else None
+
+
+def agreed_steps(policy, mask: torch.Tensor) -> list[int]:
+    """The steps where `mask` [T] is set on any rank under lock-step (else this rank's): the steps
+    whose model calls every rank makes, with or without rows of its own to train there."""
+    d = lockstep_of(policy)
+    if d is not None:
+        mask = d.any_over_ranks(mask)
+    return torch.nonzero(mask).flatten().tolist()
+
+
+def agreed_count(policy, n: int) -> int:
+    """max over ranks of n under lock-step (a number of chunks or rows to run), else n."""
+    d = lockstep_of(policy)
+    return d.max_over_ranks(n) if d is not None else n
+
+
+def agreed_values(policy, values) -> list:
+    """The sorted union over ranks of `values` under lock-step, else sorted(set(values))."""
+    d = lockstep_of(policy)
+    if d is None:
+        return sorted(set(values))
+    return sorted({v for part in d.all_gather_objects(sorted(set(values))) for v in part})

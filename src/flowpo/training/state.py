@@ -34,14 +34,16 @@ class TrainState:
     def __init__(self, parts, progress: Progress, dist, seed: int, wall):
         self.parts, self.progress, self.dist, self.seed, self.wall = parts, progress, dist, seed, wall
 
-    def state_dict(self) -> tuple[dict, dict]:
+    def state_dict(self, gather: bool = True) -> tuple[dict, dict]:
+        """gather=False (FSDP2's sharded save): DTensors stay shards, each rank writes its own."""
         P, d = self.parts, self.dist
-        # under FSDP2 the module holds its gathered full weights here, so trainable_state_dict is full
+        full = d.full if gather else (lambda t: t)
+        # under FSDP2 the weights, optimizer and EMA state are DTensor shards
         opt_t, opt_s = checkpoint.optimizer_to_flat(P.opt)
-        tensors = {"trainable": P.policy.trainable_state_dict(), "optimizer": d.full(opt_t)}
+        tensors = {"trainable": full(P.policy.trainable_state_dict()), "optimizer": full(opt_t)}
         if P.ema.shadow:
-            tensors["ema"] = d.full({str(i): t for i, t in enumerate(P.ema.shadow)})
-        objective = d.full(P.objective.state_dict())
+            tensors["ema"] = full({str(i): t for i, t in enumerate(P.ema.shadow)})
+        objective = full(P.objective.state_dict())
         if objective:
             tensors["objective"] = objective
         meta = {"iteration": self.progress.iteration, "nfe": self.progress.nfe, "wall_s": self.wall(),
@@ -53,14 +55,14 @@ class TrainState:
         return tensors, meta
 
     def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        """`tensors`: {group: {name: tensor}} full tensors, or, under FSDP2, a checkpoint.Reader
+        from which each rank reads only the rows of its own shards (any layout, any former W)."""
         P, d = self.parts, self.dist
-        d.shard_params()  # FSDP2: write full tensors into the DTensor shards
         like = d.like
         if d.fsdp is not None:
-            tmpl = P.policy.trainable_state_dict()
-            tensors["trainable"] = {k: like(v, tmpl[k]) for k, v in tensors["trainable"].items()}
-            tensors["optimizer"] = {k: like(v, P.params[int(k.split(".")[0])])
-                                    for k, v in tensors.get("optimizer", {}).items()}
+            tensors = self._local_shards(tensors)
+        elif isinstance(tensors, checkpoint.Reader):
+            tensors = {g: {k: tensors.full(g, k) for k in tensors.keys(g)} for g in tensors.groups()}
         P.policy.load_trainable_state_dict(tensors["trainable"])
         checkpoint.optimizer_from_flat(P.opt, tensors.get("optimizer", {}), meta["optimizer"])
         if P.ema.shadow and "ema" in tensors:
@@ -76,13 +78,42 @@ class TrainState:
         self.progress.iteration, self.progress.nfe = meta["iteration"], meta["nfe"]
         self.progress.wall_offset = meta["wall_s"]
 
+    def _local_shards(self, reader: "checkpoint.Reader") -> dict:
+        """FSDP2 resume: {group: {name: DTensor}} of this rank's rows, shaped like the live state
+        (templates: the trainable weights, the parameters for the optimizer state, the EMA and
+        objective copies); tensors without a DTensor template are read whole (counters, buffer)."""
+        from torch.distributed.tensor import DTensor
+
+        P, d = self.parts, self.dist
+        tmpl = {"trainable": P.policy.trainable_state_dict(),
+                "ema": {str(i): t for i, t in enumerate(P.ema.shadow)}, "objective": P.objective.state_dict()}
+        out: dict = {}
+        for group in reader.groups():
+            out[group] = {}
+            for key in reader.keys(group):
+                ref = (P.params[int(key.split(".")[0])] if group == "optimizer" else tmpl.get(group, {}).get(key))
+                if ref is None or type(ref).__name__ != "DTensor" or reader.shape(group, key) != tuple(ref.shape):
+                    out[group][key] = reader.full(group, key)  # not a shard (AdamW's step, the buffer)
+                    continue
+                a, b = checkpoint.shard_rows(ref.shape[0], d.rank, d.world)
+                local = reader.rows(group, key, a, b).to(ref.device, ref.dtype)
+                out[group][key] = DTensor.from_local(local, ref.device_mesh, ref.placements, run_check=False,
+                                                     shape=ref.shape, stride=ref.stride())
+        return out
+
 
 def save(st: TrainState, out: Path, keep: int) -> None:
     """Checkpoint `st` under `out`/checkpoints (every rank takes part; rank 0 writes, atomically)."""
+    d = st.dist
+    if d.fsdp is not None:  # FSDP2: every rank writes its own shards (no full copy anywhere)
+        tensors, meta = st.state_dict(gather=False)
+        checkpoint.save_sharded(out, st.progress.iteration, tensors=tensors, state=meta, keep=keep, rank=d.rank,
+                                world=d.world, barrier=d.barrier)
+        return
     tensors, meta = st.state_dict()
-    if st.dist.is_main:
+    if d.is_main:
         checkpoint.save(out, st.progress.iteration, tensors=tensors, state=meta, keep=keep)
-    st.dist.barrier()
+    d.barrier()
 
 
 def restore(st: TrainState, out: Path) -> None:
@@ -108,16 +139,21 @@ def restore(st: TrainState, out: Path) -> None:
         print(f"flowpo: --resume: continuing from {path.name} (the skipped ones are kept as <name>.damaged)",
               file=sys.stderr)
     st.dist.barrier()
-    st.load_state_dict(*checkpoint.load(path))
+    if st.dist.fsdp is not None:  # each rank reads only its rows (the checkpoint's W may differ)
+        import json
+
+        st.load_state_dict(checkpoint.Reader(path), json.loads((path / "state.json").read_text()))
+    else:
+        st.load_state_dict(*checkpoint.load(path))
     # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
     if st.dist.is_main:
         truncate_metrics(out / "metrics.jsonl", st.progress.iteration)
 
 
-def load_policy(cfg, run: str | Path | None):
+def load_policy(cfg, run: str | Path | None, ema: bool = True):
     """The policy of `cfg` with the newest checkpoint of run folder `run` loaded (its EMA weights
-    when the run kept an EMA: what the run evaluated), without building a trainer. run=None: the
-    base weights. Returns (policy, iteration)."""
+    when the run kept an EMA and `ema`: what the run evaluated), without building a trainer; a
+    sharded (FSDP2) checkpoint is consolidated. run=None: the base weights. Returns (policy, iteration)."""
     from flowpo.parts import build_policy
 
     policy = build_policy(cfg.model)
@@ -129,12 +165,30 @@ def load_policy(cfg, run: str | Path | None):
                                 "folder of a training run that saved one")
     tensors, state = checkpoint.load(path)
     policy.load_trainable_state_dict(tensors["trainable"])
-    if "ema" in tensors:
+    if "ema" in tensors and ema:
         params = policy.trainable_parameters()
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(tensors["ema"][str(i)].to(p.device, p.dtype))
     return policy, int(state["iteration"])
+
+
+def export(cfg, run: str | Path, directory: str | Path, ema: bool = True) -> int:
+    """`flowpo export`: the newest checkpoint of `run` (a sharded one consolidated, in one
+    process) written by the policy's own save path into `directory` (for a diffusers model in full
+    mode, `directory/transformer` is what `<Transformer>.from_pretrained` loads). Written into
+    `directory.tmp` and renamed, so a killed export leaves nothing half-written. Returns the iteration."""
+    import shutil
+
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"--out {directory} exists; give a new folder")
+    policy, iteration = load_policy(cfg, run, ema=ema)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(str(tmp))
+    tmp.rename(directory)
+    return iteration
 
 
 def has_any_checkpoint(out: str | Path) -> bool:

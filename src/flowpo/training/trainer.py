@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 
 import torch
@@ -160,7 +161,7 @@ class Trainer:
         cond = self.policy.encode_prompts(prompts)
         # chunks are drawn over the N global rows; each rank runs its part of each (distributed.py)
         g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
-        chunks, chunk_ids = dist.local_chunks(g_chunks, local)
+        chunks, chunk_ids = dist.local_chunks(g_chunks, local, keep_empty=dist.lockstep)
         self.policy.module.eval()
         streamed = ChunkScoring(self.rewards, self.policy.decode, prompts, meta_all[local], len(rows)) \
             if cfg.reward.overlap else None
@@ -282,7 +283,8 @@ class Trainer:
                     continue
                 self.opt.zero_grad(set_to_none=True)
                 for idx in mb:
-                    stats += obj.chunk_loss(b, idx, count)
+                    with self.dist._guard("fsdp chunk loss") if self.dist.lockstep else _nullcontext():
+                        stats += obj.chunk_loss(b, idx, count)
                 self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
                 grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
                 check_grad_norm(grad_norms[-1], self.iteration, cfg.model)
