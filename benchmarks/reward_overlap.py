@@ -9,7 +9,7 @@ rewards are in (rollout + the wait for the rewards after it) and what the slow r
 over `none`, as a share of the rollout; and the same for the whole iteration (whose update phase,
 2–3× the rollout here, no mode changes).
 
-    python benchmarks/reward_overlap.py --out benchmarks/reward_overlap.csv [--via remote] [--rounds 2]
+    python benchmarks/reward_overlap.py --out benchmarks/reward_overlap.csv [--via remote] [--rounds 3] [--threads 1] [--steps 40]
 
 --via remote serves the sleeping scorer with `flowpo serve-reward` in another process and
 trains against it with the `remote` scorer (the real HTTP path).
@@ -80,11 +80,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=2, help="sample.batch_size (rows per rollout chunk)")
+    ap.add_argument("--steps", type=int, default=10, help="sample.steps (longer chunks: less per-call overhead)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the trainer (the rest of the cores: "
+                                                          "the service)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    base = ["sample.steps=10", "sample.prompts_per_iteration=4", "sample.group_size=4",
+    torch.set_num_threads(args.threads)
+    base = [f"sample.steps={args.steps}", "sample.prompts_per_iteration=4", "sample.group_size=4",
             f"sample.batch_size={args.chunk}", "eval.every=0", "log.progress=false", "log.tensorboard=false",
-            "log.grids=false", "train.checkpoint_every=0"]
+            "log.grids=false", "train.checkpoint_every=0", f"train.threads={args.threads}"]
     rows = 16
     calib = _train([*base, "reward.names=[reward_overlap:sleepy]"], 3)
     per_image = statistics.median(r["time/rollout_s"] for r in calib[1:]) / rows
@@ -124,7 +127,7 @@ def main() -> None:
     out = []
     for m in modes:
         it, phase = med[m]["time/iteration_s"], med[m]["phase"]
-        out.append({"mode": m, "via": args.via, "rows": rows, "chunk_rows": args.chunk,
+        out.append({"mode": m, "via": args.via, "steps": args.steps, "trainer_threads": args.threads, "rows": rows, "chunk_rows": args.chunk,
                     "scorer_s_per_image": per_image if m != "none" else 0.0, "scorer_s_per_iteration":
                     per_image * rows if m != "none" else 0.0,
                     "reward_busy_s": busy[m] if m != "none" else 0.0,

@@ -252,3 +252,55 @@ def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint_usable(tmp_
                             keep=2, rank=0, world=1, barrier=lambda: None)  # the next save replaces the partial one
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
     assert checkpoint.verify(tmp_path / "checkpoints" / "iter_000002") is None
+
+
+KILL_IN_SAVE = '''
+import os, signal, sys
+from flowpo.training import checkpoint
+
+_save = checkpoint.save_sharded
+
+
+def save_sharded(root, iteration, **kw):
+    """Rank 1 is SIGKILLed inside the save of iteration 2, once its shards are on disk and before
+    rank 0 writes the manifest (the 2nd barrier of save_sharded)."""
+    if iteration == 2 and kw["rank"] == 1:
+        seen, barrier = [], kw["barrier"]
+
+        def dying_barrier():
+            seen.append(1)
+            if len(seen) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            barrier()
+
+        kw["barrier"] = dying_barrier
+    return _save(root, iteration, **kw)
+
+
+checkpoint.save_sharded = save_sharded
+from flowpo.cli import main
+
+sys.exit(main())
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.ci  # a real SIGKILL mid-save under torchrun: ~15 s
+def test_a_rank_sigkilled_during_a_sharded_save_leaves_the_previous_checkpoint_and_resume_continues(tmp_path, tiny):
+    """The real thing (the in-process simulation above runs in CI): torchrun, 2 ranks, rank 1
+    SIGKILLed mid-save; the survivor stops within the stall timeout, checkpoint 1 is intact,
+    `--resume` on 2 ranks ends with the uninterrupted 1-process weights."""
+    (tmp_path / "kill_in_save.py").write_text(KILL_IN_SAVE)
+    args = tiny + FULL + ["train.checkpoint_every=1", "eval.every=0"]
+    t0 = time.time()
+    r = subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(tmp_path / "kill_in_save.py"), "train", "--out",
+                                   str(tmp_path / "run")] + args,
+                       env=env(FLOWPO_DIST_TIMEOUT_S="10"), capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    assert r.returncode != 0 and took < 90, (took, (r.stdout + r.stderr)[-2000:])
+    ck = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in ck.iterdir())
+    assert "iter_000001" in names and "iter_000002" not in names, names   # the partial save never became one
+    torchrun(2, ["train", "--resume", str(tmp_path / "run")])
+    one_process(tmp_path / "one", None, args)
+    assert max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "run")) < 1e-5
