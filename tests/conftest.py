@@ -19,3 +19,19 @@ TINY = [
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+def cli(capsys, *args):
+    """`flowpo.cli.main(args)` in this process → (exit code, stdout, stderr)."""
+    from flowpo.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err: str) -> str:
+    """The one `flowpo: error:` line of a failed command (asserts there is exactly one, no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowpo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

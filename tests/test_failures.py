@@ -5,20 +5,10 @@ import shutil
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, cli, one_line
 from flowpo.cli import main
 
 
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowpo: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture

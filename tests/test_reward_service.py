@@ -20,9 +20,8 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, cli, one_line
 from flowpo import config
-from flowpo.cli import main
 from flowpo.errors import ConfigError
 from flowpo.rewards import RewardError, RewardSet, get_scorer
 from flowpo.rewards.service import SAFETENSORS, RewardServiceError, encode_request, to_uint8
@@ -121,7 +120,7 @@ def test_remote_with_batch_size_sends_several_requests_and_keeps_the_order(serve
     (b"\x80\x04\x95 pickle bytes", "application/octet-stream", 415, "content type"),
     (b"x" * (2 * 2**20), SAFETENSORS, 413, "MiB"),
 ])
-def test_bad_requests_get_a_4xx_with_one_line(server, body, ctype, code, words):
+def test_bad_requests_get_a_4xx_withone_line(server, body, ctype, code, words):
     r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
     assert r.status_code == code and words in r.json()["error"] and "\n" not in r.json()["error"]
 
@@ -235,18 +234,6 @@ def test_a_service_of_another_protocol_is_refused_at_start():
 
 
 # ---------------------------------------------------------------------- training against a service
-def _cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("flowpo: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def _weights(out: Path) -> dict:
     last = sorted((out / "checkpoints").iterdir())[-1]
     return {f"{f.name}/{k}": v for f in sorted(last.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
@@ -259,10 +246,10 @@ def _remote(url, reward, *extra):
 
 def test_service_down_at_start_is_one_line_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = _cli(capsys, "train", "--out", out, *TINY,
+    code, _, err = cli(capsys, "train", "--out", out, *TINY,
                         *_remote(f"http://127.0.0.1:{free_port()}", "r", "reward.options.remote.retries=1",
                                  "reward.options.remote.backoff_s=0.01"))
-    line = _one_line(err)
+    line = one_line(err)
     assert code == 1 and "connection refused" in line and "127.0.0.1" in line and "start the service" in line
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
@@ -295,19 +282,19 @@ def test_service_killed_mid_run_then_resume_continues_to_the_same_weights(tmp_pa
     srv = Server("d=service_scorers:dies", port=port, env={"FLOWPO_TEST_DIE_AT": "5"})
     out = tmp_path / "run"
     try:
-        code, _, err = _cli(capsys, "train", "--out", out, *base)
+        code, _, err = cli(capsys, "train", "--out", out, *base)
     finally:
         srv.kill()
-    line = _one_line(err)
+    line = one_line(err)
     assert code == 1 and "after 3 attempts" in line and f"127.0.0.1:{port}" in line and "--resume" in line
     steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r]
     assert steps == [0, 1] and sorted(p.name for p in (out / "checkpoints").iterdir())[-1].endswith("2")
     srv = Server("d=service_scorers:dies", port=port)  # back (without the fault)
     try:
-        code, _, err = _cli(capsys, "train", "--resume", out)
+        code, _, err = cli(capsys, "train", "--resume", out)
         assert code == 0, err
         ref = tmp_path / "ref"
-        code, _, err = _cli(capsys, "train", "--out", ref, *base)
+        code, _, err = cli(capsys, "train", "--out", ref, *base)
         assert code == 0, err
     finally:
         srv.kill()
@@ -363,11 +350,11 @@ def test_vlm_judge_unreadable_replies_error_or_a_counted_value(tmp_path):
 
 
 # ---------------------------------------------------------------------- the command line and torchrun
-def test_serve_reward_bad_arguments_are_one_line(capsys):
-    code, _, err = _cli(capsys, "serve-reward", "--reward", "stroke_quality", "--option", "nope.device=cpu")
-    assert code == 2 and "'nope' is not served" in _one_line(err)
-    code, _, err = _cli(capsys, "serve-reward", "--reward", "stroke_qualty")
-    assert code == 2 and "did you mean 'stroke_quality'" in _one_line(err)
+def test_serve_reward_bad_arguments_areone_line(capsys):
+    code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_quality", "--option", "nope.device=cpu")
+    assert code == 2 and "'nope' is not served" in one_line(err)
+    code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_qualty")
+    assert code == 2 and "did you mean 'stroke_quality'" in one_line(err)
 
 
 @pytest.mark.slow
