@@ -355,6 +355,11 @@ def test_serve_reward_bad_arguments_areone_line(capsys):
     assert code == 2 and "'nope' is not served" in one_line(err)
     code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_qualty")
     assert code == 2 and "did you mean 'stroke_quality'" in one_line(err)
+    with socket.socket() as taken:  # a port another process holds: said before any model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_quality", "--port", taken.getsockname()[1])
+    assert code == 2 and "cannot listen on 127.0.0.1" in one_line(err)
 
 
 @pytest.mark.slow

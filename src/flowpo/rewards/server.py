@@ -137,6 +137,28 @@ def build_app(scorers: dict, max_bytes: int):
                              Route("/v1/score/{name:path}", score, methods=["POST"])])
 
 
+def _check_listen(host: str, port: int) -> None:
+    """One line now, instead of uvicorn's log after the models have loaded, when host:port cannot be bound."""
+    import socket
+
+    from flowpo.errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port; give 1..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} does not resolve ({e.strerror}); give an address such as 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or stop the "
+                              "process that holds it") from None
+
+
 def serve(specs: list[str], options: list[str], host: str, port: int, max_request_mb: float,
           log_level: str = "warning") -> int:
     """Build every scorer, then serve until interrupted."""
@@ -160,6 +182,7 @@ def serve(specs: list[str], options: list[str], host: str, port: int, max_reques
         raise ConfigError(str(e)) from None
     if max_request_mb <= 0:
         raise ConfigError(f"--max-request-mb={max_request_mb:g} must be > 0")
+    _check_listen(host, port)  # before the scorers load (minutes for a big model)
     scorers = {label: get_scorer(target, **opts.get(label, {})) for label, target in labels.items()}
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"flowpo serve-reward: warning: binding {host}, not loopback; this server has no authentication or "
