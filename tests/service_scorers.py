@@ -49,8 +49,10 @@ def dies(images, prompts, metadata):
 
 
 def fails_on_rank_1(images, prompts, metadata):
-    """A local scorer that fails on torchrun rank 1 only, on its 4 training rows (the preflight and
-    evaluation calls score 2 images per rank and pass), so the failure happens inside an iteration."""
-    if os.environ.get("RANK") == "1" and images.shape[0] == 4:
+    """A local scorer that fails on torchrun rank 1 only, from its 3rd call on: the preflight and
+    the first evaluation pass, so the failure happens inside an iteration (with reward.overlap:
+    while the rank samples its next chunk)."""
+    _CALLS["rank1"] = _CALLS.get("rank1", 0) + 1
+    if os.environ.get("RANK") == "1" and _CALLS["rank1"] >= 3:
         raise RuntimeError("rank 1's scorer is broken")
     return rowwise(images, prompts, metadata)["scores"]

@@ -125,6 +125,34 @@ def test_bad_requests_get_a_4xx_withone_line(server, body, ctype, code, words):
     assert r.status_code == code and words in r.json()["error"] and "\n" not in r.json()["error"]
 
 
+def _b64(img, fmt):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", img).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _safetensors_with_header(header: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(header)) + header
+
+
+@pytest.mark.parametrize("body, ctype, words", [
+    (_safetensors_with_header(b"[1, 2]"), SAFETENSORS, "must be an object"),
+    (_safetensors_with_header(b'{"__metadata__": null}'), SAFETENSORS, "must be an object"),
+    (json.dumps({"prompts": ["a", "b"], "metadata": [{}, {}],
+                 "images_png": [_b64((8, 8), "PNG"), _b64((4, 4), "PNG")]}).encode(), "application/json", "differ"),
+    (json.dumps({"prompts": ["a"], "metadata": [{}], "images_png": [_b64((8, 8), "JPEG")]}).encode(),
+     "application/json", "not PNG"),
+])
+def test_malformed_headers_and_pngs_are_400_not_500(server, body, ctype, words):
+    r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
+    assert r.status_code == 400 and words in r.json()["error"], (r.status_code, r.text)
+    assert server.proc.poll() is None  # and the server lives on
+
+
 def test_count_mismatch_and_unknown_reward(server):
     body = encode_request(_images(3), ["a", "b"], [{}, {}])
     r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": SAFETENSORS}, timeout=10)
@@ -208,6 +236,10 @@ OK2 = (200, {"scores": [0.5, 0.25]}, 0)
     ([(200, b"<html>proxy error</html>", 0)], 1, "malformed reply"),                          # not JSON
     ([(200, {"rewards": [1, 2]}, 0)], 1, "no 'scores'"),                                      # wrong JSON
     ([(200, {"scores": [0.5]}, 0)], 1, "list of 2 numbers"),                                  # wrong count
+    ([(429, {"error": "slow down"}, 0), (408, b"", 0), OK2], 3, None),                         # 429/408: retried
+    ([(502, b"\n", 0)], 3, "HTTP 502: Bad Gateway"),                                           # blank body
+    ([(200, {"scores": [1, 2], "detail": {"scores": [9, 9]}}, 0)], 1, "without a field named"),  # no override
+    ([(200, {"scores": [True, False]}, 0)], 1, "list of 2 numbers"),                           # not numbers
 ])
 def test_client_retry_policy(script, posts, words):
     srv = Scripted(script)
@@ -224,10 +256,20 @@ def test_client_retry_policy(script, posts, words):
         srv.close()
 
 
+def test_a_413_through_the_client_names_batch_size_and_is_bad_input():
+    srv = Scripted([(413, {"error": "request body over the limit of 1 MiB"}, 0)])
+    try:
+        with pytest.raises(ConfigError, match="batch_size") as e:
+            get_scorer("remote", url=srv.url, retries=3)(_images(2), ["a", "b"], [{}, {}])
+        assert srv.posts == 1 and "over the limit" in str(e.value)
+    finally:
+        srv.close()
+
+
 def test_a_service_of_another_protocol_is_refused_at_start():
     srv = Scripted([OK2], health={"status": "ok", "protocol": 99, "rewards": ["r"]})
     try:
-        with pytest.raises(RewardServiceError, match="protocol 1"):
+        with pytest.raises(ConfigError, match="protocol 1"):  # a wrong URL: bad input, exit code 2
             get_scorer("remote", url=srv.url)
     finally:
         srv.close()
@@ -271,6 +313,60 @@ def test_overlapped_scoring_is_deterministic_equals_serial_and_logs_detail_field
     train = [r for r in recs if "reward_mean" in r]
     assert all("reward/remote/target" in r and "time/reward_busy_s" in r for r in train)
     assert all(r["reward/remote/target"] == -1.0 for r in train)  # the embedded prompts carry no target
+
+
+class _Recorder:
+    """A RewardSet stand-in: score = 10·row id (read from the image), detail = the row id."""
+    names = ["r"]
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def score_detail(self, images, prompts, metadata):
+        self.calls.append([m["row"] for m in metadata])
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise RewardError("reward 'r': the detector ran out of memory")
+        ids = images.reshape(images.shape[0], -1)[:, 0]
+        return (10 * ids)[:, None], {"r/row": torch.tensor([float(m["row"]) for m in metadata])}
+
+
+def test_chunk_scoring_puts_each_chunk_back_at_its_rows_in_submission_order():
+    from flowpo.rewards.overlap import ChunkScoring
+
+    n, rec = 7, _Recorder()
+    cs = ChunkScoring(rec, lambda x: x, [f"p{i}" for i in range(n)], [{"row": i} for i in range(n)], n)
+    for rows in (torch.tensor([5, 0]), torch.tensor([3, 6, 1]), torch.tensor([2, 4])):
+        cs.submit(rows, rows.float().reshape(-1, 1, 1, 1).expand(-1, 1, 2, 2))
+    raw, detail, _ = cs.result()
+    assert raw[:, 0].tolist() == [10.0 * i for i in range(n)] and detail["r/row"].tolist() == list(range(n))
+    assert rec.calls == [[5, 0], [3, 6, 1], [2, 4]]  # one call per chunk, in order, the chunk's rows in order
+
+
+@pytest.mark.parametrize("fail_fast", [True, False])
+def test_chunk_scoring_failure_is_raised_early_or_at_the_end(fail_fast):
+    from flowpo.rewards.overlap import ChunkScoring
+
+    rec = _Recorder(fail_at=1)
+    cs = ChunkScoring(rec, lambda x: x, ["p"] * 6, [{"row": i} for i in range(6)], 6, fail_fast=fail_fast)
+    cs.submit(torch.tensor([0, 1]), torch.zeros(2, 1, 2, 2))
+    time.sleep(0.2)  # the first chunk's scoring has failed by now
+    if fail_fast:
+        with pytest.raises(RewardError, match="out of memory"):
+            cs.submit(torch.tensor([2, 3]), torch.zeros(2, 1, 2, 2))
+    else:  # lock-stepped ranks: every chunk is sampled (the rollout's collectives), the error comes at result()
+        cs.submit(torch.tensor([2, 3]), torch.zeros(2, 1, 2, 2))
+        with pytest.raises(RewardError, match="out of memory"):
+            cs.result()
+    assert rec.calls[0] == [0, 1]
+
+
+def test_an_overlapped_chunk_that_fails_stops_the_run_in_one_line_with_nothing_written(tmp_path, capsys, server):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--out", out, *TINY, "eval.every=0", "reward.overlap=true",
+                       *_remote(server.url, "raises", "reward.options.remote.retries=0"))
+    # the preflight already scores: a scorer that always raises stops the run before anything is written
+    assert code == 1 and "the detector ran out of memory" in one_line(err)
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_service_killed_mid_run_then_resume_continues_to_the_same_weights(tmp_path, capsys):
@@ -323,6 +419,9 @@ def test_vlm_judge_sends_png_template_and_key_and_reads_the_score(monkeypatch):
         assert req["model"] == "qwen-vl" and srv.headers[-1]["Authorization"] == "Bearer sk-test"
         parts = req["messages"][-1]["content"]
         assert parts[1]["text"] == "Rate a 4 (digit 4)"
+        seeds = [json.loads(b)["seed"] for b in srv.bodies[-2:]]
+        fn(x[1:], ["a 4"], [{"target": 4}])                          # the same image alone: the same seed
+        assert json.loads(srv.bodies[-1])["seed"] == seeds[1] != seeds[0]
         from PIL import Image
         import numpy as np
 
@@ -341,6 +440,9 @@ def test_vlm_judge_unreadable_replies_error_or_a_counted_value(tmp_path):
                                                             "unreadable_value": -1.0}})
         raw, detail = rs.score_detail(_images(3), ["a"] * 3, [{}] * 3)
         assert raw[:, 0].tolist() == [-1.0] * 3 and detail["vlm_judge/unreadable"].tolist() == [1.0] * 3
+        rs = RewardSet(["vlm_judge"], [1.0], {"vlm_judge": {"url": srv.url, "model": "m", "pattern": r"(\d+)|cannot",
+                                                            "on_unreadable": "value"}})
+        assert rs.score_detail(_images(1), ["a"], [{}])[1]["vlm_judge/unreadable"].tolist() == [1.0]  # group 1 unset
         with pytest.raises(ConfigError, match="needs field 'target'"):
             get_scorer("vlm_judge", url=srv.url, model="m", template="{prompt} {target}")(_images(1), ["a"], [{}])
         with pytest.raises(ConfigError, match="no \\{prompt\\} field"):
@@ -363,14 +465,16 @@ def test_serve_reward_bad_arguments_areone_line(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.ci  # the ranks agree on a reward failure instead of waiting out the stall timeout: ~15 s
-def test_a_reward_failing_on_one_rank_stops_every_rank_promptly(tmp_path):
+@pytest.mark.ci  # the ranks agree on a reward failure instead of waiting out the stall timeout: ~6 s each
+@pytest.mark.parametrize("mode", [[], ["model.mode=full", "reward.overlap=true", "sample.batch_size=2"]],
+                         ids=["lora", "sharded_full_overlapped"])
+def test_a_reward_failing_on_one_rank_stops_every_rank_promptly(tmp_path, mode):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", FLOWPO_DIST_TIMEOUT_S="300",
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flowpo",
            "train", "--out", str(tmp_path / "run"), *TINY, "eval.every=0", "log.grids=false",
-           "reward.names=[service_scorers:fails_on_rank_1]"]
+           "reward.names=[service_scorers:fails_on_rank_1]", *mode]
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     took = time.time() - t0

@@ -26,8 +26,11 @@ class ChunkScoring:
     result(), with the scorer's own one-line message."""
 
     def __init__(self, rewards, decode: Callable[[torch.Tensor], torch.Tensor], prompts: list[str],
-                 metadata: list[dict], n: int):
+                 metadata: list[dict], n: int, *, fail_fast: bool = True):
+        """fail_fast: raise a failed chunk's error at the next submit (False under lock-stepped
+        ranks, whose rollouts are collectives every rank must finish; it is raised by result())."""
         self.rewards, self.decode, self.prompts, self.metadata, self.n = rewards, decode, prompts, metadata, n
+        self.fail_fast = fail_fast
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowpo-reward")
         self.jobs: list[tuple[torch.Tensor, Future]] = []
         self.busy = 0.0
@@ -40,7 +43,7 @@ class ChunkScoring:
             self.busy += time.perf_counter() - t0
 
     def submit(self, rows: torch.Tensor, final: torch.Tensor) -> None:
-        for _, f in self.jobs:  # fail fast: do not sample on while a chunk's scoring has failed
+        for _, f in self.jobs if self.fail_fast else ():  # do not sample on while a chunk's scoring has failed
             if f.done() and f.exception() is not None:
                 self.close()
                 raise f.exception()

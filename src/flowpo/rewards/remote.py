@@ -17,8 +17,7 @@ from urllib.parse import quote
 import torch
 
 from flowpo.rewards.loading import RewardOptionError
-from flowpo.rewards.service import (PROTOCOL, SAFETENSORS, START_HINT, WIRE_DTYPES, Client, RewardServiceError,
-                                    decode_reply, encode_request)
+from flowpo.rewards.service import PROTOCOL, SAFETENSORS, START_HINT, WIRE_DTYPES, Client, decode_reply, encode_request
 
 
 class Remote:
@@ -41,8 +40,8 @@ class Remote:
         self.dtype = dtype
         health = self.client.call("GET", "/v1/health", hint=START_HINT)
         served = health.get("rewards") if isinstance(health, dict) else None
-        if not isinstance(served, list) or health.get("protocol") != PROTOCOL:
-            raise RewardServiceError(f"{url} answered /v1/health with {str(health)[:120]!r}: not a flowpo reward "
+        if not isinstance(served, list) or health.get("protocol") != PROTOCOL:  # a wrong URL: bad input
+            raise RewardOptionError(f"{url} answered /v1/health with {str(health)[:120]!r}: not a flowpo reward "
                                      f"service of protocol {PROTOCOL}; check the URL (and update flowpo on both sides)")
         if not reward:
             if len(served) != 1:

@@ -120,11 +120,14 @@ def build_app(scorers: dict, max_bytes: int):
         except _TooLarge:
             return fail(413, f"request body over the limit of {max_bytes / 2**20:g} MiB; send fewer images per "
                              "request (the client's batch_size option) or raise --max-request-mb")
-        try:
-            images, prompts, metadata = decode_request(body, request.headers.get("content-type", ""))
+        try:  # decoding a large body in the thread pool keeps /v1/health answering meanwhile
+            images, prompts, metadata = await run_in_threadpool(decode_request, body,
+                                                                request.headers.get("content-type", ""))
         except ProtocolError as e:
             code = 415 if "content type" in str(e) else 400
             return fail(code, str(e))
+        if await request.is_disconnected():  # the client gave up (timed out) meanwhile: do not score for nobody
+            return fail(499, "the client disconnected before scoring started")
         try:
             reply = await run_in_threadpool(run, name, images, prompts, metadata)
         except Exception as e:  # noqa: BLE001 - the scorer's failure, as one line, a 500

@@ -12,7 +12,8 @@ Protocol 1 (`flowpo serve-reward`, flowpo.rewards.server):
             (for clients in other languages; PNG is 8-bit, lossless)
       → 200 {"scores": [N float | null], "detail": {field: [N float | null]}, "seconds": s}
       → 4xx/5xx {"error": "one line"}: 400 a malformed request, 404 an unknown reward,
-        413 a body over the size limit, 415 another content type, 500 the scorer raised.
+        413 a body over the size limit, 415 another content type, 499 the client left before
+        scoring started, 500 the scorer raised.
 
 No pickle anywhere: safetensors and JSON only, so neither side can make the other run code. A
 non-finite score travels as null and the trainer refuses it by name (RewardSet). Images are never
@@ -76,9 +77,12 @@ def _safetensors_header(body: bytes) -> dict:
     if n > len(body) - 8:
         raise ProtocolError(f"the safetensors header claims {n} bytes but the body has {len(body) - 8}")
     try:
-        return json.loads(body[8:8 + n])
+        header = json.loads(body[8:8 + n])
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ProtocolError("the safetensors header must be an object whose __metadata__ is an object")
+    return header
 
 
 def _check_lists(n: int, prompts: Any, metadata: Any) -> tuple[list[str], list[dict]]:
@@ -108,6 +112,8 @@ def decode_request(body: bytes, content_type: str) -> tuple[torch.Tensor, list[s
             tensors = load(body)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's: a 400
             raise ProtocolError(f"unreadable safetensors body ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(head, dict):
+            raise ProtocolError("the 'flowpo' metadata entry must be a JSON object (protocol, prompts, metadata)")
         if head.get("protocol") != PROTOCOL:
             raise ProtocolError(f"protocol {head.get('protocol')!r} requested; this server speaks {PROTOCOL}")
         if set(tensors) != {"images"}:
@@ -124,7 +130,11 @@ def decode_request(body: bytes, content_type: str) -> tuple[torch.Tensor, list[s
             raise ProtocolError(f"the body is not JSON ({e})") from None
         if not isinstance(req, dict) or not isinstance(req.get("images_png"), list):
             raise ProtocolError("a JSON request needs 'images_png': [base64 PNG, ...], 'prompts' and 'metadata'")
-        images = torch.stack([decode_png(s) for s in req["images_png"]]) if req["images_png"] else torch.zeros(0, 3, 1, 1)
+        pngs = [decode_png(s) for s in req["images_png"]]
+        if len({tuple(p.shape) for p in pngs}) > 1:
+            raise ProtocolError(f"the PNGs differ in size or mode ({sorted({tuple(p.shape) for p in pngs})}); send "
+                                "images of one shape per request")
+        images = torch.stack(pngs) if pngs else torch.zeros(0, 3, 1, 1)
         prompts, metadata = _check_lists(images.shape[0], req.get("prompts"), req.get("metadata"))
         return images, prompts, metadata
     raise ProtocolError(f"content type {content_type!r} is not served; send {SAFETENSORS} or application/json")
@@ -156,6 +166,8 @@ def decode_png(data: Any) -> torch.Tensor:
         raise ProtocolError("'images_png' entries must be base64 strings")
     try:
         img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        if img.format != "PNG":
+            raise ProtocolError(f"an 'images_png' entry is {img.format}, not PNG (lossless images only)")
         img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
         a = np.asarray(img)
     except (ValueError, UnidentifiedImageError, OSError) as e:
@@ -168,7 +180,8 @@ def decode_png(data: Any) -> torch.Tensor:
 def decode_reply(data: Any, n: int, url: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A reply body (parsed JSON) → (scores [n], {field: [n]}); null → NaN (refused downstream)."""
     def column(v, what):
-        if not isinstance(v, list) or len(v) != n or not all(x is None or isinstance(x, (int, float)) for x in v):
+        if not isinstance(v, list) or len(v) != n or not all(
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v):
             raise RewardServiceError(f"{url}: malformed reply: {what} must be a list of {n} numbers "
                                      f"(got {str(v)[:120]}); is this a flowpo reward service of protocol {PROTOCOL}?")
         return torch.tensor([float("nan") if x is None else float(x) for x in v], dtype=torch.float32)
@@ -177,8 +190,9 @@ def decode_reply(data: Any, n: int, url: str) -> tuple[torch.Tensor, dict[str, t
         raise RewardServiceError(f"{url}: malformed reply: no 'scores' in {str(data)[:120]!r}; is this a flowpo "
                                  f"reward service of protocol {PROTOCOL}?")
     detail = data.get("detail") or {}
-    if not isinstance(detail, dict):
-        raise RewardServiceError(f"{url}: malformed reply: 'detail' must be an object of per-image lists")
+    if not isinstance(detail, dict) or "scores" in detail:
+        raise RewardServiceError(f"{url}: malformed reply: 'detail' must be an object of per-image lists, without "
+                                 "a field named 'scores'")
     return column(data["scores"], "'scores'"), {str(k): column(v, f"detail {k!r}") for k, v in sorted(detail.items())}
 
 
@@ -219,7 +233,8 @@ def _error_text(r) -> str:
                 return str(err).splitlines()[0][:300]
     except ValueError:
         pass
-    return (r.text or r.reason or "").strip().splitlines()[0][:300] if (r.text or r.reason) else "(empty body)"
+    text = (r.text or "").strip() or (r.reason or "").strip()
+    return text.splitlines()[0][:300] if text else "(empty body)"
 
 
 RESUME_HINT = ("check that the service is running and reachable (raise timeout_s/retries if it is only slow); "
@@ -269,6 +284,12 @@ class Client:
             try:
                 r = self._session().request(method, url, data=data, json=json_body, headers=headers,
                                             timeout=self.timeout_s)
+            except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                    requests.exceptions.MissingSchema) as e:
+                from flowpo.rewards.loading import RewardOptionError
+
+                raise RewardOptionError(f"{self.what}: {url} is not a usable URL ({e}); fix the reward's url "
+                                        "option") from None
             except requests.RequestException as e:
                 cause = _cause(e, self.timeout_s)
                 continue
@@ -279,6 +300,11 @@ class Client:
                     raise RewardServiceError(f"{self.what} at {url}: malformed reply (HTTP {r.status_code}, not JSON: "
                                              f"{r.text[:120]!r}); check the URL points at the service") from None
             cause = f"HTTP {r.status_code}: {_error_text(r)}"
+            if r.status_code == 413:
+                from flowpo.rewards.loading import RewardOptionError
+
+                raise RewardOptionError(f"{self.what} at {url} refused the request as too large ({cause}); lower "
+                                        "the reward's batch_size option or raise the server's --max-request-mb")
             if r.status_code < 500 and r.status_code not in (408, 429):
                 raise RewardServiceError(f"{self.what} at {url} refused the request ({cause}); not retried: "
                                          "fix the request or the service's configuration")

@@ -8,7 +8,8 @@ Per image: one POST {url}/chat/completions with
     messages = [{"role": "system", "content": system}]                    (when `system` is set)
              + [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,…"}},
                                               {"type": "text", "text": template.format(prompt=…, **metadata)}]}]
-    temperature, max_tokens (and seed = the row's index, for servers that honour it)
+    temperature, max_tokens, and seed = a hash of (prompt, PNG) (for servers that honour it: the same
+    image gets the same seed however the rows are batched or overlapped)
 and the score is float(first match of `pattern` in the reply's text, group 1) · scale. Images are
 8-bit PNG (lossless; no JPEG). Requests run `concurrency` at a time; retries, timeout and backoff
 as for every service (flowpo.rewards.service).
@@ -93,10 +94,14 @@ class VLMJudge:
             raise RewardOptionError(f"reward 'vlm_judge': the template needs field {e} which this prompt's metadata "
                                     f"lacks (prompt {prompt[:60]!r}); fix the template or the prompt file") from None
 
-    def _one(self, image: torch.Tensor, prompt: str, meta: dict, seed: int) -> tuple[float, bool]:
+    def _one(self, image: torch.Tensor, prompt: str, meta: dict) -> tuple[float, bool]:
+        import hashlib
+
+        png = encode_png(image)
+        seed = int.from_bytes(hashlib.sha256((prompt + "\0" + png).encode()).digest()[:4], "little") >> 1
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encode_png(image)}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
             {"type": "text", "text": self._text(prompt, meta)}]})
         body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "seed": seed}
@@ -104,7 +109,8 @@ class VLMJudge:
                           self.client.url + "/chat/completions")
         m = self.regex.search(text)
         try:
-            return float((m.group(1) if m.groups() else m.group(0)) if m else "") * self.scale, False
+            found = (m.group(1) if m.groups() else m.group(0)) if m else None
+            return float(found if found is not None else "") * self.scale, False
         except ValueError:
             if self.on_unreadable == "error":
                 raise RewardError(f"the VLM judge's reply {text[:120]!r} has no score matching pattern "
@@ -116,6 +122,14 @@ class VLMJudge:
         for i, p in enumerate(prompts):  # a template field missing from the metadata: before any request
             self._text(p, metadata[i])
         n = images.shape[0]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, n))) as pool:
-            out = list(pool.map(self._one, images, prompts, metadata, range(n)))
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, n)), thread_name_prefix="flowpo-judge")
+        futures = [pool.submit(self._one, images[i], prompts[i], metadata[i]) for i in range(n)]
+        try:
+            out = [f.result() for f in futures]
+        except BaseException:
+            # stop now: queued requests are cancelled and the ones in flight are not waited for, so one
+            # failure costs one request's worst case (the remote client's bound), not concurrency of them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return {"scores": torch.tensor([s for s, _ in out]), "unreadable": torch.tensor([float(u) for _, u in out])}

@@ -22,6 +22,7 @@ from flowpo import config as config_mod
 from flowpo.batch import GlobalBatch, UpdateBatch
 from flowpo.build import build
 from flowpo.config import Config
+from flowpo.errors import ConfigError
 from flowpo.policy.base import select_cond
 from flowpo.rewards import RewardError
 from flowpo.rewards.overlap import ChunkScoring
@@ -163,8 +164,9 @@ class Trainer:
         g_chunks = make_chunks(n_all, s.batch_size, torch.Generator().manual_seed(_seed(seed, it, 5)))
         chunks, chunk_ids = dist.local_chunks(g_chunks, local, keep_empty=dist.lockstep)
         self.policy.module.eval()
-        streamed = ChunkScoring(self.rewards, self.policy.decode, prompts, meta_all[local], len(rows)) \
-            if cfg.reward.overlap else None
+        # under lock-step (sharded FSDP2) every rank must finish the rollout's collectives: no fail-fast
+        streamed = ChunkScoring(self.rewards, self.policy.decode, prompts, meta_all[local], len(rows),
+                                fail_fast=not dist.lockstep) if cfg.reward.overlap else None
         roll, failed = None, None
         try:
             with P.objective.sampling():
@@ -172,7 +174,7 @@ class Trainer:
                               sde=plan.sde[local], train=plan.train[local], chunks=chunks, prompts=prompts,
                               group_ids=groups, metadata=meta_all[local],
                               on_chunk=None if streamed is None else streamed.submit)
-        except RewardError as e:  # an overlapped chunk's scoring failed: the ranks agree in _score, then stop
+        except (RewardError, ConfigError) as e:  # an overlapped chunk's scoring failed: the ranks agree in _score
             failed = e
         finally:
             if streamed is not None and roll is None:
@@ -210,9 +212,12 @@ class Trainer:
                     "adv/all_zero": float(no_signal)})
         for k, name in enumerate(self.rewards.names):
             rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
-        if detail:  # the scorers' extra per-sample fields, over all ranks
-            cols = dist.all_gather_cat(torch.stack([detail[k] for k in sorted(detail)], 1))
-            rec.update({f"reward/{k}": float(cols[:, j].mean()) for j, k in enumerate(sorted(detail))})
+        keys = sorted(detail) if dist.world == 1 else sorted({k for part in dist.all_gather_objects(sorted(detail))
+                                                              for k in part})  # every rank gathers the same fields
+        if keys:  # the scorers' extra per-sample fields, over all ranks (NaN where a rank's scorer gave none)
+            cols = dist.all_gather_cat(torch.stack([detail.get(k, torch.full((len(rows),), float("nan")))
+                                                    for k in keys], 1).reshape(len(rows), len(keys)))
+            rec.update({f"reward/{k}": float(cols[:, j].nanmean()) for j, k in enumerate(keys)})
         if streamed is not None:
             rec["time/reward_busy_s"] = busy
         if plan.window is not None:
@@ -233,7 +238,7 @@ class Trainer:
             else:
                 raw, detail = self.rewards.score_detail(self.policy.decode(roll.final), prompts, roll.metadata)
                 busy = time.perf_counter() - t0
-        except RewardError as e:
+        except (RewardError, ConfigError) as e:  # ConfigError: e.g. a template field one rank's metadata lacks
             err = e
         if not self.dist.all_true(err is None):
             if err is not None:
