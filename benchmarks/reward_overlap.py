@@ -9,7 +9,7 @@ rewards are in (rollout + the wait for the rewards after it) and what the slow r
 over `none`, as a share of the rollout; and the same for the whole iteration (whose update phase,
 2–3× the rollout here, no mode changes).
 
-    python benchmarks/reward_overlap.py --out benchmarks/reward_overlap.csv [--via remote] [--rounds 3] [--threads 1] [--steps 40]
+    python benchmarks/reward_overlap.py --out benchmarks/reward_overlap.csv [--via remote] [--rounds 3] [--threads 1] [--steps 40] [--pin]
 
 --via remote serves the sleeping scorer with `flowpo serve-reward` in another process and
 trains against it with the `remote` scorer (the real HTTP path).
@@ -44,6 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PIN: dict = {}  # --pin: {"trainer": cores, "service": cores}
+
+
 def _serve(per_image: float):
     """`flowpo serve-reward` with the sleeping scorer in another process → (process, url)."""
     import requests
@@ -53,7 +56,7 @@ def _serve(per_image: float):
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "flowpo", "serve-reward", "--port", str(port), "--reward",
                              "sleepy=reward_overlap:sleepy", "--option", f"sleepy.seconds_per_image={per_image}"],
-                            env=env)
+                            env=env, preexec_fn=(lambda: os.sched_setaffinity(0, PIN["service"])) if PIN else None)
     for _ in range(300):
         try:
             if requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).ok:
@@ -83,14 +86,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="sample.steps (longer chunks: less per-call overhead)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the trainer (the rest of the cores: "
                                                           "the service)")
+    ap.add_argument("--pin", action="store_true", help="trainer on core 0, the service on core 1 (as if the service "
+                                                       "had its own hardware; implies --threads 1)")
     args = ap.parse_args()
+    if args.pin:
+        PIN.update(trainer={0}, service={1})
+        os.sched_setaffinity(0, PIN["trainer"])
+        args.threads = 1
     torch.set_num_threads(args.threads)
     base = [f"sample.steps={args.steps}", "sample.prompts_per_iteration=4", "sample.group_size=4",
             f"sample.batch_size={args.chunk}", "eval.every=0", "log.progress=false", "log.tensorboard=false",
             "log.grids=false", "train.checkpoint_every=0", f"train.threads={args.threads}"]
     rows = 16
-    calib = _train([*base, "reward.names=[reward_overlap:sleepy]"], 3)
-    per_image = statistics.median(r["time/rollout_s"] for r in calib[1:]) / rows
+    calib = _train([*base, "reward.names=[reward_overlap:sleepy]"], 6)
+    per_image = statistics.median(r["time/rollout_s"] for r in calib[2:]) / rows
     print(f"calibration: rollout {per_image * rows:.3f} s per iteration → {per_image * 1e3:.1f} ms per image")
 
     server = None
@@ -98,9 +107,9 @@ def main() -> None:
         # remote reward (sleep + round trips, as the overlapped mode makes them) is as slow as the rollout
         server, url = _serve(0.0)
         remote = ["reward.names=[remote]", f"reward.options.remote.url={url}", "reward.options.remote.dtype=float32"]
-        zero = _train([*base, *remote, "reward.overlap=true"], 3)
+        zero = _train([*base, *remote, "reward.overlap=true"], 6)
         server.kill()
-        trips = statistics.median(r["time/reward_busy_s"] for r in zero[1:])
+        trips = statistics.median(r["time/reward_busy_s"] for r in zero[2:])
         per_image = max(0.0, per_image * rows - trips) / rows
         print(f"calibration: HTTP round trips {trips:.3f} s per iteration → sleep {per_image * 1e3:.1f} ms per image")
         server, url = _serve(per_image)
@@ -127,7 +136,7 @@ def main() -> None:
     out = []
     for m in modes:
         it, phase = med[m]["time/iteration_s"], med[m]["phase"]
-        out.append({"mode": m, "via": args.via, "steps": args.steps, "trainer_threads": args.threads, "rows": rows, "chunk_rows": args.chunk,
+        out.append({"mode": m, "via": args.via, "pinned": args.pin, "steps": args.steps, "trainer_threads": args.threads, "rows": rows, "chunk_rows": args.chunk,
                     "scorer_s_per_image": per_image if m != "none" else 0.0, "scorer_s_per_iteration":
                     per_image * rows if m != "none" else 0.0,
                     "reward_busy_s": busy[m] if m != "none" else 0.0,
