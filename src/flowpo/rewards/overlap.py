@@ -34,11 +34,17 @@ class ChunkScoring:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowpo-reward")
         self.jobs: list[tuple[torch.Tensor, Future]] = []
         self.busy = 0.0
+        self.error: BaseException | None = None  # the first chunk's failure (the worker's; read after it)
 
     def _score(self, images, prompts, metadata):
+        if self.error is not None:  # an earlier chunk failed: do not spend another round of retries
+            raise self.error
         t0 = time.perf_counter()
         try:
             return self.rewards.score_detail(images, prompts, metadata)
+        except BaseException as e:
+            self.error = e
+            raise
         finally:
             self.busy += time.perf_counter() - t0
 
