@@ -41,6 +41,19 @@ the timed iteration as in its steady state (its replayed tail is regenerated). P
   ("iter"; nan where the reset is not allowed). On a GPU, also the peak allocated memory of the
   timed iterations, and every timer synchronises the device.
 
+Where the calls go (issue 20, item 4): every transformer forward (and every backward) is also
+charged to its purpose, the innermost of: rollout (flowpo.rollout.sample as the Trainer calls it),
+update (Trainer._update: chunk_loss re-scoring pi_theta), reference (inside policy.disable_adapter:
+LoRA adapters off, or the full-mode reference copy), old_prepare (objective.begin: DiffusionNFT's
+v_old, AWM's ll_old and EMA anchor), replay_pi_old (OP-GRPO's pi_old of the replayed rows),
+replay_tail (its regenerated tails), stepwise (Tweedie estimates), evaluation (Trainer.evaluate,
+timed once after the iterations with `--evaluate`). `--passes-out` writes one row per configuration
+and purpose (appending, so several invocations make one table; `--label` tags a variant), e.g.:
+
+    .venv/bin/python benchmarks/real_shapes.py --models sd3 --depth 1 --res 128 --groups 2 --steps 4 \
+        --timed 2 --presets flow_grpo --evaluate --set eval.prompts=4 --set eval.samples_per_prompt=2 \
+        --set eval.steps=40 --out /tmp/a.csv --passes-out benchmarks/real_shapes_passes.csv
+
 `--timed N` times N iterations after the warm-up and reports the one of median wall time (and
 the fastest as s_per_iteration_min): on a loaded machine a single iteration is noisy.
 
@@ -239,6 +252,84 @@ class Meter:
         return timed
 
 
+# What each transformer call is for (issue 20, item 4): the innermost purpose wins.
+PURPOSES = ("rollout", "update", "reference", "old_prepare", "replay_pi_old", "replay_tail", "stepwise",
+            "evaluation", "other")
+PURPOSE_DOC = {
+    "rollout": "flowpo.rollout.sample (SDE/ODE grid steps and the solver tail), under objective.sampling()",
+    "update": "Trainer._update: the objective's chunk_loss re-scoring pi_theta (with grad), minus what is below",
+    "reference": "inside policy.disable_adapter() (LoRA: adapters off; full: the frozen reference copy)",
+    "old_prepare": "objective.begin: DiffusionNFT v_old under theta_old, AWM ll_old (+ EMA anchor)",
+    "replay_pi_old": "OPReplay.extend: objective.old_log_probs of the replayed rows under the current weights",
+    "replay_tail": "OPReplay.select: regenerate_tails (ODE from the truncation point, current policy)",
+    "stepwise": "advantage.intermediate: Stepwise Tweedie estimates (T' ODE sub-steps per needed state)",
+    "evaluation": "Trainer.evaluate -> evaluate_policy (ODE sampling of eval.prompts x samples x eval.steps)",
+    "other": "any other call",
+}
+
+
+class Purposes:
+    """A stack of purposes; wrapped functions push theirs; the forward/backward wrappers charge the
+    current (innermost) purpose: seconds, calls and rows."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.stack, self._depth = cuda, ["other"], 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.fwd = {p: [0.0, 0, 0] for p in PURPOSES}   # seconds, calls, rows
+        self.bwd = {p: [0.0, 0] for p in PURPOSES}      # seconds, calls
+
+    def during(self, fn, name: str):
+        def run(*a, **k):
+            self.stack.append(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.stack.pop()
+        return run
+
+    def during_cm(self, cm_fn, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def run(*a, **k):
+            with cm_fn(*a, **k):
+                self.stack.append(name)
+                try:
+                    yield
+                finally:
+                    self.stack.pop()
+        return run
+
+    def wrap(self, fn, table: str, rows_of=None):
+        def timed(*a, **k):
+            if self._depth:
+                return fn(*a, **k)
+            self._depth += 1
+            purpose = self.stack[-1]
+            _sync(self.cuda)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                _sync(self.cuda)
+                rec = getattr(self, table)[purpose]
+                rec[0] += time.perf_counter() - t
+                rec[1] += 1
+                if rows_of is not None:
+                    rec[2] += rows_of(a, k)
+                self._depth -= 1
+        return timed
+
+    def snapshot(self) -> dict:
+        out = {}
+        for p in PURPOSES:
+            out[f"{p}_fwd_s"], out[f"{p}_calls"], out[f"{p}_rows"] = self.fwd[p]
+            out[f"{p}_bwd_s"] = self.bwd[p][0]
+        return out
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -274,8 +365,24 @@ def child_run(spec: dict) -> dict:
 
     cls = type(pipe.transformer)  # peft injects LoRA layers inside it; the class forward is the call
     orig_forward, orig_backward = cls.forward, torch.Tensor.backward
-    cls.forward = fwd.wrap(orig_forward, rows_of)
-    torch.Tensor.backward = bwd.wrap(orig_backward)
+    why = Purposes(cuda)
+    cls.forward = fwd.wrap(why.wrap(orig_forward, "fwd", rows_of), rows_of)
+    torch.Tensor.backward = bwd.wrap(why.wrap(orig_backward, "bwd"))
+    # purposes: instance attributes shadow the methods the Trainer calls; the trainer module's
+    # `sample` name is the rollout (it imported it by name)
+    import flowpo.training.trainer as trainer_mod
+
+    P = tr.parts
+    orig_sample = trainer_mod.sample
+    trainer_mod.sample = why.during(orig_sample, "rollout")
+    tr._update = why.during(tr._update, "update")
+    tr.evaluate = why.during(tr.evaluate, "evaluation")
+    P.objective.begin = why.during(P.objective.begin, "old_prepare")
+    P.advantage.intermediate = why.during(P.advantage.intermediate, "stepwise")
+    if hasattr(P.replay, "buffer"):
+        P.replay.select = why.during(P.replay.select, "replay_tail")
+        P.replay.extend = why.during(P.replay.extend, "replay_pi_old")
+    policy.disable_adapter = why.during_cm(policy.disable_adapter, "reference")
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         enc = getattr(pipe, name, None)
         if enc is not None:
@@ -290,7 +397,7 @@ def child_run(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(tr.device)
         for it in range(1, 1 + spec["timed"]):
-            for m in (fwd, bwd, text, vae):
+            for m in (fwd, bwd, text, vae, why):
                 m.reset()
             _sync(cuda)
             t = time.perf_counter()
@@ -308,14 +415,33 @@ def child_run(spec: dict) -> dict:
                 "nfe_per_image": rec["nfe_per_image"], "trained_steps": rec["plan/trained_steps"],
                 "optimizer_steps": rec.get("train/optimizer_steps", float("nan")),
                 "replayed_rows": rec.get("replay/admitted", 0),
+                "regenerate_nfe": rec.get("replay/regenerate_nfe", 0.0),
+                "stepwise_nfe": rec.get("stepwise/nfe", 0.0),
+                **why.snapshot(),
             })
+        evaluation = {}
+        if spec.get("evaluate"):  # one evaluation after the timed iterations (not part of them)
+            for m in (fwd, bwd, text, vae, why):
+                m.reset()
+            _sync(cuda)
+            t = time.perf_counter()
+            tr.evaluate()
+            _sync(cuda)
+            evaluation = {"eval_s": time.perf_counter() - t, "eval_fwd_s": why.fwd["evaluation"][0],
+                          "eval_calls": why.fwd["evaluation"][1], "eval_rows": why.fwd["evaluation"][2],
+                          "eval_vae_s": vae.s, "eval_text_s": text.s,
+                          "eval_prompts": tr.cfg.eval.prompts, "eval_samples_per_prompt": tr.cfg.eval.samples_per_prompt,
+                          "eval_steps": tr.cfg.eval.steps, "eval_batch_size": tr.cfg.sample.batch_size}
     finally:
         cls.forward, torch.Tensor.backward = orig_forward, orig_backward
+        trainer_mod.sample = orig_sample
     walls = sorted(r["s_per_iteration"] for r in timed)
     median = min(timed, key=lambda r: abs(r["s_per_iteration"] - walls[(len(walls) - 1) // 2]))
     params = list(pipe.transformer.parameters())
     return {
-        **median, "timed_iterations": len(timed), "s_per_iteration_min": walls[0],
+        **median, **evaluation, "timed_iterations": len(timed), "s_per_iteration_min": walls[0],
+        "kl_beta": tr.cfg.loss.kl_beta, "objective": tr.cfg.objective.kind, "ref_beta": tr.cfg.objective.ref_beta,
+        "old_ramp": tr.cfg.objective.old_ramp, "eval_every": spec.get("eval_every", tr.cfg.eval.every),
         "transformer_params_m": sum(p.numel() for p in params) / 1e6,
         "trainable_params_m": sum(p.numel() for p in policy.trainable_parameters()) / 1e6,
         "peak_rss_mib_iteration": _peak_rss_mib() if rss_reset else float("nan"),
@@ -372,6 +498,57 @@ def _fmt(x, nd=2):
     return str(x)
 
 
+def write_passes(path: Path, rows: list[dict]) -> list[str]:
+    """One row per (configuration, purpose) with forward calls, rows, seconds and the share of the
+    iteration; the evaluation (when timed) as its own row: one evaluation's cost relative to one
+    iteration, and per iteration at the default eval.every cadence. Appends to `path` if it exists
+    (same columns) so that several invocations (modes, --set variants) make one table."""
+    import csv
+
+    out = []
+    for r in rows:
+        base = {k: r[k] for k in ("model", "preset", "mode", "label", "depth", "resolution", "group_size", "steps",
+                                  "prompts", "kl_beta", "objective", "ref_beta", "old_ramp", "s_per_iteration",
+                                  "forward_calls", "forward_rows", "forward_s", "backward_s")}
+        for pname in PURPOSES:
+            calls, fs, bs = r[f"{pname}_calls"], r[f"{pname}_fwd_s"], r[f"{pname}_bwd_s"]
+            if pname == "evaluation" or (calls == 0 and bs == 0):
+                continue
+            out.append({**base, "purpose": pname, "calls": calls, "rows": r[f"{pname}_rows"],
+                        "forward_s_purpose": fs, "backward_s_purpose": bs,
+                        "share_of_iteration": (fs + bs) / r["s_per_iteration"],
+                        "eval_every": "", "per_iteration_at_cadence": ""})
+        if "eval_s" in r:
+            out.append({**base, "purpose": "evaluation", "calls": r["eval_calls"], "rows": r["eval_rows"],
+                        "forward_s_purpose": r["eval_fwd_s"], "backward_s_purpose": 0.0,
+                        "share_of_iteration": r["eval_s"] / r["s_per_iteration"],  # one evaluation / one iteration
+                        "eval_every": r["eval_every"],
+                        "per_iteration_at_cadence": r["eval_s"] / r["eval_every"] / r["s_per_iteration"],
+                        "eval_s": r["eval_s"], "eval_setting": f"{r['eval_prompts']}x{r['eval_samples_per_prompt']}"
+                                                               f"x{r['eval_steps']} bs{r['eval_batch_size']}"})
+    fields = list(dict.fromkeys(k for o in out for k in o)) + ["eval_s", "eval_setting"]
+    fields = list(dict.fromkeys(fields))
+    old_rows = []
+    if path.exists():
+        with path.open() as f:
+            old_rows = list(csv.DictReader(f))
+        fields = list(dict.fromkeys(list(old_rows[0].keys() if old_rows else []) + fields))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        for o in old_rows + out:
+            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in o.items()})
+    lines = ["| model | preset | mode | label | purpose | calls (rows) | fwd s | bwd s | share of iteration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o in out:
+        share = (f"{o['share_of_iteration']:.1%}" if o["purpose"] != "evaluation" else
+                 f"one eval = {o['share_of_iteration']:.2f}x an iteration; {o['per_iteration_at_cadence']:.1%} "
+                 f"per iteration at eval.every={o['eval_every']}")
+        lines.append(f"| {o['model']} | {o['preset']} | {o['mode']} | {o['label']} | {o['purpose']} | "
+                     f"{o['calls']} ({o['rows']}) | {o['forward_s_purpose']:.2f} | {o['backward_s_purpose']:.2f} | {share} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd3,flux")
@@ -401,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="folder for the pipelines and runs (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="after the timed iterations, time one Trainer.evaluate (eval.* settings: --set "
+                         "eval.prompts=..., eval.samples_per_prompt=..., eval.steps=...)")
+    ap.add_argument("--label", default="", help="a tag written in every row (e.g. kl0.04)")
+    ap.add_argument("--passes-out", default=None,
+                    help="also write one row per (configuration, purpose of the transformer calls) here")
     ap.add_argument("--_build", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -429,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     prompts_file = work / "prompts.txt"
     prompts_file.write_text("\n".join((PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]) + "\n")
+    eval_file = work / "eval_prompts.txt"
+    eval_file.write_text("\n".join(PROMPTS) + "\n")
+    from flowpo.config_schema import EvalConfig
+
+    eval_every = EvalConfig().every  # the default cadence (the runs themselves set eval.every=0)
 
     rows = []
     t_all = time.perf_counter()
@@ -454,12 +642,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"sample.prompts_per_iteration={args.prompts}", f"sample.batch_size={args.batch_size or args.prompts * g}",
                         f"sample.guidance={md['guidance']}", f"sample.prompts_file={prompts_file}",
                         "reward.names=[tiny_pipelines:brightness_reward]", "train.minibatches=1",
-                        "eval.every=0", "train.checkpoint_every=0", f"train.threads={args.threads}",
+                        "eval.every=0", f"eval.prompts_file={eval_file}", "train.checkpoint_every=0", f"train.threads={args.threads}",
                         "log.progress=false", "log.tensorboard=false", "log.grids=false", *args.set]
                     spec = {"preset": preset, "model": model, "overrides": overrides, "run_dir": str(run_dir),
-                            "threads": args.threads, "timed": max(1, args.timed)}
+                            "threads": args.threads, "timed": max(1, args.timed), "evaluate": args.evaluate,
+                            "eval_every": eval_every}
                     m = _spawn("run", spec, args.timeout)
-                    row = {"model": model, "preset": preset, "mode": args.mode,
+                    row = {"model": model, "preset": preset, "mode": args.mode, "label": args.label,
                            "depth": depth if model == "sd3" else "%d+%d" % flux_depth,
                            "resolution": r, "group_size": g, "steps": t, "prompts": args.prompts,
                            "guidance": md["guidance"], "text_len": text_len, "sweeps": ";".join(tags), **m}
@@ -475,6 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     from flowpo.bench.report import write_csv
 
     write_csv(Path(args.out), rows)
+    passes_lines = []
+    if args.passes_out:
+        passes_lines = write_passes(Path(args.passes_out), rows)
 
     lines = [f"command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}",
              f"total {time.perf_counter() - t_all:.0f} s; {rows[0]['threads']} threads; transformers at real width, "
@@ -508,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"px {base[0]}, G {base[1]}, T {base[2]})", "",
                   "| model | preset | x | values | b: s / iteration | b: forward+backward | b: peak RSS |",
                   "|---|---|---|---|---|---|---|", *fits]
+    if passes_lines:
+        lines += ["", *passes_lines]
     text = "\n".join(lines)
     print(text)
     if args.md:
