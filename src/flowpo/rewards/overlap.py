@@ -14,7 +14,7 @@ intermediate rewards, regenerated replay tails and evaluation.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
@@ -26,12 +26,15 @@ class ChunkScoring:
     result(), with the scorer's own one-line message."""
 
     def __init__(self, rewards, decode: Callable[[torch.Tensor], torch.Tensor], prompts: list[str],
-                 metadata: list[dict], n: int, *, fail_fast: bool = True):
+                 metadata: list[dict], n: int, *, fail_fast: bool = True, pool: ThreadPoolExecutor | None = None):
         """fail_fast: raise a failed chunk's error at the next submit (False under lock-stepped
-        ranks, whose rollouts are collectives every rank must finish; it is raised by result())."""
+        ranks, whose rollouts are collectives every rank must finish; it is raised by result()).
+        pool: a one-worker executor kept across iterations (so a remote scorer's HTTP session, which
+        is per thread, keeps its connections); None: one of its own, shut down by close()."""
         self.rewards, self.decode, self.prompts, self.metadata, self.n = rewards, decode, prompts, metadata, n
         self.fail_fast = fail_fast
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowpo-reward")
+        self.own_pool = pool is None
+        self.pool = new_pool() if pool is None else pool
         self.jobs: list[tuple[torch.Tensor, Future]] = []
         self.busy = 0.0
         self.error: BaseException | None = None  # the first chunk's failure (the worker's; read after it)
@@ -80,4 +83,14 @@ class ChunkScoring:
         return raw, detail, self.busy
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Cancel the chunks not started, wait for the one being scored (bounded by its retries)."""
+        if self.own_pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        pending = [f for _, f in self.jobs if not f.cancel()]
+        wait(pending)
+
+
+def new_pool() -> ThreadPoolExecutor:
+    """The one scoring worker (one thread: the scorer sees its calls in submission order)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowpo-reward")

@@ -25,7 +25,7 @@ from flowpo.config import Config
 from flowpo.errors import ConfigError
 from flowpo.policy.base import select_cond
 from flowpo.rewards import RewardError
-from flowpo.rewards.overlap import ChunkScoring
+from flowpo.rewards.overlap import ChunkScoring, new_pool
 from flowpo.rollout import make_chunks, ode_sample, row_noise, sample, stream_seed as _seed
 from flowpo.training import state as train_state
 from flowpo.training.distributed import Dist
@@ -51,6 +51,7 @@ class Trainer:
         self.progress = train_state.Progress()
         self.state = train_state.TrainState(P, self.progress, self.dist, cfg.train.seed, self.wall)
         self._warned_minibatches, self._zero_adv = False, 0
+        self._reward_pool = None  # reward.overlap's scoring worker, kept for the run (flowpo.rewards.overlap)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         seen = self.dist.all_gather_objects(train_state.has_any_checkpoint(self.out)) if resume else []
@@ -128,6 +129,9 @@ class Trainer:
                 bar.set_postfix(post)
         if bar is not None:
             bar.close()
+        if self._reward_pool is not None:
+            self._reward_pool.shutdown(wait=True)
+            self._reward_pool = None
         if self.dist.is_main:
             write_report(self.out, title=f"flowpo run: {cfg.preset or 'the defaults (= flow_grpo)'}")
         self.log.close()
@@ -165,8 +169,10 @@ class Trainer:
         chunks, chunk_ids = dist.local_chunks(g_chunks, local, keep_empty=dist.lockstep)
         self.policy.module.eval()
         # under lock-step (sharded FSDP2) every rank must finish the rollout's collectives: no fail-fast
+        if cfg.reward.overlap and self._reward_pool is None:
+            self._reward_pool = new_pool()
         streamed = ChunkScoring(self.rewards, self.policy.decode, prompts, meta_all[local], len(rows),
-                                fail_fast=not dist.lockstep) if cfg.reward.overlap else None
+                                fail_fast=not dist.lockstep, pool=self._reward_pool) if cfg.reward.overlap else None
         roll, failed = None, None
         try:
             with P.objective.sampling():
