@@ -224,6 +224,24 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
+def _outermost_timer(owner, fn, record):
+    """fn timed (device-synchronised) when not nested in another call `owner` times; then
+    record(seconds, args, kwargs). `owner._depth` counts the nesting."""
+    def timed(*a, **k):
+        if owner._depth:
+            return fn(*a, **k)
+        owner._depth += 1
+        _sync(owner.cuda)
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            _sync(owner.cuda)
+            record(time.perf_counter() - t, a, k)
+            owner._depth -= 1
+    return timed
+
+
 class Meter:
     """Accumulated seconds and calls of the functions it wraps (nested calls counted once)."""
 
@@ -234,22 +252,12 @@ class Meter:
         self.s, self.calls, self.rows = 0.0, 0, 0
 
     def wrap(self, fn, rows_of=None):
-        def timed(*a, **k):
-            if self._depth:
-                return fn(*a, **k)
-            self._depth += 1
-            _sync(self.cuda)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                _sync(self.cuda)
-                self.s += time.perf_counter() - t
-                self.calls += 1
-                if rows_of is not None:
-                    self.rows += rows_of(a, k)
-                self._depth -= 1
-        return timed
+        def record(seconds, a, k):
+            self.s += seconds
+            self.calls += 1
+            if rows_of is not None:
+                self.rows += rows_of(a, k)
+        return _outermost_timer(self, fn, record)
 
 
 # What each transformer call is for (issue 20, item 4): the innermost purpose wins.
@@ -303,24 +311,13 @@ class Purposes:
         return run
 
     def wrap(self, fn, table: str, rows_of=None):
-        def timed(*a, **k):
-            if self._depth:
-                return fn(*a, **k)
-            self._depth += 1
-            purpose = self.stack[-1]
-            _sync(self.cuda)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                _sync(self.cuda)
-                rec = getattr(self, table)[purpose]
-                rec[0] += time.perf_counter() - t
-                rec[1] += 1
-                if rows_of is not None:
-                    rec[2] += rows_of(a, k)
-                self._depth -= 1
-        return timed
+        def record(seconds, a, k):  # charged to the purpose current at the end (= at the start: a stack)
+            rec = getattr(self, table)[self.stack[-1]]
+            rec[0] += seconds
+            rec[1] += 1
+            if rows_of is not None:
+                rec[2] += rows_of(a, k)
+        return _outermost_timer(self, fn, record)
 
     def snapshot(self) -> dict:
         out = {}

@@ -24,7 +24,8 @@ from conftest import TINY, cli, one_line
 from flowpo import config
 from flowpo.errors import ConfigError
 from flowpo.rewards import RewardError, RewardSet, get_scorer
-from flowpo.rewards.service import SAFETENSORS, RewardServiceError, encode_request, to_uint8
+from flowpo.rewards.preprocess import to_uint8
+from flowpo.rewards.service import SAFETENSORS, RewardServiceError, encode_request
 from flowpo.training.trainer import Trainer
 
 TESTS = Path(__file__).parent

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flowpo.rewards.loading import RewardOptionError
+from flowpo.rewards.preprocess import to_uint8
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -82,10 +83,8 @@ class OCR:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata=None) -> torch.Tensor:
         metadata = metadata or [{} for _ in prompts]
-        x = images.detach().float().clamp(0, 1)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        arr = (x[:, :3] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, RGB]
+        x = images if images.shape[1] != 1 else images.expand(-1, 3, -1, -1)
+        arr = to_uint8(x[:, :3]).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, RGB]
         out = []
         for img, p, m in zip(arr, prompts, metadata):
             t = target_text(p, m)

@@ -37,6 +37,11 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(0, 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] → uint8 0..255 as PIL/diffusers store them: round(255·clamp(x))."""
+    return torch.round(images.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+
+
 def _levels(z: torch.Tensor) -> torch.Tensor:
     return torch.round(z.clamp(0, 1) * 255) / 255
 

@@ -98,14 +98,9 @@ def build_app(scorers: dict, max_bytes: int):
         return b"".join(parts)
 
     def run(name, images, prompts, metadata):
-        from flowpo.rewards import RewardError
-
         t0 = time.perf_counter()
         with locks[name]:
-            try:
-                scores, detail = scorers[name].detailed(images, prompts, metadata)
-            except (RewardError, ValueError) as e:
-                raise RuntimeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            scores, detail = scorers[name].detailed(images, prompts, metadata)
         if scores.numel() != images.shape[0]:
             raise RuntimeError(f"returned {scores.numel()} scores for {images.shape[0]} images")
         return {"scores": json_safe(scores), "detail": {k: json_safe(v) for k, v in detail.items()},
@@ -124,8 +119,7 @@ def build_app(scorers: dict, max_bytes: int):
             images, prompts, metadata = await run_in_threadpool(decode_request, body,
                                                                 request.headers.get("content-type", ""))
         except ProtocolError as e:
-            code = 415 if "content type" in str(e) else 400
-            return fail(code, str(e))
+            return fail(e.status, str(e))
         if await request.is_disconnected():  # the client gave up (timed out) meanwhile: do not score for nobody
             return fail(499, "the client disconnected before scoring started")
         try:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from flowpo.rewards import RewardError
+from flowpo.rewards.preprocess import to_uint8
 
 PROTOCOL = 1
 SAFETENSORS = "application/x-safetensors"
@@ -44,12 +45,12 @@ WIRE_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.
 
 
 class ProtocolError(ValueError):
-    """A request or reply that does not follow protocol 1 (a 400 on the server side)."""
+    """A request that does not follow protocol 1: the server answers `status` (400; 415 for
+    another content type)."""
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] → uint8 0..255 as PIL/diffusers store them: round(255·clamp(x))."""
-    return torch.round(images.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 def from_wire(images: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def decode_request(body: bytes, content_type: str) -> tuple[torch.Tensor, list[s
         images = torch.stack(pngs) if pngs else torch.zeros(0, 3, 1, 1)
         prompts, metadata = _check_lists(images.shape[0], req.get("prompts"), req.get("metadata"))
         return images, prompts, metadata
-    raise ProtocolError(f"content type {content_type!r} is not served; send {SAFETENSORS} or application/json")
+    raise ProtocolError(f"content type {content_type!r} is not served; send {SAFETENSORS} or application/json", 415)
 
 
 def encode_png(image: torch.Tensor) -> str:
@@ -255,10 +256,6 @@ class Client:
         self.url, self.timeout_s, self.retries, self.backoff_s = url.rstrip("/"), timeout_s, retries, backoff_s
         self.what, self.headers = what, dict(headers or {})
         self._local = threading.local()
-
-    def max_seconds(self) -> float:
-        """Worst-case duration of one call (all attempts, all backoffs)."""
-        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.retries - 1)
 
     def _session(self):
         import requests

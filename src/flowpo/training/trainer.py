@@ -90,7 +90,9 @@ class Trainer:
         raises or returns NaN/the wrong count fails now, in one line, not after an iteration."""
         with torch.no_grad():
             probe = torch.zeros((2, *self.policy.latent_shape), device=self.device)
-            self.rewards.score(self.policy.decode(probe), [self.parts.pool[0]] * 2, [self.parts.pool.meta[0]] * 2)
+            _, detail = self.rewards.score_detail(self.policy.decode(probe), [self.parts.pool[0]] * 2,
+                                                  [self.parts.pool.meta[0]] * 2)
+        self._detail_keys = sorted(detail)  # the detail fields logged (the same on every rank: same probe)
 
     iteration = property(lambda self: self.progress.iteration,
                          lambda self, v: setattr(self.progress, "iteration", v))
@@ -190,7 +192,10 @@ class Trainer:
         t_rew = time.time()
         step_rewards, nfe_it, rec = P.advantage.intermediate(self.policy, roll, self.sigmas, raw)
         nfe_it += roll.nfe
-        gb = self._gather(roll, raw, step_rewards, meta_all)          # the one gather: global rows
+        # the scorers' extra per-sample fields ride along with the rewards (NaN where a call gave none)
+        extra = torch.stack([detail.get(k, torch.full((len(rows),), float("nan"))) for k in self._detail_keys], 1) \
+            if self._detail_keys else torch.zeros(len(rows), 0)                            # [n, F]
+        gb, extra_all = self._gather(roll, raw, step_rewards, meta_all, extra)  # the one gather: global rows
         rep, rstats, rep_nfe = P.replay.select(it, gb)
         adv_all, astats = P.advantage.estimate(gb, P.replay.reward_rows(rep))             # [N+R, T]
         no_signal = not bool((adv_all != 0).any())
@@ -218,12 +223,7 @@ class Trainer:
                     "adv/all_zero": float(no_signal)})
         for k, name in enumerate(self.rewards.names):
             rec[f"reward/{name}"] = float(gb.raw[:, k].mean())
-        keys = sorted(detail) if dist.world == 1 else sorted({k for part in dist.all_gather_objects(sorted(detail))
-                                                              for k in part})  # every rank gathers the same fields
-        if keys:  # the scorers' extra per-sample fields, over all ranks (NaN where a rank's scorer gave none)
-            cols = dist.all_gather_cat(torch.stack([detail.get(k, torch.full((len(rows),), float("nan")))
-                                                    for k in keys], 1).reshape(len(rows), len(keys)))
-            rec.update({f"reward/{k}": float(cols[:, j].nanmean()) for j, k in enumerate(keys)})
+        rec.update({f"reward/{k}": float(extra_all[:, j].nanmean()) for j, k in enumerate(self._detail_keys)})
         if streamed is not None:
             rec["time/reward_busy_s"] = busy
         if plan.window is not None:
@@ -235,17 +235,16 @@ class Trainer:
         once). Ranks agree before anyone raises: a scorer that fails on one rank (a service
         down) stops every rank now, in one line, instead of leaving the others in a collective."""
         raw, detail, busy = None, {}, 0.0
-        t0 = time.perf_counter()
-        try:
-            if err is not None:
-                pass
-            elif streamed is not None:
-                raw, detail, busy = streamed.result()
-            else:
-                raw, detail = self.rewards.score_detail(self.policy.decode(roll.final), prompts, roll.metadata)
-                busy = time.perf_counter() - t0
-        except (RewardError, ConfigError) as e:  # ConfigError: e.g. a template field one rank's metadata lacks
-            err = e
+        if err is None:
+            t0 = time.perf_counter()
+            try:
+                if streamed is not None:
+                    raw, detail, busy = streamed.result()
+                else:
+                    raw, detail = self.rewards.score_detail(self.policy.decode(roll.final), prompts, roll.metadata)
+                    busy = time.perf_counter() - t0
+            except (RewardError, ConfigError) as e:  # ConfigError: e.g. a template field one rank's metadata lacks
+                err = e
         if not self.dist.all_true(err is None):
             if err is not None:
                 raise err
@@ -254,16 +253,21 @@ class Trainer:
                               "continue with flowpo train --resume")
         return raw, detail, busy
 
-    def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None, meta_all: list[dict]) -> GlobalBatch:
-        """Every rank's fresh rows, in global order (identity on one process); the metadata of
-        all rows is known on every rank already."""
+    def _gather(self, roll, raw: torch.Tensor, step_rewards: torch.Tensor | None, meta_all: list[dict],
+                extra: torch.Tensor) -> tuple[GlobalBatch, torch.Tensor]:
+        """Every rank's fresh rows, in global order (identity on one process), and the extra
+        per-row columns `extra` [n, F] gathered with the rewards; the metadata of all rows is
+        known on every rank already."""
         d = self.dist
         g = d.all_gather_cat
         prompts = list(roll.prompts) if d.world == 1 else [p for part in d.all_gather_objects(list(roll.prompts))
                                                             for p in part]
-        return GlobalBatch(prompts=prompts, metadata=meta_all, group_ids=g(roll.group_ids), raw=g(raw), train=g(roll.train),
-                           states=g(roll.states), log_probs=g(roll.log_probs), final=g(roll.final),
-                           step_rewards=None if step_rewards is None else g(step_rewards))
+        k = raw.shape[1]
+        both = g(torch.cat([raw, extra.to(raw.dtype)], 1))
+        gb = GlobalBatch(prompts=prompts, metadata=meta_all, group_ids=g(roll.group_ids), raw=both[:, :k],
+                         train=g(roll.train), states=g(roll.states), log_probs=g(roll.log_probs), final=g(roll.final),
+                         step_rewards=None if step_rewards is None else g(step_rewards))
+        return gb, both[:, k:]
 
     # ------------------------------------------------------------------ update
     def _update(self, b: UpdateBatch) -> dict:
