@@ -208,7 +208,12 @@ def child_build(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     t = time.perf_counter()
-    pipe = build_pipeline(spec["model"], spec["depth"], tuple(spec["flux_depth"]))
+    # --build-device cuda: the random init runs on the GPU (FLUX.1-dev's 12 B parameters take minutes
+    # on CPU cores); --build-dtype bf16 halves the folder (24 GB instead of 48 GB for FLUX.1-dev)
+    with torch.device(spec.get("build_device", "cpu")):
+        pipe = build_pipeline(spec["model"], spec["depth"], tuple(spec["flux_depth"]))
+    if spec.get("build_dtype", "fp32") == "bf16":
+        pipe.to(torch.bfloat16)
     n = sum(p.numel() for p in pipe.transformer.parameters())
     save_tiny(pipe, spec["folder"])
     return {"transformer_params": n, "build_s": time.perf_counter() - t}
@@ -327,6 +332,60 @@ class Purposes:
         return out
 
 
+def _register_cpu_attention_flops() -> None:
+    """torch's FlopCounterMode knows the CUDA attention kernels, not the CPU one that SDPA picks on
+    a CPU: count it the same way (Q·Kᵀ and P·V, 2 FLOPs per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _cpu_attention(q, k, v, *args, out_shape=None, **kwargs):
+        b, h, s, d = q
+        return 2 * b * h * s * k[-2] * d + 2 * b * h * s * k[-2] * v[-1]
+
+
+class FlopProbe:
+    """Counts the FLOPs of ONE transformer forward (torch.utils.flop_counter) the first time an armed
+    purpose calls it, as FLOPs per row; the call is then untimed (it runs in the warm-up)."""
+
+    def __init__(self, why: "Purposes"):
+        self.why, self.armed, self.per_row = why, False, float("nan")
+
+    def wrap(self, fn, rows_of):
+        def probe(*a, **k):
+            if not (self.armed and self.why.stack[-1] in ("update", "rollout")):
+                return fn(*a, **k)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.armed = False
+            with FlopCounterMode(display=False) as fc:
+                out = fn(*a, **k)
+            self.per_row = fc.get_total_flops() / max(1, rows_of(a, k))
+            return out
+        return probe
+
+
+# bf16 dense tensor-core peak, TFLOP/s (vendor datasheets; no sparsity)
+PEAK_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "A100": 312.0}
+
+
+def _peak_tflops(cuda: bool, given: float) -> float:
+    if given > 0:
+        return given
+    if cuda:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        for key, v in PEAK_TFLOPS.items():
+            if key in name:
+                return v
+    return float("nan")
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -363,7 +422,9 @@ def child_run(spec: dict) -> dict:
     cls = type(pipe.transformer)  # peft injects LoRA layers inside it; the class forward is the call
     orig_forward, orig_backward = cls.forward, torch.Tensor.backward
     why = Purposes(cuda)
-    cls.forward = fwd.wrap(why.wrap(orig_forward, "fwd", rows_of), rows_of)
+    _register_cpu_attention_flops()
+    flops = FlopProbe(why)
+    cls.forward = fwd.wrap(why.wrap(flops.wrap(orig_forward, rows_of), "fwd", rows_of), rows_of)
     torch.Tensor.backward = bwd.wrap(why.wrap(orig_backward, "bwd"))
     # purposes: instance attributes shadow the methods the Trainer calls; the trainer module's
     # `sample` name is the rollout (it imported it by name)
@@ -388,6 +449,7 @@ def child_run(spec: dict) -> dict:
     timed = []
     try:
         t = time.perf_counter()
+        flops.armed = bool(spec.get("flops", True))  # one forward of the warm-up is counted (untimed)
         tr.train_iteration(0)  # warm-up
         warmup_s = time.perf_counter() - t
         rss_reset = _reset_peak_rss()  # from here on ru_maxrss is the timed iterations' own peak
@@ -416,6 +478,7 @@ def child_run(spec: dict) -> dict:
                 "stepwise_nfe": rec.get("stepwise/nfe", 0.0),
                 **why.snapshot(),
             })
+            timed[-1].update(_mfu(timed[-1], flops.per_row, tr.cfg.model.mode, _peak_tflops(cuda, spec.get("peak_tflops", 0.0))))
         evaluation = {}
         if spec.get("evaluate"):  # one evaluation after the timed iterations (not part of them)
             for m in (fwd, bwd, text, vae, why):
@@ -450,6 +513,23 @@ def child_run(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # The sweep (parent process)
+
+def _mfu(r: dict, per_row: float, mode: str, peak_tflops: float) -> dict:
+    """Model FLOPs utilisation (PaLM's definition: the model's FLOPs, not the hardware's, so a
+    gradient-checkpointing recompute is not counted). A forward row costs `per_row` (counted); the
+    update's backward costs 2× its forward in full mode (gradients of the activations and of the
+    weights) and 1× with LoRA (activations only: the frozen weights get no gradient, the adapters'
+    share is negligible). Two denominators: the update phase's wall time (Trainer's time/update_s,
+    optimizer and all) and its transformer time (forward + backward charged to the update)."""
+    fwd = per_row * r["update_rows"]
+    model_flops = fwd * (3.0 if mode == "full" else 2.0)
+    transformer_s = r["update_fwd_s"] + r["update_bwd_s"]
+    peak = peak_tflops * 1e12
+    return {"flops_per_row_g": per_row / 1e9, "update_model_tflop": model_flops / 1e12, "peak_tflops": peak_tflops,
+            "update_mfu": model_flops / (r["update_s"] * peak) if r["update_s"] > 0 else float("nan"),
+            "update_transformer_mfu": model_flops / (transformer_s * peak) if transformer_s > 0 else float("nan"),
+            "rollout_mfu": per_row * r["rollout_rows"] / (r["rollout_fwd_s"] * peak) if r["rollout_fwd_s"] > 0 else float("nan")}
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
@@ -493,6 +573,10 @@ def _fmt(x, nd=2):
     if isinstance(x, float):
         return "–" if math.isnan(x) else f"{x:.{nd}f}"
     return str(x)
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.1%}"
 
 
 def write_passes(path: Path, rows: list[dict]) -> list[str]:
@@ -581,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="a tag written in every row (e.g. kl0.04)")
     ap.add_argument("--passes-out", default=None,
                     help="also write one row per (configuration, purpose of the transformer calls) here")
+    ap.add_argument("--build-device", default="cpu", help="where the random weights are initialised (cuda: "
+                                                           "seconds for FLUX.1-dev's 12 B, not minutes)")
+    ap.add_argument("--build-dtype", default="fp32", choices=("fp32", "bf16"), help="dtype of the saved folder")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the device's peak TFLOP/s for the MFU columns (default: bf16 dense of a known GPU, "
+                         "else MFU is nan)")
     ap.add_argument("--_build", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -622,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / f"{model}_d{depth if model == 'sd3' else '%d+%d' % flux_depth}"
             if not (folder / "model_index.json").exists():
                 b = _spawn("build", {"model": model, "depth": depth, "flux_depth": flux_depth,
-                                     "folder": str(folder), "threads": args.threads}, args.timeout)
+                                     "folder": str(folder), "threads": args.threads, "build_device": args.build_device,
+                                     "build_dtype": args.build_dtype}, args.timeout)
                 print(f"built {model}: transformer {b['transformer_params'] / 1e6:.0f} M parameters "
                       f"({b['build_s']:.0f} s) -> {folder}", file=sys.stderr, flush=True)
             md = MODEL_DEFAULTS[model]
@@ -643,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                         "log.progress=false", "log.tensorboard=false", "log.grids=false", *args.set]
                     spec = {"preset": preset, "model": model, "overrides": overrides, "run_dir": str(run_dir),
                             "threads": args.threads, "timed": max(1, args.timed), "evaluate": args.evaluate,
+                            "peak_tflops": args.peak_tflops,
                             "eval_every": eval_every}
                     m = _spawn("run", spec, args.timeout)
                     row = {"model": model, "preset": preset, "mode": args.mode, "label": args.label,
@@ -678,6 +770,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['forward_calls']} ({r['forward_rows']}) | {r['text_encoder_s']:.2f} | {r['vae_decode_s']:.2f} | "
             f"{r['other_s']:.2f} | {_fmt(r['peak_rss_mib_iteration'], 0)} / {r['peak_rss_mib_setup']:.0f} | "
             f"{r['trainable_params_m']:.1f} / {r['transformer_params_m']:.0f} |")
+    lines += ["", "Model FLOPs (one forward row counted with torch.utils.flop_counter; the update's backward as 2× "
+              "its forward in full mode, 1× with LoRA) and utilisation of the peak "
+              f"({_fmt(rows[0]['peak_tflops'], 1)} TFLOP/s; nan: unknown device, pass --peak-tflops)", "",
+              "| model | preset | px | G | T | GFLOP / forward row | update TFLOP | update MFU (phase) | "
+              "update MFU (transformer time) | rollout MFU | peak GPU MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["preset"], r["resolution"], r["group_size"], r["steps"])):
+        lines.append(
+            f"| {r['model']} d{r['depth']} | {r['preset']} | {r['resolution']} | {r['group_size']} | {r['steps']} | "
+            f"{r['flops_per_row_g']:.1f} | {r['update_model_tflop']:.2f} | {_pct(r['update_mfu'])} | "
+            f"{_pct(r['update_transformer_mfu'])} | {_pct(r['rollout_mfu'])} | {_fmt(r['peak_gpu_mib'], 0)} |")
     fits = []
     for model in models:
         for preset in presets:
