@@ -57,8 +57,9 @@ def test_stepwise_iteration_logs_gain_profile(tmp_path, tiny):
     rec = tr.train_iteration(0)
     prof = rec["stepwise/mean_abs_gain_by_step"]
     assert len(prof) == 4 and prof[-1] == 0.0  # the last step is never trained
-    # rows × T′ × states needing an estimate (x_0..x_3; x_4 is the final image) × 2 for CFG
-    assert rec["stepwise/nfe"] == 8 * 2 * 4 * tr.policy.evals_per_row(tr.cfg.sample.guidance)
+    # rows × T′ × states needing an estimate (x_0..x_3; x_4 is the final image) × 2 for CFG, less the
+    # G − 1 copies of each group's shared x_0 (the preset's sample.shared_noise: estimated once)
+    assert rec["stepwise/nfe"] == (8 * 4 - 2 * 3) * 2 * tr.policy.evals_per_row(tr.cfg.sample.guidance)
 
 
 def test_stepwise_multi_reward_normalize_then_sum(tmp_path, tiny):

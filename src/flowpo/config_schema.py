@@ -277,6 +277,12 @@ class TrainConfig:
     """Optimizer steps per iteration (the samples are split into this many minibatches)."""
     inner_epochs: int = 1
     """Passes over the iteration's samples."""
+    cache_reference: bool = True
+    """inner_epochs > 1: keep the frozen reference's no-grad outputs of the first pass (the KL's step
+    means with loss.kl_beta > 0, v_ref with objective.ref_beta > 0) and reuse them in the later
+    passes, which would recompute the same numbers (same weights, states and noise). Costs one
+    latent-sized fp32 tensor per trained (row, step) until the iteration ends (at most the size of
+    the stored states); false recomputes them every pass. No effect at inner_epochs = 1."""
     ema: float = 0.0
     """EMA decay of the trainable weights used for evaluation (0: off)."""
     checkpoint_every: int = 10

@@ -9,6 +9,8 @@ w is OP-GRPO's detached importance weight of a replayed row (arXiv 2604.04142; 1
 A the group or stepwise advantage, KL the Gaussian KL of the step means to the reference policy
 (adapter disabled, or the frozen copy in full fine-tuning) — `flowpo.loss.mean_kl`. π_θ is
 re-scored on the same chunk of rows as the rollout used, so on policy the first ratio is exactly 1.
+The reference's step means are computed once per (chunk, step) and iteration and reused by the
+later passes of train.inner_epochs (`flowpo.objectives.reference`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import contextlib
 import torch
 
 from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
+from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
 from flowpo.training.distributed import agreed_steps
 
@@ -26,6 +29,7 @@ class ClippedSurrogate:
 
     def __init__(self, ctx, cfg):
         self.ctx, self.loss = ctx, cfg.loss
+        self.refs = reference_cache(cfg)  # the KL's reference step means, kept across inner epochs
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
@@ -50,7 +54,7 @@ class ClippedSurrogate:
         return out
 
     def begin(self, batch, iteration: int) -> None:
-        pass
+        self.refs.clear()
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
         """Backward the loss of every trained step of one chunk. loss.forward_rows='chunk' runs the
@@ -71,10 +75,9 @@ class ClippedSurrogate:
             st = self.rescore(b.states, ids, t, ids_cond)
             kl = None
             if lc.kl_beta > 0:
-                with torch.no_grad(), c.policy.disable_adapter():
-                    ref = self.rescore(b.states, ids, t, ids_cond)
+                ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
                 dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
-                kl = mean_kl(st.mean, ref.mean, st.std, dt, lc.kl_form)[rows]
+                kl = mean_kl(st.mean, ref_mean, st.std, dt, lc.kl_form)[rows]
             loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
                                            lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
                                            kl_beta=lc.kl_beta, normalizer=count)
@@ -82,11 +85,16 @@ class ClippedSurrogate:
             out.append(stat)
         return out
 
+    def _reference_mean(self, states: torch.Tensor, ids: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
+        """The reference policy's step means at x_t of rows `ids` (no grad, adapter disabled)."""
+        with torch.no_grad(), self.ctx.policy.disable_adapter():
+            return self.rescore(states, ids, t, cond).mean
+
     def merge(self, stats: list) -> dict:
         return merge_stats(stats)
 
     def end(self, iteration: int) -> None:
-        pass
+        self.refs.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

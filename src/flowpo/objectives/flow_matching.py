@@ -14,11 +14,16 @@ Old policy (`objective.old_ramp`, `objective.old_max`): a soft copy of the train
 θ_old ← η_i·θ_old + (1 − η_i)·θ after iteration i's updates, η_i = min(old_ramp·i, old_max)
 (DiffusionNFT's decay schedule, AWM's EMA anchor). old_ramp = 0 keeps θ_old = θ at the start of
 every iteration and stores no copy.
+
+The reference velocity v_ref (objective.ref_beta > 0) is computed once per (chunk, step) and
+iteration and reused by the later passes of train.inner_epochs (`flowpo.objectives.reference`):
+x_σ, the chunk's rows and the frozen reference are the same in every pass.
 """
 from __future__ import annotations
 
 import torch
 
+from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
 from flowpo.training.distributed import agreed_steps
 from flowpo.training.ema import EMA, NoEMA
@@ -34,6 +39,8 @@ class FinalSampleObjective:
         # θ_old: an EMA whose decay is the ramp's η (training.ema); none kept when old_ramp = 0
         self.old = EMA(ctx.params, 0.0) if self.o.old_ramp > 0 else NoEMA()
         self.noise = None
+        self.refs = reference_cache(cfg)  # v_ref per (chunk, step), kept across inner epochs
+        self._at = None  # (chunk, step) of the term being computed: the key of the reference cache
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
@@ -50,6 +57,7 @@ class FinalSampleObjective:
         dims = tuple(b.final.shape[1:])
         seeds = [stream_seed(self.ctx.seed, iteration, 6, int(r)) for r in b.row_ids]
         self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
+        self.refs.clear()
         with torch.no_grad():
             self._prepare(b)
 
@@ -60,7 +68,11 @@ class FinalSampleObjective:
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
-            per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
+            self._at = (idx, t)
+            try:
+                per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
+            finally:
+                self._at = None
             per = per * b.weight[idx, t][rows].detach()
             (per.sum() / count).backward()
             out.append(stat)
@@ -74,6 +86,7 @@ class FinalSampleObjective:
     def end(self, iteration: int) -> None:
         self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
         self.noise = None
+        self.refs.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
@@ -103,8 +116,15 @@ class FinalSampleObjective:
                 yield idx, t, b.train[idx, t], sig, x, u, cond
 
     def _ref_velocity(self, x, sig, cond) -> torch.Tensor:
-        with torch.no_grad(), self.ctx.policy.disable_adapter():
-            return self._velocity(x, sig, cond)
+        """v_ref at x_σ (no grad, adapter disabled); inside `chunk_loss` the first pass's value of
+        the same (chunk, step) when the reference cache is on."""
+        def compute() -> torch.Tensor:
+            with torch.no_grad(), self.ctx.policy.disable_adapter():
+                return self._velocity(x, sig, cond)
+
+        if self._at is None:
+            return compute()
+        return self.refs.get(*self._at, compute)
 
     def _ref_term(self, v: torch.Tensor, x, sig, cond, rows) -> torch.Tensor:
         """objective.ref_beta · mean_D (v_θ − v_ref)² per trained row (0 without a reference term)."""

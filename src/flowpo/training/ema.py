@@ -1,4 +1,9 @@
-"""Exponential moving average of the trainable weights (used for evaluation when train.ema > 0)."""
+"""Exponential moving average of the trainable weights: the evaluation EMA (train.ema > 0) and
+the objectives' old-policy copy θ_old (objective.old_ramp > 0).
+
+`swapped()` puts the shadow into the parameters for a while. On plain tensors (one process, LoRA on
+any number of ranks) a swap exchanges the storage of each parameter and its shadow, O(1) with no
+weight copied; FSDP2's DTensor shards are copied in and out (`EMA.swap`)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,10 +28,20 @@ class EMA:
 
     @torch.no_grad()
     def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
+        """Exchange the parameters' values with the shadow's.
+
+        Plain tensors exchange storage, O(1) per parameter: the Parameter objects (which the
+        optimizer and the module hold) stay, their `.data` becomes the shadow's tensor and the
+        shadow takes the old one, so nothing is copied and two swaps restore the original objects.
+        DTensor parameters (FSDP2's shards) are copied in and out as before: FSDP2 keeps its own
+        references to the sharded parameters' storage, which a `.data` exchange would bypass."""
+        for i, (s, p) in enumerate(zip(self.shadow, self.params)):
+            if type(p.data) is torch.Tensor and type(s) is torch.Tensor:
+                p.data, self.shadow[i] = s, p.data
+            else:
+                tmp = p.detach().clone()
+                p.copy_(s)
+                s.copy_(tmp)
 
     def swapped(self, resync=None):
         """Context with the EMA weights in the parameters (evaluation); `resync()` after each swap
