@@ -97,7 +97,8 @@ def test_replayed_pi_old_from_the_first_forward_saves_exactly_its_pass(tmp_path,
     kept = int((upfront.sigmas[:3] >= 0.5).sum())
     assert upfront.calls["replay_pi_old"] == kept and upfront.rows["replay_pi_old"] == 2 * kept
     assert "replay_pi_old" not in lazy.calls
-    assert lazy.calls == _without(upfront.calls, "replay_pi_old") and lazy.rows == _without(upfront.rows, "replay_pi_old")
+    assert lazy.calls == _without(upfront.calls, "replay_pi_old")
+    assert lazy.rows == _without(upfront.rows, "replay_pi_old")
 
 
 def test_replayed_pi_old_keeps_its_pass_when_the_chunk_trains_after_an_optimizer_step(tmp_path, tiny):
