@@ -159,7 +159,11 @@ def test_dead_or_stalled_rank_fails_the_others_within_the_timeout(mode):
 @pytest.mark.slow
 @pytest.mark.ci  # the regenerated tails shared over ranks and NFT's old-policy copy: essential, ~15 s
 @pytest.mark.parametrize("preset,extra", [("op_grpo", ["replay.tail=regenerate"]),
-                                          ("diffusion_nft", ["replay.k=1", "objective.old_ramp=0.3"])])
+                                          ("diffusion_nft", ["replay.k=1", "objective.old_ramp=0.3"]),
+                                          # π_old and ℓ_old from the update's first forward (minibatch 0)
+                                          ("op_grpo", ["replay.tail=regenerate", "replay.is_correction=per_step",
+                                                       "train.minibatches=1"]),
+                                          ("awm", ["replay.k=1", "objective.old_ramp=0.3"])])
 def test_two_processes_match_one_process_regenerated_tails_and_final_sample_objectives(tmp_path, tiny, preset, extra):
     # replayed tails are regenerated once (each rank its share) and shared; NFT's old-policy copy
     prompts = tmp_path / "prompts.txt"

@@ -70,17 +70,24 @@ def test_the_settings_leave_a_rank_without_rows_in_some_chunk(tiny):
 
 @pytest.mark.slow
 @pytest.mark.ci  # the point of issue 21: sharded full fine-tuning equals one process, per preset (~8 s each)
-@pytest.mark.parametrize("preset", ["flow_grpo", "mix_grpo_flash", "op_grpo", "stepwise_grpo"])
-def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, preset):
-    extra = []
-    if preset == "op_grpo":  # a tiny prompt pool so that replays are admitted (and tails regenerated)
+@pytest.mark.parametrize("preset,extra", [("flow_grpo", []), ("mix_grpo_flash", []), ("op_grpo", []),
+                                          ("stepwise_grpo", []),
+                                          # the replayed chunk in minibatch 0: π_old from the update's forward;
+                                          # one group, one replayed row: the other rank holds none
+                                          ("op_grpo_per_step_is", ["train.minibatches=1",
+                                                                   "sample.prompts_per_iteration=1"]),
+                                          # ℓ_old from the update's forward on minibatch 0's chunks (uniform:
+                                          # ghuber's p = 0.25 amplifies the ranks' rounding to 1.8e-5)
+                                          ("awm", ["objective.old_ramp=0.3", "objective.awm_weighting=uniform"])])
+def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, preset, extra):
+    if preset.startswith("op_grpo"):  # a tiny prompt pool so that replays are admitted (and tails regenerated)
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a handwritten 3\na handwritten 7\n")
-        extra = [f"sample.prompts_file={prompts}"]
+        extra = extra + [f"sample.prompts_file={prompts}"]
     args = tiny + FULL + extra
     base = one_process(tmp_path / "one", preset, args)
     torchrun(2, ["train", "--preset", preset, "--out", str(tmp_path / "two")] + args)
-    if preset == "op_grpo":
+    if preset.startswith("op_grpo"):
         lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if x.strip()]
         assert any(x.get("replay/admitted", 0) > 0 for x in lines)
     worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))

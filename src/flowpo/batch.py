@@ -10,10 +10,14 @@ Shapes: N global rows, n local rows, M update rows, T steps, D latent dims, K re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from flowpo.policy.base import Cond
+
+if TYPE_CHECKING:
+    from flowpo.replay import PendingPiOld
 
 
 @dataclass
@@ -60,3 +64,13 @@ class UpdateBatch:
     chunk_ids: list[int]       # global chunk index of each chunk
     n_chunks: int              # global chunks (fresh + replayed) over all ranks
     row_ids: torch.Tensor      # [M] long: global row id (fresh: 0..N−1, replayed: N + j); seeds per-row noise
+    pending: PendingPiOld | None = None  # replayed (row, step) pairs whose π_old and weight the
+                                         # update's first forward gives; None: all are known
+
+
+def minibatch_of(chunk_id: int, n_chunks: int, minibatches: int) -> int:
+    """The minibatch that global chunk `chunk_id` of `n_chunks` trains in: chunk_id mod the number
+    of minibatches per pass (train.minibatches, at most one per chunk, since a minibatch is whole
+    chunks). The same on every rank. Minibatch 0 of the first pass runs before the update's first
+    optimizer step, at the iteration's starting weights."""
+    return chunk_id % max(1, min(minibatches, n_chunks))

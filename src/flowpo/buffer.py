@@ -62,14 +62,43 @@ def admit(rule: str, replay_reward: float, fresh_rewards: torch.Tensor, tol: flo
     raise ValueError(f"replay.rule={rule!r}; allowed: always, beats_best, no_spread, beats_best_or_no_spread")
 
 
+STEP_LOCAL = ("none", "per_step")
+"""The replay.is_correction forms whose weight at (row i, step t) needs π_old at (i, t) only."""
+
+
+def step_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor, *, correction: str,
+                 cap: float | None = None, scale: float = 1.0,
+                 clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of the per-step forms (`STEP_LOCAL`: none, per_step) → (w, bounded), both shaped
+    like pi_old: w_t = π_old(t)/β(t) (1 for none) after `scale`, `clip` and `cap` as in
+    `importance_weights`, and where the clip or the cap changed it. Element by element, so any
+    subset of the pairs (one step of one chunk, as the update's first forward gives π_old: replay.py)
+    gets the same values as the whole table."""
+    d = (pi_old - beta) * kept * scale
+    return _bounded(torch.ones_like(d) if correction == "none" else d.exp(), cap, clip)
+
+
+def _bounded(w: torch.Tensor, cap: float | None, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w clipped to [1/clip, clip], then truncated at cap → (w, where either changed it)."""
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    if clip is not None:
+        capped = (w > clip) | (w < 1 / clip)
+        w = w.clamp(1 / clip, clip)
+    if cap is not None:
+        capped |= w > cap
+        w = w.clamp(max=cap)
+    return w, capped
+
+
 def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Tensor, *,
                        correction: str = "sequence", form: str = "geomean",
                        cap: float | None = None, scale: float = 1.0,
                        clip: float | None = None) -> tuple[torch.Tensor, dict]:
     """OP-GRPO importance weights of replayed rows → ([R, T] detached weights, stats).
 
-    pi_old, beta [R, T]: log-probs of the stored transitions under π_old (recomputed at the start
-    of the iteration) and under the behaviour policy β that generated them; kept [R, T] bool.
+    pi_old, beta [R, T]: log-probs of the stored transitions under π_old (the iteration's starting
+    weights: replay.py says where they come from) and under the behaviour policy β that generated
+    them; kept [R, T] bool.
         sequence, product:  w = Π_{t∈K} π_old/β = exp(Σ_K (log π_old − log β))
         sequence, geomean:  w = exp(mean_K (log π_old − log β))
         per_step:           w_t = π_old(t)/β(t)
@@ -84,22 +113,13 @@ def importance_weights(pi_old: torch.Tensor, beta: torch.Tensor, kept: torch.Ten
         raise ValueError(f"replay.is_correction={correction!r}; allowed: none, sequence, per_step")
     if form not in ("product", "geomean"):
         raise ValueError(f"replay.is_form={form!r}; allowed: product, geomean")
-    d = (pi_old - beta) * kept * scale                          # [R, T]
     cnt = kept.sum(1).clamp_min(1)
-    if correction == "none":
-        w = torch.ones_like(d)
-    elif correction == "per_step":
-        w = d.exp()
+    if correction in STEP_LOCAL:
+        w, capped = step_weights(pi_old, beta, kept, correction=correction, cap=cap, scale=scale, clip=clip)
     else:
+        d = (pi_old - beta) * kept * scale                      # [R, T]
         logw = d.sum(1) if form == "product" else d.sum(1) / cnt
-        w = logw.exp()[:, None].expand_as(d).clone()
-    capped = torch.zeros_like(w, dtype=torch.bool)
-    if clip is not None:
-        capped = (w > clip) | (w < 1 / clip)
-        w = w.clamp(1 / clip, clip)
-    if cap is not None:
-        capped |= w > cap
-        w = w.clamp(max=cap)
+        w, capped = _bounded(logw.exp()[:, None].expand_as(d).clone(), cap, clip)
     seq = w[:, 0] if correction != "per_step" else (w * kept).sum(1) / cnt
     ess = float(seq.sum() ** 2 / (seq ** 2).sum().clamp_min(1e-12))
     q = torch.quantile(seq.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.double)).tolist()

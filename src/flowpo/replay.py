@@ -8,7 +8,16 @@ The trainer calls, in order, on every rank:
     reward_rows(rep)          → ReplayRows for the advantage estimator (None when rep is empty)
     extend(batch, rep, adv_all, it, objective) → this rank's share of the replayed rows appended
                                 to its update batch, with the objective's π_old and the IS weights
+                                (or pending: see below)
     observe(it, gb)           after the update: expire old entries, offer the fresh rows
+
+π_old of a replayed row is its log-prob under the iteration's starting weights θ. A replayed chunk
+that the update trains in its first minibatch (before any optimizer step) is scored at exactly
+those weights and states by the update's first forward, so its π_old is taken from there
+(`PendingPiOld`, no pass of its own) whenever its weight follows from that step alone: the
+per-step forms (replay.is_correction none or per_step; the sequence forms need all of a row's
+steps before the row's first step trains) and loss.forward_rows=chunk (the pass's own rows, so the
+numbers are bit-identical). Every other replayed chunk gets `objective.old_log_probs` up front.
 
 The buffer's data structure and the weight formulas are in `flowpo.buffer`.
 """
@@ -18,9 +27,48 @@ import dataclasses
 
 import torch
 
-from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch
-from flowpo.buffer import ReplayBuffer, importance_weights, prompt_key, regenerate_tails
+from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch, minibatch_of
+from flowpo.buffer import STEP_LOCAL, ReplayBuffer, importance_weights, prompt_key, regenerate_tails, step_weights
 from flowpo.policy.base import cat_cond
+
+
+class PendingPiOld:
+    """The replayed (row, step) pairs of an update batch whose π_old the update's first forward
+    gives (module docstring): the objective's chunk_loss hands each step's log π_θ to `take`, which
+    writes π_old and the per-step importance weight of those pairs into the batch; `stats` gives the
+    weight stats of all this rank's replayed rows once they are known (after the update), the same
+    values `importance_weights` gives on a table computed up front."""
+
+    def __init__(self, mask: torch.Tensor, beta: torch.Tensor, start: int, options: dict):
+        self.mask = mask          # [M, T] bool: pairs still to take
+        self.beta = beta          # [R_mine, T] behaviour log-probs of the replayed rows (batch rows start…)
+        self.start = start        # first replayed row of the batch
+        self.options = options    # importance_weights' keywords (correction, form, cap, scale, clip)
+
+    def take(self, b: UpdateBatch, ids: torch.Tensor, t: int, log_prob: torch.Tensor) -> None:
+        """log_prob [n] of rows `ids` at step t, from the update's forward before any optimizer step:
+        π_old and the weight of the pending pairs among them."""
+        need = self.mask[ids, t]
+        if not bool(need.any()):
+            return
+        b.old_log_prob[ids, t] = torch.where(need, log_prob.detach().to(b.old_log_prob.dtype), b.old_log_prob[ids, t])
+        o = self.options
+        w, _ = step_weights(b.old_log_prob[ids, t], self.beta[ids - self.start, t], need, correction=o["correction"],
+                            cap=o["cap"], scale=o["scale"], clip=o["clip"])
+        b.weight[ids, t] = torch.where(need, w, b.weight[ids, t])
+        self.mask[ids, t] = False
+
+    def left(self) -> int:
+        """Pairs not taken yet (0 once the first minibatch has run)."""
+        return int(self.mask.sum())
+
+    def stats(self, b: UpdateBatch) -> dict:
+        """The importance-weight stats (`replay/w_mean`, …) of this rank's replayed rows."""
+        if self.left():
+            raise RuntimeError(f"{self.left()} replayed (row, step) pairs got no π_old: their chunks did not "
+                               "run in the update's first minibatch")
+        r = slice(self.start, b.old_log_prob.shape[0])
+        return importance_weights(b.old_log_prob[r], self.beta, b.train[r], **self.options)[1]
 
 
 class NoReplay:
@@ -58,6 +106,7 @@ class OPReplay:
         self.cfg, self.r, self.sigmas, self.policy, self.rewards, self.dist, self.device = \
             cfg, r, sigmas, policy, rewards, dist, device
         self.k = r.k
+        self.lazy_pi_old = True  # False: every replayed chunk gets its own π_old pass (tests compare the two)
         self.buffer = ReplayBuffer(sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
                                    decay=r.decay, truncate_sigma=r.truncate_sigma,
                                    truncate_fraction=r.truncate_fraction, age_unit=r.age_unit)
@@ -131,8 +180,10 @@ class OPReplay:
 
     # ------------------------------------------------------------------ the update batch
     def extend(self, b: UpdateBatch, rep: list, adv_all: torch.Tensor, it: int, objective) -> tuple[UpdateBatch, dict]:
-        """Append this rank's share of the replayed rows: global chunks of their own (an exact π_old
-        recompute), after the fresh ones; rank r holds rows [r·R/W, (r+1)·R/W)."""
+        """Append this rank's share of the replayed rows: global chunks of their own, after the fresh
+        ones; rank r holds rows [r·R/W, (r+1)·R/W). π_old at the current weights: computed here, or
+        left to the update's first forward (the returned batch's `pending`; the weight stats come
+        from `PendingPiOld.stats` after the update then)."""
         from flowpo.rollout import make_chunks
 
         R = len(rep)
@@ -150,11 +201,16 @@ class OPReplay:
         T = b.train.shape[1]
         dev = b.states.device
         n = b.states.shape[0]
+        # the replayed chunks whose π_old the update's first forward gives (module docstring); the
+        # choice is made on global chunk ids, so every rank makes the same π_old calls for the rest
+        lazy = self.lazy_pi_old and self.r.is_correction in STEP_LOCAL and self.cfg.loss.forward_rows == "chunk"
+        first = [lazy and minibatch_of(b.n_chunks + i, n_chunks, self.cfg.train.minibatches) == 0 for i in r_ids]
+        upfront = [c for c, f in zip(r_chunks, first) if not f]
         if not mine:  # (under lock-step the empty chunks stay, and π_old's calls are still made)
             if lockstep:
                 objective.old_log_probs(torch.zeros((0, T + 1, *b.states.shape[2:]), device=dev),
                                         torch.zeros((0, T), dtype=torch.bool, device=dev),
-                                        self.policy.encode_prompts([]), r_chunks)
+                                        self.policy.encode_prompts([]), upfront)
             return dataclasses.replace(b, chunks=b.chunks + [c + n for c in r_chunks], chunk_ids=chunk_ids,
                                        n_chunks=n_chunks), {}
         r_states = torch.zeros((len(mine), T + 1, *b.states.shape[2:]), device=dev)
@@ -167,8 +223,9 @@ class OPReplay:
             beta[m, steps] = e.log_prob.to(dev)
         r_final = torch.stack([e.final if e.final is not None else torch.zeros(b.final.shape[1:]) for _, _, e in mine]).to(dev)
         r_cond = self.policy.encode_prompts([e.prompt for _, _, e in mine])
-        pi_old = objective.old_log_probs(r_states, r_train, r_cond, r_chunks)              # [R_mine, T] or None
+        pi_old = objective.old_log_probs(r_states, r_train, r_cond, upfront)               # [R_mine, T] or None
         stats: dict = {"replay/age_mean": sum(it - e.version for _, _, e in mine) / len(mine)}
+        pending = None
         if pi_old is None:  # an objective without likelihood: replayed rows enter with weight 1
             pi_old, r_weight = torch.zeros_like(beta), torch.ones_like(beta)
         else:
@@ -176,17 +233,26 @@ class OPReplay:
             for d in b.states.shape[2:]:
                 dims *= int(d)
             scale = dims if (self.r.is_density == "sum" and self.cfg.sample.reduction == "mean") else 1
-            r_weight, wstats = importance_weights(pi_old, beta, r_train, correction=self.r.is_correction,
-                                                  form=self.r.is_form, cap=self.r.is_cap, scale=scale,
-                                                  clip=self.r.is_sum_clip if self.r.is_density == "sum" else None)
-            stats.update(wstats)
+            options = dict(correction=self.r.is_correction, form=self.r.is_form, cap=self.r.is_cap, scale=scale,
+                           clip=self.r.is_sum_clip if self.r.is_density == "sum" else None)
+            taken = torch.zeros_like(r_train)
+            for c, f in zip(r_chunks, first):
+                if f:
+                    taken[c] = r_train[c]
+            if bool(taken.any()):  # their π_old and weight come with the update's first forward
+                r_weight, _ = step_weights(pi_old, beta, r_train, correction=options["correction"], cap=options["cap"],
+                                           scale=scale, clip=options["clip"])       # (right where not taken)
+                pending = PendingPiOld(torch.cat([torch.zeros_like(b.train, device=dev), taken]), beta, n, options)
+            else:
+                r_weight, wstats = importance_weights(pi_old, beta, r_train, **options)
+                stats.update(wstats)
         rows = torch.tensor([j for j, _, _ in mine])
         return UpdateBatch(
             states=torch.cat([b.states, r_states]), final=torch.cat([b.final, r_final]),
             train=torch.cat([b.train, r_train.to(b.train.device)]), old_log_prob=torch.cat([b.old_log_prob, pi_old.to(dev)]),
             adv=torch.cat([b.adv, adv_all[n_global + rows].to(dev)]), weight=torch.cat([b.weight, r_weight.to(dev)]),
             cond=cat_cond([b.cond, r_cond]), chunks=b.chunks + [c + n for c in r_chunks], chunk_ids=chunk_ids,
-            n_chunks=n_chunks, row_ids=torch.cat([b.row_ids, n_global + rows])), stats
+            n_chunks=n_chunks, row_ids=torch.cat([b.row_ids, n_global + rows]), pending=pending), stats
 
     # ------------------------------------------------------------------ after the update
     def observe(self, it: int, gb: GlobalBatch) -> dict:

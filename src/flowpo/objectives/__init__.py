@@ -4,10 +4,15 @@ An objective is an object with this protocol (the trainer calls it and nothing e
 
     sampling()                      context: the weights the rollout samples with (a behaviour policy)
     old_log_probs(states, train, cond, chunks) -> [R, T] | None
-                                    log π_old of stored transitions (replayed rows' importance
-                                    weights); None when the objective has no likelihood
-    begin(batch, iteration)         before the first optimizer step (cache old predictions)
-    chunk_loss(batch, idx, count)   backward the loss of chunk `idx`; returns stats dicts
+                                    log π_old of stored transitions in `chunks` (replayed rows'
+                                    importance weights); None when the objective has no likelihood
+    begin(batch, iteration, first)  before the first optimizer step (cache old predictions); `first`:
+                                    the positions in batch.chunks of minibatch 0, which the update
+                                    trains first, before any optimizer step: an old prediction at
+                                    the current weights there may come from chunk_loss's own forward
+    chunk_loss(batch, idx, count)   backward the loss of chunk `idx`; returns stats dicts; an objective
+                                    with a likelihood hands each step's log π_θ to batch.pending
+                                    (replay.PendingPiOld) when there is one
     merge(stats) -> metrics         means of the stats over all ranks' chunks
     end(iteration)                  after the iteration's optimizer steps
     state_dict() / load_state_dict  what a checkpoint keeps

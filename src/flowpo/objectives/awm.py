@@ -9,9 +9,10 @@ a log-likelihood surrogate ℓ_θ = −φ(m_θ, σ) (`objective.awm_weighting`):
 
     uniform: φ = m          t: φ = σ·m          ghuber: φ = σ·((m + 1e-10)^p − 1e-10^p)/p,  p = awm_p
 
-and a PPO-style ratio against the pre-update weights (ℓ_old is computed once per iteration, before
-the first optimizer step, at the same x_σ; on the first minibatch ρ = 1 exactly and the gradient is
-the paper's −A·∇ℓ_θ):
+and a PPO-style ratio against the pre-update weights (ℓ_old is ℓ at the iteration's starting weights,
+at the same x_σ: the update's own forward gives it on the first minibatch, a pass before the first
+optimizer step on the others; on the first minibatch ρ = 1 exactly and the gradient is the paper's
+−A·∇ℓ_θ):
 
     ρ = exp(ℓ_θ − ℓ_old),    L = max(−A'·ρ, −A'·clip(ρ, 1 − ε_c, 1 + ε_c))
         + β_ref·‖v_θ − v_ref‖² + β_anchor·‖v_θ − v_anchor‖²
@@ -53,11 +54,17 @@ class AWM(FinalSampleObjective):
     def _ll(self, v, u, sig):
         return awm_log_likelihood(v, u, sig, self.o.awm_weighting, self.o.awm_p)
 
-    def _prepare(self, b) -> None:
-        self._store(b, "ll_old", lambda idx, t, rows, sig, x, u, cond: self._ll(self._velocity(x, sig, cond), u, sig))
+    def _prepare(self, b, first) -> None:
+        # ℓ_old is at the current weights: the chunks of the first minibatch take it from the
+        # update's own forward (_first_forward), the others need a pass of their own now
+        self._store(b, "ll_old", lambda idx, t, rows, sig, x, u, cond: self._ll(self._velocity(x, sig, cond), u, sig),
+                    skip=first)
         if self.o.anchor_beta > 0:
             with self.old.swapped(self.ctx.resync):
                 self._store(b, "v_anchor", lambda idx, t, rows, sig, x, u, cond: self._velocity(x, sig, cond))
+
+    def _first_forward(self, b, idx, t, sig, x, u, v, cond) -> None:
+        self._put(b, "ll_old", idx, t, self._ll(v, u, sig))  # the same numbers as a separate pass
 
     def _term(self, b, idx, t, rows, sig, x, u, v, cond):
         o = self.o

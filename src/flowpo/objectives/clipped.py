@@ -45,7 +45,8 @@ class ClippedSurrogate:
 
     @torch.no_grad()
     def old_log_probs(self, states, train, cond, chunks) -> torch.Tensor:
-        """π_old log-probs of stored transitions under the current weights, chunk by chunk. [R, T]"""
+        """π_old log-probs of stored transitions under the current weights, chunk by chunk: [R, T],
+        0 outside `chunks` (the replayed chunks whose π_old the update's first forward gives)."""
         out = torch.zeros(train.shape, device=states.device)
         for idx in chunks:
             for t in agreed_steps(self.ctx.policy, train[idx].any(0)):
@@ -53,7 +54,7 @@ class ClippedSurrogate:
                 out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
         return out
 
-    def begin(self, batch, iteration: int) -> None:
+    def begin(self, batch, iteration: int, first=()) -> None:
         self.refs.clear()
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
@@ -73,6 +74,8 @@ class ClippedSurrogate:
             else:
                 ids, ids_cond = idx, cond
             st = self.rescore(b.states, ids, t, ids_cond)
+            if b.pending is not None:  # replayed rows of the first minibatch: π_old is this forward's
+                b.pending.take(b, ids, t, st.log_prob)
             kl = None
             if lc.kl_beta > 0:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))

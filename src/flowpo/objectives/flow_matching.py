@@ -31,7 +31,9 @@ from flowpo.training.ema import EMA, NoEMA
 
 class FinalSampleObjective:
     """Base of the objectives that train v_θ on noised final samples. Subclasses define
-    `_prepare(b)` (no-grad predictions before the first optimizer step) and
+    `_prepare(b, first)` (no-grad predictions before the first optimizer step; `first`: the chunk
+    positions whose predictions at the current weights may come from the update's own first
+    forward instead, through `_first_forward`) and
     `_term(b, idx, t, rows, sig, x, u, v, cond) -> (per-row loss [r], stats dict)`."""
 
     def __init__(self, ctx, cfg):
@@ -41,6 +43,7 @@ class FinalSampleObjective:
         self.noise = None
         self.refs = reference_cache(cfg)  # v_ref per (chunk, step), kept across inner epochs
         self._at = None  # (chunk, step) of the term being computed: the key of the reference cache
+        self._fresh = None  # [M, T] bool: trained pairs whose chunk's first forward is still to come
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
@@ -50,7 +53,9 @@ class FinalSampleObjective:
     def old_log_probs(self, states, train, cond, chunks):
         return None  # no likelihood: replayed rows enter with weight 1
 
-    def begin(self, b, iteration: int) -> None:
+    def begin(self, b, iteration: int, first=()) -> None:
+        """Draw the iteration's noise and make the old predictions; `first`: the positions in b.chunks
+        that the update trains before its first optimizer step (the objectives' protocol)."""
         from flowpo.rollout import row_noise, stream_seed
 
         T = b.train.shape[1]
@@ -58,8 +63,12 @@ class FinalSampleObjective:
         seeds = [stream_seed(self.ctx.seed, iteration, 6, int(r)) for r in b.row_ids]
         self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
         self.refs.clear()
+        first = sorted(set(first))
+        self._fresh = torch.zeros_like(b.train)
+        for j in first:
+            self._fresh[b.chunks[j]] = b.train[b.chunks[j]]
         with torch.no_grad():
-            self._prepare(b)
+            self._prepare(b, first)
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
         cond = select_cond(b.cond, idx)
@@ -68,6 +77,10 @@ class FinalSampleObjective:
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
+            if self._fresh is not None and bool(self._fresh[idx, t].any()):   # minibatch 0, before any step
+                with torch.no_grad():
+                    self._first_forward(b, idx, t, sig, x, u, v.detach(), cond)
+                self._fresh[idx, t] = False
             self._at = (idx, t)
             try:
                 per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
@@ -85,7 +98,7 @@ class FinalSampleObjective:
 
     def end(self, iteration: int) -> None:
         self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
-        self.noise = None
+        self.noise, self._fresh = None, None
         self.refs.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -107,9 +120,16 @@ class FinalSampleObjective:
         c = self.ctx
         return c.policy.velocity(x, torch.full((x.shape[0],), sig, device=x.device), cond, c.guidance).float()
 
-    def _each_trained(self, b):
-        """(idx, t, rows, σ, x_σ, u, cond) over every chunk and trained step of the batch."""
-        for idx in b.chunks:
+    def _first_forward(self, b, idx: torch.Tensor, t: int, sig: float, x, u, v: torch.Tensor, cond) -> None:
+        """The update's forward v [n_c, *D] (detached) of a chunk in `first` at step t, before any
+        optimizer step: where a subclass takes the old predictions it left out of `_prepare`."""
+
+    def _each_trained(self, b, skip=()):
+        """(idx, t, rows, σ, x_σ, u, cond) over every chunk (but the positions in `skip`) and trained
+        step of the batch."""
+        for j, idx in enumerate(b.chunks):
+            if j in skip:
+                continue
             cond = select_cond(b.cond, idx)
             for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
                 sig, x, u = self._noised(b, idx, t)
@@ -133,14 +153,19 @@ class FinalSampleObjective:
         v_ref = self._ref_velocity(x, sig, cond)
         return self.o.ref_beta * ((v - v_ref) ** 2).flatten(1).mean(1)[rows]
 
-    def _store(self, b, name: str, fn) -> torch.Tensor:
-        """Fill a [M, T, ...] table with fn(idx, t, rows, σ, x, u, cond) → [n_c, ...] over all trained pairs."""
-        table = None
-        for idx, t, rows, sig, x, u, cond in self._each_trained(b):
-            val = fn(idx, t, rows, sig, x, u, cond)
-            if table is None:
-                table = torch.zeros((b.train.shape[0], b.train.shape[1], *val.shape[1:]), dtype=val.dtype,
-                                    device=val.device)
-            table[idx, t] = val
-        setattr(self, name, table)
-        return table
+    def _store(self, b, name: str, fn, skip=()) -> torch.Tensor | None:
+        """Fill a [M, T, ...] table with fn(idx, t, rows, σ, x, u, cond) → [n_c, ...] over all trained
+        pairs (but those of the chunk positions in `skip`, which `_put` fills later)."""
+        setattr(self, name, None)
+        for idx, t, rows, sig, x, u, cond in self._each_trained(b, skip):
+            self._put(b, name, idx, t, fn(idx, t, rows, sig, x, u, cond))
+        return getattr(self, name)
+
+    def _put(self, b, name: str, idx: torch.Tensor, t: int, val: torch.Tensor) -> None:
+        """table `name`[idx, t] = val [n_c, ...], the [M, T, ...] table made on the first value."""
+        table = getattr(self, name)
+        if table is None:
+            table = torch.zeros((b.train.shape[0], b.train.shape[1], *val.shape[1:]), dtype=val.dtype,
+                                device=val.device)
+            setattr(self, name, table)
+        table[idx, t] = val

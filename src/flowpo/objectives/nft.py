@@ -60,8 +60,9 @@ def optimality(adv: torch.Tensor, adv_max: float) -> torch.Tensor:
 class DiffusionNFT(FinalSampleObjective):
     """objective.kind=diffusion_nft; options objective.nft_beta, adv_max, ref_beta, old_ramp, old_max."""
 
-    def _prepare(self, b) -> None:
-        # v_old at every trained (row, σ): under θ_old (the sampling policy), before any update
+    def _prepare(self, b, first) -> None:
+        # v_old at every trained (row, σ): under θ_old (the sampling policy), before any update; θ_old
+        # is other weights than the update's, so no chunk takes it from the update's forward
         with self.sampling():
             self._store(b, "v_old", lambda idx, t, rows, sig, x, u, cond: self._velocity(x, sig, cond))
 

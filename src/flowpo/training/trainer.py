@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flowpo import config as config_mod
-from flowpo.batch import GlobalBatch, UpdateBatch
+from flowpo.batch import GlobalBatch, UpdateBatch, minibatch_of
 from flowpo.build import build
 from flowpo.config import Config
 from flowpo.errors import ConfigError
@@ -285,11 +285,14 @@ class Trainer:
                   f"{b.n_chunks} rollout chunks of <= sample.batch_size={cfg.sample.batch_size} rows, and a minibatch "
                   f"is whole chunks: ran {mbs} minibatches per pass (logged as train/optimizer_steps). Lower "
                   "sample.batch_size for more. (Said once per run.)", file=sys.stderr, flush=True)
-        groups = [[c for c, g in zip(b.chunks, b.chunk_ids) if g % mbs == i] for i in range(mbs)]
+        mb_of = [minibatch_of(g, b.n_chunks, cfg.train.minibatches) for g in b.chunk_ids]
+        groups = [[c for c, m in zip(b.chunks, mb_of) if m == i] for i in range(mbs)]
         stats, grad_norms = [], []
         probe = lambda: self.policy.velocity(b.states[:1, 0], torch.ones(1, device=b.states.device),  # noqa: E731
                                              select_cond(b.cond, slice(0, 1)), 1.0)
-        obj.begin(b, self.iteration)
+        # minibatch 0 of the first pass runs before any optimizer step: its chunks' old predictions
+        # may come from their own forward there (the objectives' begin, replay.PendingPiOld)
+        obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         for _ in range(cfg.train.inner_epochs):
             for mb in groups:
                 count = torch.tensor([float(sum(int(b.train[c].sum()) for c in mb))])
@@ -303,6 +306,9 @@ class Trainer:
                 self.dist.sync_gradients(self.params, probe)                  # Σ over ranks
                 grad_norms.append(self.dist.clip_grad_norm(self.params, cfg.train.max_grad_norm))
                 check_grad_norm(grad_norms[-1], self.iteration, cfg.model)
+                if b.pending is not None and b.pending.left():  # the first step would change π_old's weights
+                    raise RuntimeError("replayed rows' π_old was left to a minibatch that runs after the first "
+                                       "optimizer step")
                 self.opt.step()
                 self.dist.gather_params()
                 self.ema.update()
@@ -314,6 +320,8 @@ class Trainer:
             out["stats/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["train/lr"] = lr
         out["train/optimizer_steps"] = float(len(grad_norms))
+        if b.pending is not None:  # the replayed rows' weight stats, once their π_old is known
+            out.update(b.pending.stats(b))
         return out
 
     # ------------------------------------------------------------------ evaluation
