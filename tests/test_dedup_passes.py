@@ -150,3 +150,35 @@ def test_awm_ll_old_from_the_first_forward_equals_its_pass(tmp_path, tiny, extra
     _assert_same(lazy, upfront, LOSS_STATS)
     assert lazy.calls["begin"] < upfront.calls["begin"]
     assert lazy.recs[1]["stats/ratio_max"] != 1.0  # later steps did move away from ℓ_old
+
+
+@pytest.mark.parametrize("form", ["geomean", "product"])
+def test_hold_graphs_gives_sequence_weights_without_their_pass(tmp_path, tiny, form):
+    # replay.hold_graphs: the replayed chunk keeps its step graphs until its rows' sequence weights
+    # are known from its own forwards, then backwards once. π_old and the weights are the pass's
+    # bit for bit (same rows, same weights, before any step), so the weight stats are equal; the
+    # gradient is one backward of the summed step losses instead of one per step, equal up to
+    # float summation order
+    args = REPLAY + IN_FIRST + ["replay.is_correction=sequence", f"replay.is_form={form}",
+                                "replay.is_density=sum"]  # (sum: weights visibly away from 1)
+    held = _train(tmp_path, tiny, "op_grpo", args + ["replay.hold_graphs=true"], lazy=True)
+    upfront = _train(tmp_path, tiny, "op_grpo", args, lazy=True)
+    assert held.recs[1]["replay/admitted"] == 2
+    assert upfront.recs[1]["replay/w_mean"] != 1.0
+    for k in W_STATS:
+        assert held.recs[1][k] == upfront.recs[1][k], k
+    for k in upfront.weights:
+        torch.testing.assert_close(held.weights[k], upfront.weights[k], rtol=0, atol=1e-6)
+    assert "replay_pi_old" not in held.calls and upfront.calls["replay_pi_old"] == int((upfront.sigmas[:3] >= 0.5).sum())
+    assert held.calls == _without(upfront.calls, "replay_pi_old")
+    # and the weights are used: the held run differs from one that ignores them
+    ones = _train(tmp_path, tiny, "op_grpo", REPLAY + IN_FIRST + ["replay.is_correction=none"], lazy=True)
+    assert max(float((held.weights[k] - ones.weights[k]).abs().max()) for k in held.weights) > 1e-6
+
+
+def test_hold_graphs_keeps_the_pass_after_an_optimizer_step(tmp_path, tiny):
+    args = REPLAY + AFTER_A_STEP + ["replay.is_correction=sequence", "replay.hold_graphs=true"]
+    run = _train(tmp_path, tiny, "op_grpo", args, lazy=True)
+    ref = _train(tmp_path, tiny, "op_grpo", args[:-1], lazy=True)
+    _assert_same(run, ref, W_STATS + LOSS_STATS)
+    assert run.calls["replay_pi_old"] > 0

@@ -198,6 +198,14 @@ class ReplayConfig:
     all latent dimensions (log-ratio × D), clipped to [1/is_sum_clip, is_sum_clip]."""
     is_sum_clip: float = 2.0
     """is_density=sum: the weight's two-sided clip."""
+    hold_graphs: bool = False
+    """Sequence weights (is_correction=sequence) without a π_old pass of their own: the replayed
+    chunks of the update's first minibatch take π_old from their own forward at every step, keep
+    each step's graph until the chunk's last step has run, then backward once with the weight
+    known. Saves one no-grad forward per replayed (row, kept step); costs the activations of all
+    the chunk's kept steps at once (R rows × K steps instead of one step). Off: π_old is computed
+    up front (bit-identical to earlier versions). The per-step forms never need a pass of their own.
+    Ignored under sharded full fine-tuning (FSDP2), whose ranks must make the same backward calls."""
     truncate_fraction: Optional[float] = None
     """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
     set truncate_sigma=null with it)."""

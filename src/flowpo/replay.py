@@ -16,8 +16,10 @@ that the update trains in its first minibatch (before any optimizer step) is sco
 those weights and states by the update's first forward, so its π_old is taken from there
 (`PendingPiOld`, no pass of its own) whenever its weight follows from that step alone: the
 per-step forms (replay.is_correction none or per_step; the sequence forms need all of a row's
-steps before the row's first step trains) and loss.forward_rows=chunk (the pass's own rows, so the
-numbers are bit-identical). Every other replayed chunk gets `objective.old_log_probs` up front.
+steps before the row's first step trains, so they join only with replay.hold_graphs, where the
+objective keeps the chunk's step graphs until its weights are known: `PendingPiOld.sequence`) and
+loss.forward_rows=chunk (the pass's own rows, so the numbers are bit-identical). Every other
+replayed chunk gets `objective.old_log_probs` up front.
 
 The buffer's data structure and the weight formulas are in `flowpo.buffer`.
 """
@@ -44,19 +46,41 @@ class PendingPiOld:
         self.beta = beta          # [R_mine, T] behaviour log-probs of the replayed rows (batch rows start…)
         self.start = start        # first replayed row of the batch
         self.options = options    # importance_weights' keywords (correction, form, cap, scale, clip)
+        # a sequence weight needs all of a row's steps: the objective holds the chunk's step losses
+        # until `finish` (replay.hold_graphs)
+        self.sequence = options["correction"] not in STEP_LOCAL
+
+    def holds(self, ids: torch.Tensor) -> bool:
+        """Whether rows `ids` have pairs whose sequence weight is still to come (the objective must
+        then keep their step graphs until `finish`)."""
+        return self.sequence and bool(self.mask[ids].any())
 
     def take(self, b: UpdateBatch, ids: torch.Tensor, t: int, log_prob: torch.Tensor) -> None:
         """log_prob [n] of rows `ids` at step t, from the update's forward before any optimizer step:
-        π_old and the weight of the pending pairs among them."""
+        π_old of the pending pairs among them, and (per-step forms) their weight."""
         need = self.mask[ids, t]
         if not bool(need.any()):
             return
         b.old_log_prob[ids, t] = torch.where(need, log_prob.detach().to(b.old_log_prob.dtype), b.old_log_prob[ids, t])
+        self.mask[ids, t] = False
+        if self.sequence:
+            return
         o = self.options
         w, _ = step_weights(b.old_log_prob[ids, t], self.beta[ids - self.start, t], need, correction=o["correction"],
                             cap=o["cap"], scale=o["scale"], clip=o["clip"])
         b.weight[ids, t] = torch.where(need, w, b.weight[ids, t])
-        self.mask[ids, t] = False
+
+    def finish(self, b: UpdateBatch, ids: torch.Tensor) -> None:
+        """Sequence forms: after every step of the chunk `ids` has been taken, the rows' weights
+        (each row's from its own kept steps, as `importance_weights` computes them up front)."""
+        if not self.sequence:
+            return
+        if bool(self.mask[ids].any()):
+            raise RuntimeError("a replayed row's sequence weight was asked for before all its steps had run")
+        rep = ids[ids >= self.start]
+        if len(rep):
+            w, _ = importance_weights(b.old_log_prob[rep], self.beta[rep - self.start], b.train[rep], **self.options)
+            b.weight[rep] = w.to(b.weight.dtype)
 
     def left(self) -> int:
         """Pairs not taken yet (0 once the first minibatch has run)."""
@@ -203,7 +227,10 @@ class OPReplay:
         n = b.states.shape[0]
         # the replayed chunks whose π_old the update's first forward gives (module docstring); the
         # choice is made on global chunk ids, so every rank makes the same π_old calls for the rest
-        lazy = self.lazy_pi_old and self.r.is_correction in STEP_LOCAL and self.cfg.loss.forward_rows == "chunk"
+        # (hold_graphs changes how many backward calls a chunk makes, which FSDP2's lock-stepped ranks
+        # must agree on whatever rows they hold: it applies to unsharded runs only)
+        lazy = (self.lazy_pi_old and (self.r.is_correction in STEP_LOCAL or (self.r.hold_graphs and not lockstep))
+                and self.cfg.loss.forward_rows == "chunk")
         first = [lazy and minibatch_of(b.n_chunks + i, n_chunks, self.cfg.train.minibatches) == 0 for i in r_ids]
         upfront = [c for c, f in zip(r_chunks, first) if not f]
         if not mine:  # (under lock-step the empty chunks stay, and π_old's calls are still made)
@@ -240,8 +267,7 @@ class OPReplay:
                 if f:
                     taken[c] = r_train[c]
             if bool(taken.any()):  # their π_old and weight come with the update's first forward
-                r_weight, _ = step_weights(pi_old, beta, r_train, correction=options["correction"], cap=options["cap"],
-                                           scale=scale, clip=options["clip"])       # (right where not taken)
+                r_weight, _ = importance_weights(pi_old, beta, r_train, **options)  # (right where not taken)
                 pending = PendingPiOld(torch.cat([torch.zeros_like(b.train, device=dev), taken]), beta, n, options)
             else:
                 r_weight, wstats = importance_weights(pi_old, beta, r_train, **options)

@@ -66,6 +66,9 @@ class ClippedSurrogate:
         lc, c = self.loss, self.ctx
         cond = select_cond(b.cond, idx)
         out = []
+        # replay.hold_graphs: replayed rows whose sequence weight needs π_old at all their steps, which
+        # this chunk's own forwards give; the step losses are kept and backwarded once it is known
+        held = [] if b.pending is not None and b.pending.holds(idx) else None
         for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
             rows = b.train[idx, t]                                               # [n_c]
             if lc.forward_rows == "trained" and not bool(rows.all()):
@@ -81,11 +84,25 @@ class ClippedSurrogate:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
                 dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
                 kl = mean_kl(st.mean, ref_mean, st.std, dt, lc.kl_form)[rows]
+            if held is not None:
+                held.append((st.log_prob[rows], ids, t, rows, kl))
+                continue
             loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
                                            lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
                                            kl_beta=lc.kl_beta, normalizer=count)
             loss.backward()
             out.append(stat)
+        if held is not None:
+            b.pending.finish(b, idx)
+            total = 0.0
+            for log_prob, ids, t, rows, kl in held:
+                loss, stat = clipped_surrogate(log_prob, b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
+                                               lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
+                                               kl_beta=lc.kl_beta, normalizer=count)
+                total = total + loss
+                out.append(stat)
+            if held:
+                total.backward()
         return out
 
     def _reference_mean(self, states: torch.Tensor, ids: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
