@@ -520,7 +520,9 @@ def _mfu(r: dict, per_row: float, mode: str, peak_tflops: float) -> dict:
     update's backward costs 2× its forward in full mode (gradients of the activations and of the
     weights) and 1× with LoRA (activations only: the frozen weights get no gradient, the adapters'
     share is negligible). Two denominators: the update phase's wall time (Trainer's time/update_s,
-    optimizer and all) and its transformer time (forward + backward charged to the update)."""
+    optimizer and all) and its transformer time (forward + backward charged to the update). Rows
+    are counted as the transformer sees them: SD3's true CFG batches the unconditional row with the
+    conditional one, and the backward runs over the whole batch whatever model.cfg_grad says."""
     fwd = per_row * r["update_rows"]
     model_flops = fwd * (3.0 if mode == "full" else 2.0)
     transformer_s = r["update_fwd_s"] + r["update_bwd_s"]

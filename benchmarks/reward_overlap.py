@@ -125,6 +125,10 @@ def main() -> None:
         args.threads = 1
     torch.set_num_threads(args.threads)
     rows, group = args.rows, 4
+    if rows % group or rows < group:
+        ap.error(f"--rows {rows}: a multiple of the group size {group}")
+    if args.model == "sd3" and rows // group > 8:
+        ap.error(f"--rows {rows}: --model sd3 has 8 prompts, so at most 32 rows")
     base = [f"sample.steps={args.steps}", f"sample.prompts_per_iteration={rows // group}", f"sample.group_size={group}",
             f"sample.batch_size={args.chunk}", "eval.every=0", "log.progress=false", "log.tensorboard=false",
             "log.grids=false", "train.checkpoint_every=0", f"train.threads={args.threads}"]

@@ -205,7 +205,8 @@ class ReplayConfig:
     known. Saves one no-grad forward per replayed (row, kept step); costs the activations of all
     the chunk's kept steps at once (R rows × K steps instead of one step). Off: π_old is computed
     up front (bit-identical to earlier versions). The per-step forms never need a pass of their own.
-    Ignored under sharded full fine-tuning (FSDP2), whose ranks must make the same backward calls."""
+    Ignored under sharded full fine-tuning (FSDP2), whose ranks must make the same backward calls,
+    and with loss.forward_rows=trained (the forward's rows differ from the pass's)."""
     truncate_fraction: Optional[float] = None
     """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
     set truncate_sigma=null with it)."""

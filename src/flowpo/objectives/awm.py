@@ -70,7 +70,10 @@ class AWM(FinalSampleObjective):
         o = self.o
         a = b.adv[idx, t][rows].double().clamp(-o.adv_max, o.adv_max) / o.adv_max
         ll = self._ll(v[rows], u[rows], sig)
-        ratio = torch.exp(ll - self.ll_old[idx, t][rows])
+        # (no table yet: every chunk takes ℓ_old from its first forward and no row of this rank has
+        # trained so far, so `rows` is empty: a lock-stepped rank's empty part of a chunk)
+        ll_old = self.ll_old[idx, t][rows] if self.ll_old is not None else ll.detach()
+        ratio = torch.exp(ll - ll_old)
         pg = torch.maximum(-a * ratio, -a * ratio.clamp(1.0 - o.awm_clip, 1.0 + o.awm_clip)).float()
         ref = self._ref_term(v, x, sig, cond, rows)
         anchor = torch.zeros_like(ref)

@@ -61,8 +61,9 @@ class DiffusionNFT(FinalSampleObjective):
     """objective.kind=diffusion_nft; options objective.nft_beta, adv_max, ref_beta, old_ramp, old_max."""
 
     def _prepare(self, b, first) -> None:
-        # v_old at every trained (row, σ): under θ_old (the sampling policy), before any update; θ_old
-        # is other weights than the update's, so no chunk takes it from the update's forward
+        # v_old at every trained (row, σ): under θ_old (the sampling policy), before any update. With
+        # old_ramp > 0 (the preset) θ_old is other weights than the update's from iteration 2 on; at
+        # old_ramp = 0 it is θ and this pass repeats the update's first forward (not taken from it yet)
         with self.sampling():
             self._store(b, "v_old", lambda idx, t, rows, sig, x, u, cond: self._velocity(x, sig, cond))
 

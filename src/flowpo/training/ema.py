@@ -32,7 +32,8 @@ class EMA:
 
         Plain tensors exchange storage, O(1) per parameter: the Parameter objects (which the
         optimizer and the module hold) stay, their `.data` becomes the shadow's tensor and the
-        shadow takes the old one, so nothing is copied and two swaps restore the original objects.
+        shadow takes the old one, so nothing is copied and two swaps restore the original storage
+        (the Parameters are the same objects throughout; the shadow list holds new tensor objects).
         DTensor parameters (FSDP2's shards) are copied in and out as before: FSDP2 keeps its own
         references to the sharded parameters' storage, which a `.data` exchange would bypass."""
         for i, (s, p) in enumerate(zip(self.shadow, self.params)):
