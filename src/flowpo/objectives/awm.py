@@ -75,7 +75,7 @@ class AWM(FinalSampleObjective):
         ll_old = self.ll_old[idx, t][rows] if self.ll_old is not None else ll.detach()
         ratio = torch.exp(ll - ll_old)
         pg = torch.maximum(-a * ratio, -a * ratio.clamp(1.0 - o.awm_clip, 1.0 + o.awm_clip)).float()
-        ref = self._ref_term(v, x, sig, cond, rows)
+        ref = self._ref_term(v, x, sig, cond, rows, idx, t)
         anchor = torch.zeros_like(ref)
         if o.anchor_beta > 0:
             anchor = o.anchor_beta * ((v - self.v_anchor[idx, t]) ** 2).flatten(1).mean(1)[rows]

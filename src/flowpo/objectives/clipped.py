@@ -84,26 +84,25 @@ class ClippedSurrogate:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
                 dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
                 kl = mean_kl(st.mean, ref_mean, st.std, dt, lc.kl_form)[rows]
+            step = (st.log_prob[rows], ids, t, rows, kl)
             if held is not None:
-                held.append((st.log_prob[rows], ids, t, rows, kl))
+                held.append(step)
                 continue
-            loss, stat = clipped_surrogate(st.log_prob[rows], b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
-                                           lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
-                                           kl_beta=lc.kl_beta, normalizer=count)
+            loss, stat = self._surrogate(b, *step, count)
             loss.backward()
             out.append(stat)
-        if held is not None:
+        if held:
             b.pending.finish(b, idx)
-            total = 0.0
-            for log_prob, ids, t, rows, kl in held:
-                loss, stat = clipped_surrogate(log_prob, b.old_log_prob[ids, t][rows], b.adv[ids, t][rows],
-                                               lc.clip_range, weights=b.weight[ids, t][rows], kl=kl,
-                                               kl_beta=lc.kl_beta, normalizer=count)
-                total = total + loss
-                out.append(stat)
-            if held:
-                total.backward()
+            losses = [self._surrogate(b, *step, count) for step in held]
+            sum(loss for loss, _ in losses).backward()
+            out += [stat for _, stat in losses]
         return out
+
+    def _surrogate(self, b, log_prob, ids, t: int, rows, kl, count: float):
+        """The clipped loss (and its stats) of rows `ids`[rows] at step t from their log π_θ."""
+        lc = self.loss
+        return clipped_surrogate(log_prob, b.old_log_prob[ids, t][rows], b.adv[ids, t][rows], lc.clip_range,
+                                 weights=b.weight[ids, t][rows], kl=kl, kl_beta=lc.kl_beta, normalizer=count)
 
     def _reference_mean(self, states: torch.Tensor, ids: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
         """The reference policy's step means at x_t of rows `ids` (no grad, adapter disabled)."""

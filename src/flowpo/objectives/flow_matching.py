@@ -42,7 +42,6 @@ class FinalSampleObjective:
         self.old = EMA(ctx.params, 0.0) if self.o.old_ramp > 0 else NoEMA()
         self.noise = None
         self.refs = reference_cache(cfg)  # v_ref per (chunk, step), kept across inner epochs
-        self._at = None  # (chunk, step) of the term being computed: the key of the reference cache
         self._fresh = None  # [M, T] bool: trained pairs whose chunk's first forward is still to come
 
     # ------------------------------------------------------------------ protocol
@@ -81,11 +80,7 @@ class FinalSampleObjective:
                 with torch.no_grad():
                     self._first_forward(b, idx, t, sig, x, u, v.detach(), cond)
                 self._fresh[idx, t] = False
-            self._at = (idx, t)
-            try:
-                per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
-            finally:
-                self._at = None
+            per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
             per = per * b.weight[idx, t][rows].detach()
             (per.sum() / count).backward()
             out.append(stat)
@@ -136,21 +131,16 @@ class FinalSampleObjective:
                 yield idx, t, b.train[idx, t], sig, x, u, cond
 
     def _ref_velocity(self, x, sig, cond) -> torch.Tensor:
-        """v_ref at x_σ (no grad, adapter disabled); inside `chunk_loss` the first pass's value of
-        the same (chunk, step) when the reference cache is on."""
-        def compute() -> torch.Tensor:
-            with torch.no_grad(), self.ctx.policy.disable_adapter():
-                return self._velocity(x, sig, cond)
+        """v_ref at x_σ (no grad, adapter disabled)."""
+        with torch.no_grad(), self.ctx.policy.disable_adapter():
+            return self._velocity(x, sig, cond)
 
-        if self._at is None:
-            return compute()
-        return self.refs.get(*self._at, compute)
-
-    def _ref_term(self, v: torch.Tensor, x, sig, cond, rows) -> torch.Tensor:
-        """objective.ref_beta · mean_D (v_θ − v_ref)² per trained row (0 without a reference term)."""
+    def _ref_term(self, v: torch.Tensor, x, sig, cond, rows, idx: torch.Tensor, t: int) -> torch.Tensor:
+        """objective.ref_beta · mean_D (v_θ − v_ref)² per trained row (0 without a reference term);
+        v_ref of chunk `idx` at step t comes from the reference cache after the first pass."""
         if self.o.ref_beta <= 0:
             return torch.zeros(int(rows.sum()), device=v.device)
-        v_ref = self._ref_velocity(x, sig, cond)
+        v_ref = self.refs.get(idx, t, lambda: self._ref_velocity(x, sig, cond))
         return self.o.ref_beta * ((v - v_ref) ** 2).flatten(1).mean(1)[rows]
 
     def _store(self, b, name: str, fn, skip=()) -> torch.Tensor | None:

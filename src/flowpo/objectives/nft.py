@@ -72,7 +72,7 @@ class DiffusionNFT(FinalSampleObjective):
         r = optimality(b.adv[idx, t][rows], o.adv_max)
         x0 = b.final[idx][rows].float()
         loss, l_pos, l_neg = nft_loss(v[rows], self.v_old[idx, t][rows], x[rows], x0, sig, r, o.nft_beta, o.adv_max)
-        ref = self._ref_term(v, x, sig, cond, rows)
+        ref = self._ref_term(v, x, sig, cond, rows, idx, t)
         per = loss + ref
         with torch.no_grad():
             stat = {"count": int(rows.sum()), "loss/policy": float(loss.detach().sum()),
