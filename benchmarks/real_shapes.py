@@ -42,10 +42,11 @@ the timed iteration as in its steady state (its replayed tail is regenerated). P
   timed iterations, and every timer synchronises the device.
 
 Where the calls go (issue 20, item 4): every transformer forward (and every backward) is also
-charged to its purpose, the innermost of: rollout (flowpo.rollout.sample as the Trainer calls it),
+charged to its purpose, the innermost of: rollout (flowpo.rollout.Rollout.sample),
 update (Trainer._update: chunk_loss re-scoring pi_theta), reference (inside policy.disable_adapter:
 LoRA adapters off, or the full-mode reference copy), old_prepare (objective.begin: DiffusionNFT's
-v_old, AWM's ll_old and EMA anchor), replay_pi_old (OP-GRPO's pi_old of the replayed rows),
+v_old, AWM's ll_old and EMA anchor), replay_pi_old (OP-GRPO's pi_old of the replayed rows: the
+clipped surrogate's begin),
 replay_tail (its regenerated tails), stepwise (Tweedie estimates), evaluation (Trainer.evaluate,
 timed once after the iterations with `--evaluate`). `--passes-out` writes one row per configuration
 and purpose (appending, so several invocations make one table; `--label` tags a variant), e.g.:
@@ -273,7 +274,7 @@ PURPOSE_DOC = {
     "update": "Trainer._update: the objective's chunk_loss re-scoring pi_theta (with grad), minus what is below",
     "reference": "inside policy.disable_adapter() (LoRA: adapters off; full: the frozen reference copy)",
     "old_prepare": "objective.begin: DiffusionNFT v_old under theta_old, AWM ll_old (+ EMA anchor)",
-    "replay_pi_old": "OPReplay.extend: objective.old_log_probs of the replayed rows under the current weights",
+    "replay_pi_old": "ClippedSurrogate.begin: pi_old of the replayed rows under the current weights",
     "replay_tail": "OPReplay.select: regenerate_tails (ODE from the truncation point, current policy)",
     "stepwise": "advantage.intermediate: Stepwise Tweedie estimates (T' ODE sub-steps per needed state)",
     "evaluation": "Trainer.evaluate -> evaluate_policy (ODE sampling of eval.prompts x samples x eval.steps)",
@@ -427,19 +428,15 @@ def child_run(spec: dict) -> dict:
     cls.forward = fwd.wrap(why.wrap(flops.wrap(orig_forward, rows_of), "fwd", rows_of), rows_of)
     torch.Tensor.backward = bwd.wrap(why.wrap(orig_backward, "bwd"))
     # purposes: instance attributes shadow the methods the Trainer calls; the trainer module's
-    # `sample` name is the rollout (it imported it by name)
-    import flowpo.training.trainer as trainer_mod
-
+    # the rollout part's sampling; the clipped surrogate's begin makes only the replayed rows' π_old passes
     P = tr.parts
-    orig_sample = trainer_mod.sample
-    trainer_mod.sample = why.during(orig_sample, "rollout")
+    P.rollout.sample = why.during(P.rollout.sample, "rollout")
     tr._update = why.during(tr._update, "update")
     tr.evaluate = why.during(tr.evaluate, "evaluation")
-    P.objective.begin = why.during(P.objective.begin, "old_prepare")
+    clipped = type(P.objective).__name__ == "ClippedSurrogate"
+    P.objective.begin = why.during(P.objective.begin, "replay_pi_old" if clipped else "old_prepare")
     P.advantage.intermediate = why.during(P.advantage.intermediate, "stepwise")
-    if hasattr(P.replay, "buffer"):
-        P.replay.select = why.during(P.replay.select, "replay_tail")
-        P.replay.extend = why.during(P.replay.extend, "replay_pi_old")
+    P.replay.extend = why.during(P.replay.extend, "replay_tail")
     policy.disable_adapter = why.during_cm(policy.disable_adapter, "reference")
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         enc = getattr(pipe, name, None)
@@ -494,7 +491,6 @@ def child_run(spec: dict) -> dict:
                           "eval_steps": tr.cfg.eval.steps, "eval_batch_size": tr.cfg.sample.batch_size}
     finally:
         cls.forward, torch.Tensor.backward = orig_forward, orig_backward
-        trainer_mod.sample = orig_sample
     walls = sorted(r["s_per_iteration"] for r in timed)
     median = min(timed, key=lambda r: abs(r["s_per_iteration"] - walls[(len(walls) - 1) // 2]))
     params = list(pipe.transformer.parameters())

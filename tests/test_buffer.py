@@ -2,7 +2,9 @@
 import torch
 
 from flowpo.buffer import ReplayBuffer, admit
+from flowpo.plans import truncation_keep
 from flowpo.schedule import sigmas
+from flowpo.trajectory import Trajectory
 
 
 def _fill(buf, it, prompts, rewards, T=6):
@@ -12,7 +14,9 @@ def _fill(buf, it, prompts, rewards, T=6):
     train[:, -1] = False
     lp = torch.randn(n, T)
     r = torch.tensor(rewards)
-    buf.add(it, prompts, states, train, lp, r, r[:, None])
+    rows = Trajectory(prompts=prompts, metadata=[{}] * n, versions=torch.full((n,), it), states=states,
+                      log_probs=lp, train=train, final=states[:, -1], raw=r[:, None])
+    buf.add(rows, r)
     return states, lp
 
 
@@ -37,14 +41,16 @@ def test_expiry_and_decay():
 
 def test_truncation_stores_exactly_the_kept_steps():
     s = sigmas(6)
-    buf = ReplayBuffer(s, capacity_per_prompt=1, truncate_sigma=0.7)
+    buf = ReplayBuffer(s, capacity_per_prompt=1, truncation=truncation_keep(s, 0.7))
     states, lp = _fill(buf, 0, ["a"], [1.0])
     e = buf.best("a", 0, 1)[0]
     expect = [t for t in range(5) if float(s[t]) >= 0.7]  # trained steps 0..4 with σ_t ≥ 0.7: 0..3
     assert e.steps.tolist() == expect and len(expect) < 5
     assert torch.equal(e.x, states[0, expect]) and torch.equal(e.x_next, states[0, [t + 1 for t in expect]])
     assert torch.equal(e.log_prob, lp[0, expect])
-    assert e.nbytes == sum(t.numel() * t.element_size() for t in (e.reward_raw, e.steps, e.x, e.x_next, e.log_prob))
+    # of the states only x_0..x_4 (what steps 0-3 touch) are kept: 5 of 7, not 2 per kept step
+    assert e.state_index.tolist() == [0, 1, 2, 3, 4] and e.row.states.shape[1] == 5
+    assert torch.equal(e.full_row(6).states[0, :5], states[0, :5]) and not e.full_row(6).states[0, 5:].any()
 
 
 def test_state_dict_round_trip():

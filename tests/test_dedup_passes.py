@@ -33,15 +33,13 @@ class Run(NamedTuple):
 def _train(tmp_path, tiny, preset: str, extra: list[str], lazy: bool, iterations: int = 2) -> Run:
     """`iterations` iterations of `preset` on a one-prompt pool (from iteration 1 on, every group
     replays when replay is on). lazy=False forces the old path: every chunk's old prediction gets a
-    pass of its own (the replay part's switch, and no `first` chunks for the objective)."""
+    pass of its own (no `first` chunks for the objective, which owns π_old and ℓ_old)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 7\n")
     name = f"{preset}_{'lazy' if lazy else 'upfront'}_{len(list(tmp_path.iterdir()))}"
     tr = Trainer(config.load(None, preset, tiny + [f"sample.prompts_file={prompts}", *extra]), tmp_path / name)
     P = tr.parts
     if not lazy:
-        if hasattr(P.replay, "lazy_pi_old"):
-            P.replay.lazy_pi_old = False
         begin = P.objective.begin
         P.objective.begin = lambda b, it, first=(): begin(b, it)
     stack, calls, rows = ["other"], collections.Counter(), collections.Counter()
@@ -62,8 +60,9 @@ def _train(tmp_path, tiny, preset: str, extra: list[str], lazy: bool, iterations
         return run
 
     tr.policy.velocity = counted
-    P.objective.begin = during(P.objective.begin, "begin")
-    P.replay.extend = during(P.replay.extend, "replay_pi_old")
+    # the clipped surrogate's begin makes the replayed rows' π_old passes and nothing else
+    clipped = type(P.objective).__name__ == "ClippedSurrogate"
+    P.objective.begin = during(P.objective.begin, "replay_pi_old" if clipped else "begin")
     tr._update = during(tr._update, "update")
     recs = []
     for it in range(iterations):

@@ -10,7 +10,7 @@ from flowpo import config
 from flowpo.parts import build_policy
 from flowpo.schedule import sigmas as make_sigmas
 from flowpo.stepwise import distinct_pairs, intermediate_rewards
-from flowpo.training.ema import EMA
+from flowpo.ema import EMA
 from flowpo.training.trainer import Trainer
 
 

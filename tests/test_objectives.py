@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowpo import config
-from flowpo.batch import UpdateBatch
+from flowpo.trajectory import Chunks, Trajectory
 from flowpo.config import ConfigError
 from flowpo.objectives import OBJECTIVES, Context, build_objective
 from flowpo.objectives.awm import awm_log_likelihood
@@ -95,16 +95,17 @@ def _batch(policy, sig, adv_value: float, n: int = 4, trained=(1,)):
             v = policy.velocity(states[:, t], torch.full((n,), float(sig[t])), cond, 1.0)
             old[:, t] = KERNELS["flow_grpo"](states[:, t], v, float(sig[t]), float(sig[t + 1]), 0.7,
                                              sample=states[:, t + 1]).log_prob
-    return UpdateBatch(states=states, final=x, train=train, old_log_prob=old, adv=torch.full((n, T), adv_value),
-                       weight=torch.ones(n, T), cond=cond, chunks=[torch.arange(n)], chunk_ids=[0], n_chunks=1,
-                       row_ids=torch.arange(n))
+    return Trajectory(states=states, final=x, train=train, log_probs=old, old_log_probs=old,
+                      old_known=torch.ones(n, T, dtype=torch.bool), adv=torch.full((n, T), adv_value),
+                      weights=torch.ones(n, T), cond=cond, chunks=Chunks([torch.arange(n)], [0], 1),
+                      row_ids=torch.arange(n))
 
 
 def _step(obj, params, b, lr=1e-2):
     opt = torch.optim.SGD(params, lr=lr)
     obj.begin(b, 0)
     opt.zero_grad()
-    obj.chunk_loss(b, b.chunks[0], float(b.train.sum()))
+    obj.chunk_loss(b, b.chunks.rows[0], float(b.train.sum()))
     opt.step()
     obj.end(0)
 
@@ -156,7 +157,7 @@ def test_awm_first_gradient_is_the_advantage_weighted_likelihood_gradient():
     obj.begin(b, 0)
     for p in params:
         p.grad = None
-    obj.chunk_loss(b, b.chunks[0], float(b.train.sum()))
+    obj.chunk_loss(b, b.chunks.rows[0], float(b.train.sum()))
     got = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -175,11 +176,12 @@ def test_kl_term_is_zero_at_the_reference_and_matches_the_formula_away_from_it()
 
     _, policy, params, sig, obj = _setup("clipped_surrogate", "loss.kl_beta=0.5", "loss.kl_form=exact")
     b = _batch(policy, sig, 0.0)  # A = 0: the loss is the KL term alone
-    stats = obj.chunk_loss(b, b.chunks[0], 1.0)
+    obj.begin(b, 0)
+    stats = obj.chunk_loss(b, b.chunks.rows[0], 1.0)
     t = 1
-    st = obj.rescore(b.states, b.chunks[0], t, b.cond)
+    st = obj.rescore(b.states, b.chunks.rows[0], t, b.cond)
     with torch.no_grad(), policy.disable_adapter():
-        ref = obj.rescore(b.states, b.chunks[0], t, b.cond)
+        ref = obj.rescore(b.states, b.chunks.rows[0], t, b.cond)
     want = mean_kl(st.mean, ref.mean, st.std, float(sig[t + 1] - sig[t]), "exact").sum().detach()
     assert want > 0
     assert stats[0].kl_sum == pytest.approx(float(want), rel=1e-5)
@@ -189,7 +191,7 @@ def test_kl_term_is_zero_at_the_reference_and_matches_the_formula_away_from_it()
             p.zero_()
     for p in params:
         p.grad = None
-    stats = obj.chunk_loss(b, b.chunks[0], 1.0)
+    stats = obj.chunk_loss(b, b.chunks.rows[0], 1.0)
     assert stats[0].kl_sum == 0.0
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in params)
 

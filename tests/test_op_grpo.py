@@ -2,7 +2,7 @@
 import torch
 
 from flowpo import config
-from flowpo.buffer import importance_weights
+from flowpo.importance import importance_weights
 from flowpo.training.trainer import Trainer
 
 
@@ -73,9 +73,10 @@ def test_resume_continues_with_the_same_buffer(tmp_path, tiny):
     part.run()
     cfg = config.load(str(tmp_path / "part" / "config.yaml"), None, ["train.iterations=3"], keep_resolved=True)
     resumed = Trainer(cfg, tmp_path / "part", resume=True)
-    assert len(resumed.buffer) == len(part.buffer) > 0
-    for p, lst in part.buffer.entries.items():
-        for a, b in zip(lst, resumed.buffer.entries[p]):
+    buf, again = part.parts.replay.buffer, resumed.parts.replay.buffer
+    assert len(again) == len(buf) > 0
+    for p, lst in buf.entries.items():
+        for a, b in zip(lst, again.entries[p]):
             assert a.reward == b.reward and a.version == b.version and torch.equal(a.x, b.x)
     resumed.run()
     wa, wb = _weights(full), _weights(resumed)
@@ -89,7 +90,7 @@ def test_regenerated_tail_is_scored_with_the_current_policy(tmp_path, tiny):
                                                "replay.truncate_sigma=0.8", "replay.tail=regenerate"])
     tr = Trainer(cfg, tmp_path / "r")
     tr.train_iteration(0)
-    entry = tr.buffer.best("a handwritten 7", 1, 1)[0]
+    entry = tr.parts.replay.buffer.best("a handwritten 7", 1, 1)[0]
     kept = entry.steps.tolist()
     assert kept == [t for t in range(3) if float(tr.sigmas[t]) >= 0.8] and len(kept) < 3
     r1 = tr.train_iteration(1)
@@ -102,7 +103,9 @@ def test_buffer_truncation_by_fraction():
     from flowpo.buffer import ReplayBuffer
     from flowpo.schedule import sigmas
 
-    buf = ReplayBuffer(sigmas(10), truncate_fraction=0.3)
+    from flowpo.plans import truncation_keep
+
+    buf = ReplayBuffer(sigmas(10), truncation=truncation_keep(sigmas(10), fraction=0.3))
     train = torch.ones(10, dtype=torch.bool)
     train[-1] = False
     assert buf.kept_steps(train).tolist() == list(range(7))  # the last round(0.3·10) = 3 steps dropped
@@ -113,13 +116,18 @@ def _buffer(**kw):
     from flowpo.buffer import ReplayBuffer
     from flowpo.schedule import sigmas as make_sigmas
 
-    return ReplayBuffer(make_sigmas(4, 3.0), truncate_sigma=None, **kw)
+    return ReplayBuffer(make_sigmas(4, 3.0), **kw)
 
 
 def _offer(buf, it, prompts, rewards, metadata=None, eligible=None):
+    from flowpo.trajectory import Trajectory
+
     n, T = len(prompts), 4
-    buf.add(it, prompts, torch.randn(n, T + 1, 2), torch.ones(n, T, dtype=torch.bool), torch.zeros(n, T),
-            torch.tensor(rewards), torch.tensor(rewards)[:, None], metadata=metadata, eligible=eligible)
+    r = torch.tensor(rewards)
+    rows = Trajectory(prompts=prompts, metadata=metadata or [{}] * n, versions=torch.full((n,), it),
+                      states=torch.randn(n, T + 1, 2), train=torch.ones(n, T, dtype=torch.bool),
+                      log_probs=torch.zeros(n, T), final=torch.zeros(n, 2), raw=r[:, None])
+    buf.add(rows, r, eligible=eligible)
 
 
 def test_age_in_visits_keeps_a_rarely_drawn_prompts_entry():
@@ -139,6 +147,7 @@ def test_age_in_visits_keeps_a_rarely_drawn_prompts_entry():
 
 
 def test_fill_on_hit_gives_groups_without_an_entry_all_fresh_samples():
+    from flowpo.prompts import PromptSet
     from flowpo.replay import OPReplay
     from flowpo.rewards import RewardSet
     from flowpo.schedule import sigmas as make_sigmas
@@ -148,10 +157,11 @@ def test_fill_on_hit_gives_groups_without_an_entry_all_fresh_samples():
     rep = OPReplay(cfg, make_sigmas(4, 3.0), policy=None, rewards=RewardSet(["digit_alignment"], [1.0]),
                    dist=None, device="cpu")
     _offer(rep.buffer, 0, ["a handwritten 1"], [1.0])
-    counts = rep.fresh_counts(1, ["a handwritten 1", "a handwritten 2"], G=8)
+    heads = PromptSet(["a handwritten 1", "a handwritten 2"])
+    counts = rep.fresh_counts(1, heads, G=8)
     assert counts.tolist() == [7, 8]       # G − 1 fresh + 1 replayed where the prompt has an entry, else G
-    cfg.replay.fill = "fixed"
-    assert rep.fresh_counts(2, ["a handwritten 1", "a handwritten 2"], G=8).tolist() == [7, 7]
+    rep.fill_all_misses = False            # replay.fill=fixed
+    assert rep.fresh_counts(2, heads, G=8).tolist() == [7, 7]
 
 
 def test_store_above_mean_and_metadata_keyed_entries():

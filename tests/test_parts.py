@@ -5,15 +5,15 @@ import torch
 
 from flowpo import config
 from flowpo.advantages import ESTIMATORS, aggregate_advantages
-from flowpo.batch import GlobalBatch, ReplayRows, UpdateBatch
 from flowpo.config import ConfigError
 from flowpo.replay import NoReplay, OPReplay
 from flowpo.rewards import RewardSet
 from flowpo.schedule import sigmas as make_sigmas
+from flowpo.trajectory import Chunks, Trajectory, cat, update_rows
 
 
-class OneRank:  # the Dist interface the replay part uses, for one process
-    world, rank, is_main = 1, 0, True
+class OneRank:  # the Dist interface the replay part and the update rows use, for one process
+    world, rank, is_main, lockstep = 1, 0, True, False
 
     def all_gather_objects(self, obj):
         return [obj]
@@ -21,38 +21,41 @@ class OneRank:  # the Dist interface the replay part uses, for one process
     def all_reduce_sum(self, t):
         return t
 
-    @staticmethod
-    def local_chunks(global_chunks, local):
+    def local_chunks(self, global_chunks, local):
         from flowpo.training.distributed import Dist
 
-        return Dist.local_chunks(global_chunks, local)
+        return Dist.local_chunks(self, global_chunks, local)
 
 
-def _gb(n=8, T=4, group_size=4, seed=0):
+def _rows(n=8, T=4, group_size=4, seed=0, it=0):
     g = torch.Generator().manual_seed(seed)
-    return GlobalBatch(prompts=[f"a handwritten {i // group_size}" for i in range(n)],
-                       group_ids=torch.arange(n) // group_size, raw=torch.rand(n, 1, generator=g),
-                       train=torch.ones(n, T, dtype=torch.bool).index_fill_(1, torch.tensor([T - 1]), False),
-                       states=torch.randn(n, T + 1, 1, 4, 4, generator=g), log_probs=torch.randn(n, T, generator=g),
-                       final=torch.randn(n, 1, 4, 4, generator=g))
+    lp = torch.randn(n, T, generator=g)
+    return Trajectory(prompts=[f"a handwritten {i // group_size}" for i in range(n)], metadata=[{}] * n,
+                      group_ids=torch.arange(n) // group_size, row_ids=torch.arange(n),
+                      versions=torch.full((n,), it), raw=torch.rand(n, 1, generator=g),
+                      train=torch.ones(n, T, dtype=torch.bool).index_fill_(1, torch.tensor([T - 1]), False),
+                      states=torch.randn(n, T + 1, 1, 4, 4, generator=g), log_probs=lp, old_log_probs=lp,
+                      old_known=torch.ones(n, T, dtype=torch.bool), weights=torch.ones(n, T),
+                      final=torch.randn(n, 1, 4, 4, generator=g))
 
 
 def test_group_estimator_is_the_group_z_score_of_fresh_and_replayed_rows():
     cfg = config.load(None, "flow_grpo", [])
     rewards = RewardSet(["digit_alignment"], [1.0])
-    gb = _gb()
-    rr = ReplayRows(raw=torch.tensor([[0.9], [0.1]]), group_ids=torch.tensor([0, 1]),
-                    valid=torch.ones(2, 4, dtype=torch.bool))
-    adv, _ = ESTIMATORS["group"](cfg, rewards).estimate(gb, rr)
-    want = aggregate_advantages(torch.cat([gb.raw, rr.raw]), rewards.weights, torch.cat([gb.group_ids, rr.group_ids]),
-                                aggregation="sum_then_normalize", std="global")
+    fresh = _rows()
+    rep = Trajectory(prompts=["a handwritten 0", "a handwritten 1"], metadata=[{}, {}], raw=torch.tensor([[0.9], [0.1]]),
+                     group_ids=torch.tensor([0, 1]), train=torch.ones(2, 4, dtype=torch.bool))
+    adv, _ = ESTIMATORS["group"](cfg, rewards).estimate(cat([fresh, rep]))
+    want = aggregate_advantages(torch.cat([fresh.raw, rep.raw]), rewards.weights,
+                                torch.cat([fresh.group_ids, rep.group_ids]), aggregation="sum_then_normalize",
+                                std="global")
     assert adv.shape == (10, 4)
     assert torch.equal(adv, want[:, None].expand(-1, 4))
 
 
-def test_no_replay_leaves_the_batch_alone():
-    r = NoReplay()
-    assert r.k == 0 and r.select(0, _gb()) == ([], {}, 0) and r.reward_rows([]) is None
+def test_no_replay_leaves_the_rows_alone():
+    r, rows = NoReplay(), _rows()
+    assert r.k == 0 and r.extend(0, rows) == (rows, {}, 0) and r.observe(0, rows) == {}
 
 
 def _op_replay(*overrides):
@@ -62,39 +65,30 @@ def _op_replay(*overrides):
     return cfg, OPReplay(cfg, sig, policy=None, rewards=rewards, dist=OneRank(), device="cpu")
 
 
-def test_replay_selects_on_the_global_batch_and_extends_the_update_batch():
+def test_replay_selects_on_the_global_rows_and_the_update_takes_them():
     cfg, rep = _op_replay("replay.rule=always", "replay.truncate_sigma=null", "replay.capacity_per_prompt=2",
                           "replay.store=best", "replay.tail=drop")
-    old = _gb(seed=1)
+    old = _rows(seed=1)
     rep.observe(0, old)                        # iteration 0's rows enter the buffer
     assert len(rep.buffer) == 4                # capacity 2 per prompt, 2 prompts
-    gb = _gb(seed=2)
-    chosen, stats, nfe = rep.select(1, gb)
-    assert stats["replay/admitted"] == len(chosen) == 2 and nfe == 0   # k = 1 per group, 2 groups
+    fresh = _rows(seed=2, it=1)
+    rows, stats, nfe = rep.extend(1, fresh)
+    assert stats["replay/admitted"] == rows.n - fresh.n == 2 and nfe == 0   # k = 1 per group, 2 groups
     best0 = int(old.raw[:4, 0].argmax())
-    assert torch.equal(chosen[0][1].final, old.final[best0])           # the final latent travels with it
-    rows = rep.reward_rows(chosen)
-    assert rows.raw.shape == (2, 1) and rows.group_ids.tolist() == [0, 1]
-
-    class Obj:  # an objective without likelihood (diffusion_nft, awm)
-        def old_log_probs(self, *a):
-            return None
-
-    class Pol:
-        def encode_prompts(self, prompts):
-            return {"tokens": torch.zeros(len(prompts), 2)}
-
-    rep.policy = Pol()
-    n, T = gb.n, 4
-    b = UpdateBatch(states=gb.states, final=gb.final, train=gb.train, old_log_prob=gb.log_probs,
-                    adv=torch.zeros(n, T), weight=torch.ones(n, T), cond={"tokens": torch.zeros(n, 2)},
-                    chunks=[torch.arange(n)], chunk_ids=[0], n_chunks=1, row_ids=torch.arange(n))
-    adv_all = torch.arange(n + 2, dtype=torch.float32)[:, None].expand(-1, T)
-    out, _ = rep.extend(b, chosen, adv_all, 1, Obj())
-    assert out.states.shape[0] == n + 2 and out.n_chunks == 2 and out.chunk_ids == [0, 1]
-    assert out.row_ids.tolist()[-2:] == [n, n + 1] and out.adv[-2:, 0].tolist() == [n, n + 1]
-    assert torch.equal(out.weight[-2:], torch.ones(2, T))             # no likelihood: weight 1
-    assert torch.equal(out.final[-2:], torch.stack([e.final for _, e in chosen]))
+    assert torch.equal(rows.final[fresh.n], old.final[best0])             # the final latent travels with it
+    assert torch.equal(rows.states[fresh.n, :4], old.states[best0, :4])   # the states the kept steps 0-2 touch
+    assert not rows.states[fresh.n, 4].any()                               # (none stored past them)
+    assert rows.raw.shape == (10, 1) and rows.group_ids.tolist()[-2:] == [0, 1]
+    assert rows.row_ids.tolist()[-2:] == [8, 9] and rows.versions.tolist()[-2:] == [0, 0]
+    assert not rows.old_known[fresh.n:].any() and rows.rule is rep.weight_rule   # π_old: the objective's
+    n, T = fresh.n, 4
+    mine = fresh.replace(cond={"tokens": torch.zeros(n, 2)}, chunks=Chunks([torch.arange(n)], [0], 1))
+    rows = rows.replace(adv=torch.arange(n + 2, dtype=torch.float32)[:, None].expand(-1, T))
+    b = update_rows(mine, rows, n, OneRank(), lambda p: {"tokens": torch.ones(len(p), 2)}, batch_size=8)
+    assert b.n == n + 2 and b.chunks.total == 2 and b.chunks.ids == [0, 1] and b.chunks.rows[1].tolist() == [n, n + 1]
+    assert b.row_ids.tolist()[-2:] == [n, n + 1] and b.adv[-2:, 0].tolist() == [n, n + 1]
+    assert torch.equal(b.weights[-2:], torch.ones(2, T))             # 1 until an objective applies the rule
+    assert torch.equal(b.cond["tokens"][-2:], torch.ones(2, 2))       # the replayed prompts, encoded
 
 
 @pytest.mark.parametrize("preset", ["op_grpo", "flowpo_best", "flowpo_mix", "flowpo_mix_p16", "flowpo_fast",

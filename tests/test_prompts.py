@@ -99,12 +99,12 @@ def test_metadata_reaches_rewards_buffer_and_eval_records(tmp_path, tiny, meta_s
     tr.run()
     seen = meta_scorer.SEEN
     assert seen and all(m["digit"] == int(p.split()[-1]) for p, m in seen)  # every call got its own metadata
-    entries = [e for lst in tr.buffer.entries.values() for e in lst]
+    entries = [e for lst in tr.parts.replay.buffer.entries.values() for e in lst]
     assert entries and all(e.meta["digit"] == int(e.prompt.split()[-1]) for e in entries)
     # the buffer's metadata survives the checkpoint
     from flowpo.buffer import ReplayBuffer
 
-    tensors, meta = tr.buffer.state_dict()
+    tensors, meta = tr.parts.replay.buffer.state_dict()
     again = ReplayBuffer(tr.sigmas)
     again.load_state_dict(tensors, json.loads(json.dumps(meta)))
     assert [e.meta for lst in again.entries.values() for e in lst] == [e.meta for e in entries]

@@ -191,19 +191,20 @@ def test_every_preset_trains_two_iterations(tmp_path, tiny, preset):
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_shared_initial_noise_per_group(tmp_path, tiny, shared, monkeypatch):
-    import flowpo.training.trainer as trainer_mod
+    import flowpo.rollout as rollout_mod
 
     seen = {}
-    real = trainer_mod.sample
+    real = rollout_mod.sample
 
     def spy(policy, cond, sigmas, spec, **kw):
-        seen["x"], seen["groups"] = kw["x_init"].clone(), kw["group_ids"].clone()
+        seen["x"] = kw["x_init"].clone()
         return real(policy, cond, sigmas, spec, **kw)
 
-    monkeypatch.setattr(trainer_mod, "sample", spy)
+    monkeypatch.setattr(rollout_mod, "sample", spy)
     tr = make(tmp_path, tiny, f"sample.shared_noise={str(shared).lower()}")
-    tr.train_iteration(0)
-    x, g = seen["x"], seen["groups"]
+    rows, _ = tr.parts.rollout.rows(0, tr.parts.rollout.heads(0), torch.full((2,), 4))
+    tr.parts.rollout.sample(0, rows)
+    x, g = seen["x"], rows.group_ids
     for a in range(len(g)):
         for b in range(len(g)):
             if a != b:
@@ -212,7 +213,7 @@ def test_shared_initial_noise_per_group(tmp_path, tiny, shared, monkeypatch):
 
 
 def test_evaluation_uses_the_ema_weights_and_puts_the_live_ones_back(tmp_path, tiny):
-    from flowpo.training.trainer import evaluate_policy
+    from flowpo.training.evaluate import evaluate_policy
 
     tr = make(tmp_path, tiny, "train.ema=0.5", "train.lr=3e-2")
     tr.train_iteration(0)

@@ -8,18 +8,7 @@ from typing import Literal
 
 import torch
 
-
-def _group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean and (population) std of the row's group. values [N, ...] flattened per group."""
-    uniq, inv = torch.unique(group_ids, return_inverse=True)
-    flat = values.reshape(values.shape[0], -1).to(torch.float64)  # [N, M]
-    n_groups = uniq.numel()
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, torch.full_like(flat[:, 0], flat.shape[1]))
-    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, flat.sum(1))
-    mean = total / count  # [n_groups]
-    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, ((flat - mean[inv, None]) ** 2).sum(1))
-    std = (sq / count).sqrt()
-    return mean[inv], std[inv]  # [N], [N]
+from flowpo.groups import group_stats
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
@@ -35,7 +24,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
     if std not in ("global", "group"):
         raise ValueError(f"std={std!r}; allowed: 'global', 'group'")
     r = rewards.to(torch.float64)
-    mean, gstd = _group_stats(r, group_ids)
+    mean, gstd = group_stats(r, group_ids)
     denom = r.std(unbiased=False) if std == "global" else gstd
     adv = (r - mean) / (denom + eps)
     return adv.clamp(-clip, clip).to(torch.float32)
@@ -130,41 +119,38 @@ def _masked_group_z(g: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tenso
     """(g − group mean) / (std + eps) over the valid entries of g [N, M]; 0 where invalid. std:
     'group' = each group's std over all valid entries of its rows, 'global' = the std of all valid
     entries of g."""
-    uniq, inv = torch.unique(group_ids, return_inverse=True)
     v = valid.to(g.dtype)
-    n = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, v.sum(1)).clamp_min(1)
-    mean = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (g * v).sum(1)) / n
-    var = torch.zeros(len(uniq), dtype=g.dtype).index_add_(0, inv, (((g - mean[inv, None]) ** 2) * v).sum(1)) / n
-    if std == "global":
+    mean, group_std = group_stats(g, group_ids, valid)                    # [N], [N]
+    if std == "global":  # over all valid entries of the batch
         n_all = v.sum().clamp_min(1)
         mu = (g * v).sum() / n_all
         scale = ((((g - mu) ** 2) * v).sum() / n_all).sqrt()
     else:
-        scale = var.sqrt()[inv, None]
-    z = (g - mean[inv, None]) / (scale + eps)
+        scale = group_std[:, None]
+    z = (g - mean[:, None]) / (scale + eps)
     return z * v
 
 
 # ----------------------------------------------------------------------------- the advantage part
+# An estimator: intermediate(policy, traj, sigmas) → (step rewards [n, T+1, K] or None, nfe, stats)
+# on this rank's rows after the final rewards; estimate(rows) → (advantages [N, T], stats) on the
+# global rows (fresh, then replayed), a plain function of them.
 class GroupEstimator:
     """advantage.kind=group: one GRPO z-score per sample (`aggregate_advantages`), the same at every step."""
 
     def __init__(self, cfg, rewards):
         self.cfg, self.rewards = cfg, rewards
 
-    def intermediate(self, policy, roll, sigmas, raw) -> tuple[None, int, dict]:
+    def intermediate(self, policy, traj, sigmas) -> tuple[None, int, dict]:
         """Extra rewards the estimator needs besides the final ones: none."""
         return None, 0, {}
 
-    def estimate(self, gb, rr) -> tuple[torch.Tensor, dict]:
-        """Advantages of the global rows (fresh, then replayed `rr`) → ([N+R, T], stats)."""
+    def estimate(self, rows) -> tuple[torch.Tensor, dict]:
+        """Advantages of the global rows `rows` (a flowpo.trajectory.Trajectory) → ([N, T], stats)."""
         a = self.cfg.advantage
-        raw, groups = gb.raw, gb.group_ids
-        if rr is not None:
-            raw, groups = torch.cat([raw, rr.raw]), torch.cat([groups, rr.group_ids])
-        adv = aggregate_advantages(raw, self.rewards.weights, groups, aggregation=self.cfg.reward.aggregation,
-                                   std=a.std, eps=a.eps, clip=a.clip)
-        return adv[:, None].expand(-1, gb.train.shape[1]), {}
+        adv = aggregate_advantages(rows.raw, self.rewards.weights, rows.group_ids,
+                                   aggregation=self.cfg.reward.aggregation, std=a.std, eps=a.eps, clip=a.clip)
+        return adv[:, None].expand(-1, rows.train.shape[1]), {}
 
 
 class StepwiseEstimator:
@@ -174,27 +160,24 @@ class StepwiseEstimator:
     def __init__(self, cfg, rewards):
         self.cfg, self.rewards = cfg, rewards
 
-    def intermediate(self, policy, roll, sigmas, raw) -> tuple[torch.Tensor, int, dict]:
+    def intermediate(self, policy, traj, sigmas) -> tuple[torch.Tensor, int, dict]:
         """r_t = R(x̂0(x_t)) before and after every trained step of this rank's rows → [n, T+1, K]."""
         from flowpo.stepwise import intermediate_rewards
 
         a = self.cfg.advantage
-        sr, _, extra = intermediate_rewards(policy, roll.states, roll.train, sigmas, roll.cond, roll.prompts, raw,
+        sr, _, extra = intermediate_rewards(policy, traj.states, traj.train, sigmas, traj.cond, traj.prompts, traj.raw,
                                             self.rewards.score, substeps=a.substeps,
                                             guidance=self.cfg.sample.guidance, batch_size=a.estimate_batch_size,
-                                            metadata=roll.metadata)
+                                            metadata=traj.metadata)
         return sr, extra, {"stepwise/nfe": extra}
 
-    def estimate(self, gb, rr) -> tuple[torch.Tensor, dict]:
+    def estimate(self, rows) -> tuple[torch.Tensor, dict]:
         a = self.cfg.advantage
-        sr, valid, groups = gb.step_rewards, gb.train.cpu(), gb.group_ids
-        if rr is not None:
-            sr, valid = torch.cat([sr, rr.step_rewards]), torch.cat([valid, rr.valid])
-            groups = torch.cat([groups, rr.group_ids])
-        adv = aggregate_stepwise_advantages(sr, self.rewards.weights, groups, aggregation=self.cfg.reward.aggregation,
-                                            normalize=a.normalize, eps=a.eps, clip=a.clip, valid=valid,
-                                            std=a.gain_std)                                  # [N+R, T]
-        comb = sr @ self.rewards.weights.to(sr)
+        sr, valid = rows.step_rewards, rows.train.cpu()  # valid: the steps a row trains (replayed: keeps)
+        adv = aggregate_stepwise_advantages(sr, self.rewards.weights, rows.group_ids,
+                                            aggregation=self.cfg.reward.aggregation, normalize=a.normalize,
+                                            eps=a.eps, clip=a.clip, valid=valid, std=a.gain_std)  # [N, T]
+        comb = self.rewards.combine(sr)
         gains = (comb[:, 1:] - comb[:, :-1]).abs() * valid
         by_step = gains.sum(0) / valid.sum(0).clamp_min(1)
         return adv, {"stepwise/mean_abs_gain_by_step": [round(float(x), 5) for x in by_step]}

@@ -10,15 +10,18 @@ from it, flowpo.config.CHOICES):
 | kernel | sample.kernel | flowpo.sde.KERNELS |
 | tail solver | solver.* | flowpo.solvers.TAILS |
 | plan | plan.* | flowpo.plans.PLANS |
-| rollout | sample.* | flowpo.rollout.RolloutSpec |
+| rollout | sample.* | flowpo.rollout.Rollout (seeds, plan, chunks; RolloutSpec: kernel, tail) |
 | rewards | reward.* | flowpo.rewards |
+| scoring | reward.overlap | flowpo.rewards.overlap (batch or overlapped) |
 | advantage | advantage.* | flowpo.advantages.ESTIMATORS |
 | replay | replay.* | flowpo.replay (k = 0: NoReplay) |
 | objective | objective.*, loss.* | flowpo.objectives.OBJECTIVES |
 | optimizer + lr schedule | train.* | flowpo.training.optim |
-| EMA | train.ema | flowpo.training.ema |
+| EMA | train.ema | flowpo.ema |
 
-The trainer gets a `Parts` and calls the parts; it branches on no part's name or flag.
+The trainer gets a `Parts` and calls the parts; it branches on no part's name or flag: every
+choice (overlapped scoring, lock-step ranks, replay or none, EMA or none) is made here, as an object
+or a null object.
 """
 from __future__ import annotations
 
@@ -36,14 +39,15 @@ class Parts:
     params: list
     sigmas: torch.Tensor          # [T+1] training grid
     eval_sigmas: torch.Tensor     # [T_eval+1]
-    spec: object                  # flowpo.rollout.RolloutSpec (kernel, its settings, tail solver)
-    plan: object                  # flowpo.plans.Plan
+    rollout: object               # flowpo.rollout.Rollout (seeds, plan, chunks, kernel, tail solver)
+    plan: object                  # flowpo.plans.Plan (the rollout's; checkpointed)
     rewards: object               # flowpo.rewards.RewardSet
+    scoring: object               # flowpo.rewards.overlap.BatchScoring / OverlapScoring
     advantage: object             # an estimator of flowpo.advantages.ESTIMATORS
     replay: object                # flowpo.replay.NoReplay / OPReplay
     objective: object             # an objective of flowpo.objectives.OBJECTIVES
     opt: torch.optim.Optimizer
-    ema: object                   # flowpo.training.ema.EMA (train.ema > 0) or NoEMA
+    ema: object                   # flowpo.ema.EMA (train.ema > 0) or NoEMA
     pool: object                  # flowpo.prompts.PromptSet: training prompts and their metadata
     eval_prompts: object          # flowpo.prompts.PromptSet
 
@@ -56,11 +60,12 @@ def build(cfg: Config, dist) -> Parts:
     from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
     from flowpo.replay import build_replay
     from flowpo.rewards import RewardSet
-    from flowpo.rollout import RolloutSpec
+    from flowpo.rewards.overlap import build_scoring
+    from flowpo.rollout import Rollout, RolloutSpec
     from flowpo import schedule
     from flowpo.sde import KERNELS
     from flowpo.solvers import TAILS
-    from flowpo.training.ema import build_ema
+    from flowpo.ema import build_ema
     from flowpo.training.optim import build_optimizer
 
     s = cfg.sample
@@ -74,7 +79,7 @@ def build(cfg: Config, dist) -> Parts:
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",
               frozen=[getattr(policy, "reference_module", None)])
     if dist.lockstep:
-        from flowpo.training.distributed import LockstepPolicy
+        from flowpo.lockstep import LockstepPolicy
 
         policy = LockstepPolicy(policy, dist)
     params = policy.trainable_parameters()
@@ -85,10 +90,12 @@ def build(cfg: Config, dist) -> Parts:
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
                        tail=TAILS[cfg.solver.kind](cfg))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
-                  reduction=s.reduction, seed=cfg.train.seed, params=params, resync=dist.gather_params)
+                  reduction=s.reduction, seed=cfg.train.seed, params=params)
+    objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
+    rollout = Rollout(policy, sigmas, spec, plan, pool, s, cfg.train.seed, dist, device, objective.sampling)
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,
-                 eval_sigmas=policy.sigmas(cfg.eval.steps, s.shift), spec=spec, plan=build_plan(cfg, sigmas),
-                 rewards=rewards, advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),
+                 eval_sigmas=policy.sigmas(cfg.eval.steps, s.shift), rollout=rollout, plan=plan, rewards=rewards,
+                 scoring=build_scoring(cfg.reward.overlap, rewards, policy.decode, dist.lockstep),
+                 advantage=ESTIMATORS[cfg.advantage.kind](cfg, rewards),
                  replay=build_replay(cfg, sigmas, policy, rewards, dist, device),
-                 objective=build_objective(cfg.objective.kind, ctx, cfg), opt=opt, ema=ema,
-                 pool=pool, eval_prompts=held_out)
+                 objective=objective, opt=opt, ema=ema, pool=pool, eval_prompts=held_out)

@@ -171,7 +171,7 @@ def _cmd_eval(args, rest) -> int:
     from flowpo.parts import eval_prompts, resolve_device
     from flowpo.rewards import RewardSet
     from flowpo.training.state import load_policy
-    from flowpo.training.trainer import evaluate_policy
+    from flowpo.training.evaluate import evaluate_policy
 
     cfg, path = _run_cfg(args.run, "--run", rest) if args.run else (_load_cfg(args, rest), None)
     try:

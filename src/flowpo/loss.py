@@ -20,17 +20,28 @@ from typing import NamedTuple
 
 import torch
 
+from flowpo.stats import scalar
+
 
 class LossStats(NamedTuple):
-    """Detached sums over the transitions given (divide by `count` for means)."""
+    """Detached 0-dim sums over the transitions given (flowpo.stats: means over `count`)."""
 
-    count: int              # transitions
-    ratio_sum: float        # Σ ρ
-    ratio_max: float        # max ρ
-    clipped: int            # transitions with |ρ − 1| > ε
-    approx_kl_sum: float    # Σ ((ρ−1) − log ρ)   (Schulman's k3 estimator of KL(old‖θ))
-    policy_loss_sum: float  # Σ −w·min(...)
-    kl_sum: float           # Σ KL
+    count: torch.Tensor            # transitions
+    ratio_sum: torch.Tensor        # Σ ρ
+    ratio_max: torch.Tensor        # max ρ
+    clipped: torch.Tensor          # transitions with |ρ − 1| > ε
+    approx_kl_sum: torch.Tensor    # Σ ((ρ−1) − log ρ)   (Schulman's k3 estimator of KL(old‖θ))
+    policy_loss_sum: torch.Tensor  # Σ −w·min(...)
+    kl_sum: torch.Tensor           # Σ KL
+
+    METRICS = {"ratio_sum": ("stats/ratio_mean", "sum"), "ratio_max": ("stats/ratio_max", "max"),
+               "clipped": ("stats/clipfrac", "sum"), "approx_kl_sum": ("stats/approx_kl", "sum"),
+               "policy_loss_sum": ("loss/policy", "sum"), "kl_sum": ("loss/kl", "sum")}
+
+
+def ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's clipped surrogate per element, as a loss: −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)."""
+    return -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages)
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -40,27 +51,23 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     """log_prob, old_log_prob, advantages, weights, kl: [M] over M trained transitions → (loss, stats)."""
     log_ratio = log_prob - old_log_prob          # [M]
     ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    per = -torch.minimum(unclipped, clipped)     # [M]
+    per = ppo_clip(ratio, advantages, clip_range)  # [M]
     if weights is not None:
         per = per * weights.detach()
     total = per.sum()
-    kl_total = torch.zeros(())
+    kl_total = per.new_zeros(())
     if kl is not None and kl_beta > 0:
         kl_total = kl.sum()
         total = total + kl_beta * kl_total
     with torch.no_grad():
         lr = log_ratio.detach()
+        r = ratio.detach()
         stats = LossStats(
-            count=int(ratio.numel()),
-            ratio_sum=float(ratio.detach().sum()),
-            ratio_max=float(ratio.detach().max()) if ratio.numel() else 1.0,
-            clipped=int(((ratio.detach() - 1.0).abs() > clip_range).sum()),
-            approx_kl_sum=float(((lr.exp() - 1) - lr).sum()),
-            policy_loss_sum=float(per.detach().sum()),
-            kl_sum=float(kl_total.detach()),
-        )
+            count=scalar(r.numel(), r), ratio_sum=scalar(r.sum(), r),
+            ratio_max=scalar(r.max() if r.numel() else 1.0, r),
+            clipped=scalar(((r - 1.0).abs() > clip_range).sum(), r),
+            approx_kl_sum=scalar(((lr.exp() - 1) - lr).sum(), r), policy_loss_sum=scalar(per.detach().sum(), r),
+            kl_sum=scalar(kl_total.detach(), r))
     return total / normalizer, stats
 
 
@@ -77,19 +84,3 @@ def mean_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: f
         raise ValueError(f"kl form {form!r}; allowed: 'exact', 'flow_grpo'")
     sq = ((mean.float() - ref_mean.float()) ** 2).flatten(1).mean(1)
     return sq / (2 * var.clamp_min(1e-20))
-
-
-def merge_stats(stats: list[LossStats]) -> dict[str, float]:
-    """Means over all transitions of a list of chunk stats → namespaced metrics."""
-    n = sum(s.count for s in stats)
-    if n == 0:
-        return {}
-    return {
-        "stats/ratio_mean": sum(s.ratio_sum for s in stats) / n,
-        "stats/ratio_max": max(s.ratio_max for s in stats),
-        "stats/clipfrac": sum(s.clipped for s in stats) / n,
-        "stats/approx_kl": sum(s.approx_kl_sum for s in stats) / n,
-        "loss/policy": sum(s.policy_loss_sum for s in stats) / n,
-        "loss/kl": sum(s.kl_sum for s in stats) / n,
-        "stats/transitions": float(n),
-    }

@@ -174,10 +174,3 @@ PRESETS.update({
 def methods() -> list[str]:
     """The presets that are methods (not ablation variants)."""
     return [n for n, p in PRESETS.items() if p.ablation_of is None]
-
-
-def apply_preset(cfg, name: str):
-    """`flowpo.config.apply_preset` (kept here for callers of the old name)."""
-    from flowpo.config import apply_preset as apply
-
-    return apply(cfg, name)

@@ -10,43 +10,23 @@ shorter segment (MixGRPO-Flash, arXiv 2507.21802 §3.3).
 
 All randomness comes from per-row noise drawn from per-row generators, so a sample depends only on
 (seed, iteration, global row index): one process and N processes draw the same trajectories.
-Rows are processed in fixed chunks; the loss reuses the same chunks so that, on the first update of
-fresh samples, π_θ's log-prob is recomputed bit-identically (ratio exactly 1).
+`Rollout` (the part) draws everything an iteration samples from those streams: the prompts, the
+plan, the initial and step noise, the chunks. Rows are processed in fixed chunks; the loss reuses
+the same chunks so that, on the first update of fresh samples, π_θ's log-prob is recomputed
+bit-identically (ratio exactly 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from flowpo.lockstep import agreed_count, agreed_steps
 from flowpo.policy.base import Cond, Policy, select_cond
 from flowpo.sde import ode_step
-from flowpo.training.distributed import agreed_count, agreed_steps
-
-
-@dataclass
-class Rollout:
-    """One iteration's trajectories (this rank's rows). Shapes: N rows, T steps, D latent dims."""
-
-    prompts: list[str]              # [N]
-    group_ids: torch.Tensor         # [N] long, global group index (same prompt & iteration)
-    cond: Cond                      # rows [N, ...]
-    sigmas: torch.Tensor            # [T+1] training grid
-    states: torch.Tensor            # [N, T+1, *D] fp32; x_t on the grid (zeros where not visited)
-    log_probs: torch.Tensor         # [N, T] fp32 behaviour log-probs (0 on ODE steps)
-    sde: torch.Tensor               # [N, T] bool
-    train: torch.Tensor             # [N, T] bool, ⊆ sde
-    final: torch.Tensor             # [N, *D] final latent x_T
-    chunks: list[torch.Tensor]      # row-index chunks used for every model call
-    nfe: int = 0                    # model evaluations (rows × evals per row)
-    metadata: list[dict] = field(default_factory=list)  # [N] the prompts' metadata ([] = none)
-
-
-def make_chunks(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Split rows 0..n−1 into chunks of at most batch_size, in a random (seeded) order."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+from flowpo.solvers import solve
+from flowpo.trajectory import Chunks, Trajectory, make_chunks
 
 
 def row_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -81,10 +61,9 @@ class RolloutSpec:
 @torch.no_grad()
 def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, *, x_init: torch.Tensor,
            step_noise: torch.Tensor | None, sde: torch.Tensor, train: torch.Tensor, chunks: list[torch.Tensor],
-           prompts: list[str] | None = None, group_ids: torch.Tensor | None = None,
-           metadata: list[dict] | None = None,
-           on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Rollout:
-    """Roll out N rows. x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere).
+           on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[Trajectory, int]:
+    """Roll out N rows → (their Trajectory: states, log-probs, train mask, final latents and cond;
+    model evaluations). x_init [N, *D]; step_noise [N, T, *D] (None: ODE everywhere).
 
     Chunk by chunk: each chunk runs every step (and the tail) before the next starts, so
     `on_chunk(rows, x_final [len(rows), *D])` can hand a finished chunk to the rewards while the
@@ -132,9 +111,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
         final[idx] = xc
         if on_chunk is not None and len(idx):  # (a rank's empty part of a lock-stepped chunk: nothing to score)
             on_chunk(idx, xc)
-    return Rollout(prompts=prompts or [], group_ids=group_ids if group_ids is not None else torch.zeros(n, dtype=torch.long),
-                   cond=cond, sigmas=sigmas, states=states, log_probs=log_probs, sde=sde, train=train,
-                   final=final, chunks=chunks, nfe=nfe, metadata=list(metadata or []))
+    return Trajectory(cond=cond, states=states, log_probs=log_probs, train=train, final=final), nfe
 
 
 def chunked_velocity(policy: Policy, cond: Cond, chunks: list[torch.Tensor], guidance: float):
@@ -154,11 +131,64 @@ def ode_sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, x_init: torch.T
                batch_size: int) -> tuple[torch.Tensor, int]:
     """Deterministic Euler sampling (evaluation, regenerated replay tails): no states are stored.
     Returns (x_0 [N, *D], nfe)."""
-    from flowpo.solvers import solve
-
     n = x_init.shape[0]
     chunks = make_chunks(n, batch_size, None)
     # lock-step: as many chunk calls as the rank with the most rows (the others run empty chunks)
     chunks += [torch.zeros(0, dtype=torch.long)] * (agreed_count(policy, len(chunks)) - len(chunks))
     x, steps = solve("euler", chunked_velocity(policy, cond, chunks, guidance), x_init, sigmas)
     return x, steps * n * policy.evals_per_row(guidance)
+
+
+class Rollout:
+    """The rollout part: everything an iteration samples, drawn from streams of (seed, iteration,
+    row): the prompts (`heads`), the rows and their plan (`rows`), the initial and step noise, the
+    chunks; then the sampling itself (`sample`), under the objective's behaviour weights."""
+
+    def __init__(self, policy, sigmas: torch.Tensor, spec: RolloutSpec, plan, pool, sample_cfg, seed: int, dist,
+                 device, sampling):
+        self.policy, self.sigmas, self.spec, self.plan, self.pool = policy, sigmas, spec, plan, pool
+        self.s, self.seed, self.dist, self.device, self.sampling = sample_cfg, seed, dist, device, sampling
+
+    def heads(self, it: int):
+        """The iteration's B prompts, one per group (a flowpo.prompts.PromptSet)."""
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, it, 1))
+        return self.pool.take(torch.randint(len(self.pool), (self.s.prompts_per_iteration,), generator=gen))
+
+    def rows(self, it: int, heads, counts: torch.Tensor) -> tuple[Trajectory, dict]:
+        """This rank's fresh rows (`counts` [B] per group, all ranks' rows split in global order),
+        their plan and chunk layout, before sampling → (rows, plan stats)."""
+        B = len(heads)
+        groups = torch.arange(B).repeat_interleave(counts)                                  # [N]
+        drawn = heads.take(groups)
+        n_all = len(drawn)
+        plan = self.plan(it, n_all, groups, torch.Generator().manual_seed(stream_seed(self.seed, it, 2)))
+        local = self.dist.split(n_all)
+        # chunks are drawn over the N global rows; each rank runs its part of each (distributed.py)
+        g_chunks = make_chunks(n_all, self.s.batch_size, torch.Generator().manual_seed(stream_seed(self.seed, it, 5)))
+        chunks, ids = self.dist.local_chunks(g_chunks, local)
+        rows = Trajectory(prompts=drawn.texts[local], metadata=drawn.meta[local], group_ids=groups[local],
+                          row_ids=torch.arange(n_all)[local], versions=torch.full((local.stop - local.start,), it),
+                          sde=plan.sde[local], train=plan.train[local], chunks=Chunks(chunks, ids, len(g_chunks)))
+        stats = {"plan/trained_steps": float(plan.train.sum()) / n_all}
+        if plan.window is not None:
+            stats["plan/window_start"] = plan.window[0]
+        return rows, stats
+
+    def sample(self, it: int, rows: Trajectory, on_chunk=None) -> tuple[Trajectory, int]:
+        """Sample `rows` (their plan and chunks) → (the rows with states, log-probs, final latents and
+        cond, π_old known and weights 1; model evaluations). on_chunk: see `sample`."""
+        s, dims, T, dev = self.s, self.policy.latent_shape, self.sigmas.numel() - 1, self.device
+        ids = rows.row_ids.tolist()
+        init_seeds = [stream_seed(self.seed, it, 3, g if s.shared_noise else 10_000 + i)
+                      for g, i in zip(rows.group_ids.tolist(), ids)]
+        x_init = row_noise(init_seeds, dims).to(dev)                                        # [n, *D]
+        step_noise = row_noise([stream_seed(self.seed, it, 4, i) for i in ids], (T, *dims)).to(dev)  # [n, T, *D]
+        cond = self.policy.encode_prompts(rows.prompts)
+        self.policy.module.eval()
+        with self.sampling():
+            out, nfe = sample(self.policy, cond, self.sigmas, self.spec, x_init=x_init, step_noise=step_noise,
+                              sde=rows.sde, train=rows.train, chunks=rows.chunks.rows, on_chunk=on_chunk)
+        n = rows.n
+        return rows.replace(cond=cond, states=out.states, log_probs=out.log_probs, train=out.train, final=out.final,
+                            old_log_probs=out.log_probs, old_known=torch.ones((n, T), dtype=torch.bool, device=dev),
+                            weights=torch.ones((n, T), device=dev)), nfe

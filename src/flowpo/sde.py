@@ -83,9 +83,11 @@ def _prepare(x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, reduction: s
 
 
 def predict_x0(x: Tensor, v: Tensor, sigma: Sigma) -> Tensor:
-    """Tweedie data prediction x̂0 = x − σ·v (fp32). [N, *D]"""
-    x, v = x.float(), v.float()
-    return x - _b(_as_sigma(sigma, x), x) * v
+    """Tweedie data prediction x̂0 = x − σ·v (fp32; float64 when x or v is, as DiffusionNFT's
+    loss needs). [N, *D]"""
+    dt = torch.float64 if torch.float64 in (x.dtype, v.dtype) else torch.float32
+    x, v = x.to(dt), v.to(dt)
+    return x - _b(_as_sigma(sigma, x).to(dt), x) * v
 
 
 def predict_noise(x: Tensor, v: Tensor, sigma: Sigma) -> Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from flowpo.schedule import shift_sigma, unshift_sigma
+from flowpo.sde import predict_x0
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -72,7 +73,7 @@ def dpm2m(velocity_fn: VelocityFn, x: Tensor, sigmas: Tensor) -> tuple[Tensor, i
     x = x.float()
     prev_x0, prev_h = None, None
     for a, b in zip(s, s[1:]):
-        x0 = x - a * velocity_fn(x, _sigma_row(a, x)).float()  # x̂0_n
+        x0 = predict_x0(x, velocity_fn(x, _sigma_row(a, x)), a)  # x̂0_n
         h = _lambda(b) - _lambda(a)
         second_order = prev_x0 is not None and math.isfinite(h) and math.isfinite(prev_h)
         if second_order:

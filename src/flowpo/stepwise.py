@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from flowpo.policy.base import Cond, Policy, select_cond
-from flowpo.training.distributed import agreed_count
+from flowpo.lockstep import agreed_count
 
 
 @torch.no_grad()

@@ -1,20 +1,17 @@
 """The objective part: what the update minimises (`objective.kind`).
 
-An objective is an object with this protocol (the trainer calls it and nothing else):
+An objective is an object with this protocol (the trainer calls it and nothing else); `b` is the
+update's flowpo.trajectory.Trajectory (this rank's rows, with their chunk layout):
 
+    Stats                           the NamedTuple its chunk_loss returns (flowpo.stats)
     sampling()                      context: the weights the rollout samples with (a behaviour policy)
-    old_log_probs(states, train, cond, chunks) -> [R, T] | None
-                                    log π_old of stored transitions in `chunks` (replayed rows'
-                                    importance weights); None when the objective has no likelihood
-    begin(batch, iteration, first)  before the first optimizer step (cache old predictions); `first`:
-                                    the positions in batch.chunks of minibatch 0, which the update
-                                    trains first, before any optimizer step: an old prediction at
-                                    the current weights there may come from chunk_loss's own forward
-    chunk_loss(batch, idx, count)   backward the loss of chunk `idx`; returns stats dicts; an objective
-                                    with a likelihood hands each step's log π_θ to batch.pending
-                                    (replay.PendingPiOld) when there is one
-    merge(stats) -> metrics         means of the stats over all ranks' chunks
-    end(iteration)                  after the iteration's optimizer steps
+    begin(b, iteration, first)      before the first optimizer step: old predictions, and π_old where
+                                    b.old_known is False (replayed rows; the objective owns π_old and
+                                    applies b.rule); `first`: the positions in b.chunks.rows of
+                                    minibatch 0, which trains before any optimizer step, so an old
+                                    prediction at the current weights may come from its own forward
+    chunk_loss(b, idx, count)       backward the loss of chunk `idx`; returns Stats records
+    end(iteration) -> metrics       after the iteration's optimizer steps (e.g. replay/w_* stats)
     state_dict() / load_state_dict  what a checkpoint keeps
 
 The normaliser `count` is the number of trained (row, step) pairs in the minibatch over all ranks,
@@ -51,23 +48,6 @@ class Context:
     reduction: str
     seed: int
     params: list                # the trainable parameters (objectives with an old-policy copy)
-    resync: Callable = lambda: None  # FSDP2: refresh the gathered full weights after a swap
-
-
-def merge_sums(stats: list[dict]) -> dict[str, float]:
-    """Stats dicts of sums with a `count` → means (keys ending in `_max` → max)."""
-    n = sum(s["count"] for s in stats)
-    if n == 0:
-        return {}
-    keys = [k for k in stats[0] if k != "count"]
-    out = {}
-    for k in keys:
-        if k.endswith("_max"):
-            out[k] = max(s[k] for s in stats)
-        else:
-            out[k] = sum(s[k] for s in stats) / n
-    out["stats/transitions"] = float(n)
-    return out
 
 
 def build_objective(name: str, ctx: Context, cfg):
@@ -75,7 +55,7 @@ def build_objective(name: str, ctx: Context, cfg):
     return OBJECTIVES[name](ctx, cfg)
 
 
-from flowpo.objectives.awm import AWM  # noqa: E402  (the classes import Context and merge_sums)
+from flowpo.objectives.awm import AWM  # noqa: E402
 from flowpo.objectives.clipped import ClippedSurrogate  # noqa: E402
 from flowpo.objectives.nft import DiffusionNFT  # noqa: E402
 

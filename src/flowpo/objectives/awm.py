@@ -26,10 +26,30 @@ current weights (the paper's default, off-policy sampling off).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
+from flowpo.loss import ppo_clip
 from flowpo.objectives.flow_matching import FinalSampleObjective
+from flowpo.stats import scalar
+
+
+class AWMStats(NamedTuple):
+    """Detached 0-dim sums over one (chunk, step)'s trained rows (flowpo.stats)."""
+
+    count: torch.Tensor
+    policy: torch.Tensor        # Σ clipped advantage-weighted term
+    kl: torch.Tensor            # Σ β_ref·‖v_θ − v_ref‖²
+    anchor: torch.Tensor        # Σ β_anchor·‖v_θ − v_anchor‖²
+    ratio_sum: torch.Tensor     # Σ ρ
+    ratio_max: torch.Tensor     # max ρ
+    clipped: torch.Tensor       # rows with |ρ − 1| > ε_c
+    nll: torch.Tensor           # Σ −ℓ_θ
+
+    METRICS = {"policy": ("loss/policy", "sum"), "kl": ("loss/kl", "sum"), "anchor": ("loss/anchor", "sum"),
+               "ratio_sum": ("stats/ratio_mean", "sum"), "ratio_max": ("stats/ratio_max", "max"),
+               "clipped": ("stats/clipfrac", "sum"), "nll": ("stats/neg_log_likelihood", "sum")}
 
 
 def awm_log_likelihood(v: torch.Tensor, u: torch.Tensor, sigma: float, weighting: str, p: float) -> torch.Tensor:
@@ -48,6 +68,8 @@ class AWM(FinalSampleObjective):
     """objective.kind=awm; options objective.awm_weighting, awm_p, awm_clip, adv_max, ref_beta,
     anchor_beta, old_ramp, old_max."""
 
+    Stats = AWMStats
+
     def sampling(self):
         return contextlib.nullcontext()  # on-policy sampling; θ_old is only the anchor
 
@@ -60,7 +82,7 @@ class AWM(FinalSampleObjective):
         self._store(b, "ll_old", lambda idx, t, rows, sig, x, u, cond: self._ll(self._velocity(x, sig, cond), u, sig),
                     skip=first)
         if self.o.anchor_beta > 0:
-            with self.old.swapped(self.ctx.resync):
+            with self.old.swapped():
                 self._store(b, "v_anchor", lambda idx, t, rows, sig, x, u, cond: self._velocity(x, sig, cond))
 
     def _first_forward(self, b, idx, t, sig, x, u, v, cond) -> None:
@@ -74,17 +96,15 @@ class AWM(FinalSampleObjective):
         # trained so far, so `rows` is empty: a lock-stepped rank's empty part of a chunk)
         ll_old = self.ll_old[idx, t][rows] if self.ll_old is not None else ll.detach()
         ratio = torch.exp(ll - ll_old)
-        pg = torch.maximum(-a * ratio, -a * ratio.clamp(1.0 - o.awm_clip, 1.0 + o.awm_clip)).float()
+        pg = ppo_clip(ratio, a, o.awm_clip).float()
         ref = self._ref_term(v, x, sig, cond, rows, idx, t)
         anchor = torch.zeros_like(ref)
         if o.anchor_beta > 0:
             anchor = o.anchor_beta * ((v - self.v_anchor[idx, t]) ** 2).flatten(1).mean(1)[rows]
         per = pg + ref + anchor
-        with torch.no_grad():
-            stat = {"count": int(rows.sum()), "loss/policy": float(pg.sum()), "loss/kl": float(ref.sum()),
-                    "loss/anchor": float(anchor.sum()), "stats/ratio_mean": float(ratio.sum()),
-                    "stats/ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
-                    "stats/clipfrac": float(((ratio - 1).abs() > o.awm_clip).sum()),
-                    "stats/neg_log_likelihood": float((-ll).sum())}
+        r = ratio.detach()
+        stat = AWMStats(scalar(rows.sum(), v), scalar(pg.sum(), v), scalar(ref.sum(), v), scalar(anchor.sum(), v),
+                        scalar(r.sum(), v), scalar(r.max() if r.numel() else 1.0, v),
+                        scalar(((r - 1).abs() > o.awm_clip).sum(), v), scalar((-ll).sum(), v))
         return per, stat
 

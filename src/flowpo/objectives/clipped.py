@@ -11,6 +11,17 @@ A the group or stepwise advantage, KL the Gaussian KL of the step means to the r
 re-scored on the same chunk of rows as the rollout used, so on policy the first ratio is exactly 1.
 The reference's step means are computed once per (chunk, step) and iteration and reused by the
 later passes of train.inner_epochs (`flowpo.objectives.reference`).
+
+π_old is this objective's. Fresh rows know it (the rollout's log-probs, `old_known`); replayed rows
+arrive with their behaviour log-probs β and the run's weight rule (flowpo.importance.WeightRule),
+and π_old is their log-prob under the iteration's starting weights θ. A replayed chunk that trains
+in the first minibatch (before any optimizer step) is scored at exactly θ by the update's own
+forward, so its π_old is taken from there, with no pass of its own, whenever its weight follows
+from that step alone: the per-step rules, or the sequence rules with replay.hold_graphs (the
+chunk's step graphs are kept until all its steps are known, then one backward; not under
+lock-step, whose ranks must make the same backward calls), and loss.forward_rows=chunk (the
+pass's own rows, so the numbers are bit-identical). Every other replayed chunk gets a pass in
+`begin`.
 """
 from __future__ import annotations
 
@@ -18,18 +29,26 @@ import contextlib
 
 import torch
 
-from flowpo.loss import clipped_surrogate, mean_kl, merge_stats
+from flowpo.lockstep import agreed_steps, is_lockstep
+from flowpo.loss import LossStats, clipped_surrogate, mean_kl
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
-from flowpo.training.distributed import agreed_steps
 
 
 class ClippedSurrogate:
     """objective.kind=clipped_surrogate; options under `loss.*` (clip_range, kl_beta, kl_form)."""
 
+    Stats = LossStats
+
     def __init__(self, ctx, cfg):
         self.ctx, self.loss = ctx, cfg.loss
         self.refs = reference_cache(cfg)  # the KL's reference step means, kept across inner epochs
+        self.from_forward = cfg.loss.forward_rows == "chunk"
+        self.hold_graphs = cfg.replay.hold_graphs and not is_lockstep(ctx.policy)
+        self.b = None          # the iteration's update rows
+        self.take = None       # [M, T] bool: pairs whose π_old the update's first forward still has to give
+        self.taking = set()    # ids of the chunk tensors holding such pairs
+        self.replayed = None   # [M] bool: rows whose weight the rule sets
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
@@ -43,19 +62,34 @@ class ClippedSurrogate:
         v = c.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, c.guidance)
         return c.kernel(x, v, sig, sig_next, c.noise_level, sample=states[idx, t + 1], reduction=c.reduction)
 
-    @torch.no_grad()
-    def old_log_probs(self, states, train, cond, chunks) -> torch.Tensor:
-        """π_old log-probs of stored transitions under the current weights, chunk by chunk: [R, T],
-        0 outside `chunks` (the replayed chunks whose π_old the update's first forward gives)."""
-        out = torch.zeros(train.shape, device=states.device)
-        for idx in chunks:
-            for t in agreed_steps(self.ctx.policy, train[idx].any(0)):
-                st = self.rescore(states, idx, t, select_cond(cond, idx))
-                out[idx, t] = torch.where(train[idx, t], st.log_prob, torch.zeros_like(st.log_prob))
-        return out
-
-    def begin(self, batch, iteration: int, first=()) -> None:
+    def begin(self, b, iteration: int, first=()) -> None:
+        """π_old of the pairs the rollout did not know (module docstring): `first` are the
+        positions in b.chunks.rows of minibatch 0, whose forward may give it; a pass now for the
+        rest; then the rule's weights of the replayed rows (those of taken pairs follow later)."""
         self.refs.clear()
+        self.b, self.taking, rule = b, set(), b.rule
+        if rule is None:  # fresh rows only: every π_old known, weights 1
+            return
+        unknown = b.train & ~b.old_known                                      # [M, T]
+        self.replayed = unknown.any(1)                                        # [M]
+        self.take = torch.zeros_like(unknown)
+        if self.from_forward and (rule.step_local or self.hold_graphs):
+            for j in first:
+                self.take[b.chunks.rows[j]] = unknown[b.chunks.rows[j]]
+        rest = unknown & ~self.take
+        chunks = b.chunks.rows
+        taking, needed = torch.stack([torch.stack([self.take[c].any(), rest[c].any()]) for c in chunks]).cpu().unbind(1)
+        self.taking = {id(c) for c, x in zip(chunks, taking.tolist()) if x}
+        with torch.no_grad():  # under lock-step every rank runs the chunks where any rank has such pairs
+            for j in agreed_steps(self.ctx.policy, needed):
+                idx = chunks[j]
+                cond = select_cond(b.cond, idx)
+                for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+                    st = self.rescore(b.states, idx, t, cond)
+                    b.old_log_probs[idx, t] = torch.where(rest[idx, t], st.log_prob, b.old_log_probs[idx, t])
+        rep = self.replayed
+        if bool(rep.any()):  # (a rank whose share of the replayed rows is empty has none)
+            b.weights[rep] = rule.weights(b.old_log_probs[rep], b.log_probs[rep], b.train[rep])[0].to(b.weights.dtype)
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
         """Backward the loss of every trained step of one chunk. loss.forward_rows='chunk' runs the
@@ -66,9 +100,9 @@ class ClippedSurrogate:
         lc, c = self.loss, self.ctx
         cond = select_cond(b.cond, idx)
         out = []
-        # replay.hold_graphs: replayed rows whose sequence weight needs π_old at all their steps, which
-        # this chunk's own forwards give; the step losses are kept and backwarded once it is known
-        held = [] if b.pending is not None and b.pending.holds(idx) else None
+        taking = id(idx) in self.taking
+        # sequence weights whose π_old this chunk's forwards give: keep the step losses, backward once known
+        held = [] if taking and not b.rule.step_local else None
         for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
             rows = b.train[idx, t]                                               # [n_c]
             if lc.forward_rows == "trained" and not bool(rows.all()):
@@ -77,8 +111,8 @@ class ClippedSurrogate:
             else:
                 ids, ids_cond = idx, cond
             st = self.rescore(b.states, ids, t, ids_cond)
-            if b.pending is not None:  # replayed rows of the first minibatch: π_old is this forward's
-                b.pending.take(b, ids, t, st.log_prob)
+            if taking:
+                self._take(b, ids, t, st.log_prob)
             kl = None
             if lc.kl_beta > 0:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
@@ -92,28 +126,49 @@ class ClippedSurrogate:
             loss.backward()
             out.append(stat)
         if held:
-            b.pending.finish(b, idx)
+            rep = idx[self.replayed[idx].cpu()]
+            b.weights[rep] = b.rule.weights(b.old_log_probs[rep], b.log_probs[rep], b.train[rep])[0]
             losses = [self._surrogate(b, *step, count) for step in held]
             sum(loss for loss, _ in losses).backward()
             out += [stat for _, stat in losses]
         return out
 
+    def _take(self, b, ids: torch.Tensor, t: int, log_prob: torch.Tensor) -> None:
+        """π_old (and, for a per-step rule, the weight) of the taken pairs of rows `ids` at step t
+        from this forward's log π_θ [n], at the iteration's starting weights."""
+        need = self.take[ids, t]
+        if not bool(need.any()):
+            return
+        b.old_log_probs[ids, t] = torch.where(need, log_prob.detach().to(b.old_log_probs.dtype), b.old_log_probs[ids, t])
+        self.take[ids, t] = False
+        if b.rule.step_local:
+            w = b.rule.step(b.old_log_probs[ids, t], b.log_probs[ids, t], need)
+            b.weights[ids, t] = torch.where(need, w, b.weights[ids, t])
+
     def _surrogate(self, b, log_prob, ids, t: int, rows, kl, count: float):
         """The clipped loss (and its stats) of rows `ids`[rows] at step t from their log π_θ."""
         lc = self.loss
-        return clipped_surrogate(log_prob, b.old_log_prob[ids, t][rows], b.adv[ids, t][rows], lc.clip_range,
-                                 weights=b.weight[ids, t][rows], kl=kl, kl_beta=lc.kl_beta, normalizer=count)
+        return clipped_surrogate(log_prob, b.old_log_probs[ids, t][rows], b.adv[ids, t][rows], lc.clip_range,
+                                 weights=b.weights[ids, t][rows], kl=kl, kl_beta=lc.kl_beta, normalizer=count)
 
     def _reference_mean(self, states: torch.Tensor, ids: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
         """The reference policy's step means at x_t of rows `ids` (no grad, adapter disabled)."""
         with torch.no_grad(), self.ctx.policy.disable_adapter():
             return self.rescore(states, ids, t, cond).mean
 
-    def merge(self, stats: list) -> dict:
-        return merge_stats(stats)
-
-    def end(self, iteration: int) -> None:
+    def end(self, iteration: int) -> dict:
+        """The replayed rows' importance-weight stats (`replay/w_*`), now that every π_old is known."""
+        b, out = self.b, {}
         self.refs.clear()
+        if b is not None and b.rule is not None and bool(self.replayed.any()):
+            if bool(self.take.any()):
+                raise RuntimeError("replayed rows' π_old was left to a chunk that did not run before the first "
+                                   "optimizer step")
+            rep = self.replayed
+            out = b.rule.weights(b.old_log_probs[rep], b.log_probs[rep], b.train[rep])[1]
+        self.b = self.take = self.replayed = None
+        self.taking = set()
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -25,8 +25,8 @@ import torch
 
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
-from flowpo.training.distributed import agreed_steps
-from flowpo.training.ema import EMA, NoEMA
+from flowpo.lockstep import agreed_steps
+from flowpo.ema import EMA, NoEMA
 
 
 class FinalSampleObjective:
@@ -34,11 +34,12 @@ class FinalSampleObjective:
     `_prepare(b, first)` (no-grad predictions before the first optimizer step; `first`: the chunk
     positions whose predictions at the current weights may come from the update's own first
     forward instead, through `_first_forward`) and
-    `_term(b, idx, t, rows, sig, x, u, v, cond) -> (per-row loss [r], stats dict)`."""
+    `_term(b, idx, t, rows, sig, x, u, v, cond) -> (per-row loss [r], a `Stats` record)`. No
+    likelihood: replayed rows keep weight 1."""
 
     def __init__(self, ctx, cfg):
         self.ctx, self.o = ctx, cfg.objective
-        # θ_old: an EMA whose decay is the ramp's η (training.ema); none kept when old_ramp = 0
+        # θ_old: an EMA whose decay is the ramp's η (flowpo.ema); none kept when old_ramp = 0
         self.old = EMA(ctx.params, 0.0) if self.o.old_ramp > 0 else NoEMA()
         self.noise = None
         self.refs = reference_cache(cfg)  # v_ref per (chunk, step), kept across inner epochs
@@ -47,10 +48,7 @@ class FinalSampleObjective:
     # ------------------------------------------------------------------ protocol
     def sampling(self):
         """The rollout samples with θ_old (DiffusionNFT's behaviour policy)."""
-        return self.old.swapped(self.ctx.resync)
-
-    def old_log_probs(self, states, train, cond, chunks):
-        return None  # no likelihood: replayed rows enter with weight 1
+        return self.old.swapped()
 
     def begin(self, b, iteration: int, first=()) -> None:
         """Draw the iteration's noise and make the old predictions; `first`: the positions in b.chunks
@@ -65,7 +63,7 @@ class FinalSampleObjective:
         first = sorted(set(first))
         self._fresh = torch.zeros_like(b.train)
         for j in first:
-            self._fresh[b.chunks[j]] = b.train[b.chunks[j]]
+            self._fresh[b.chunks.rows[j]] = b.train[b.chunks.rows[j]]
         with torch.no_grad():
             self._prepare(b, first)
 
@@ -81,20 +79,16 @@ class FinalSampleObjective:
                     self._first_forward(b, idx, t, sig, x, u, v.detach(), cond)
                 self._fresh[idx, t] = False
             per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
-            per = per * b.weight[idx, t][rows].detach()
+            per = per * b.weights[idx, t][rows].detach()
             (per.sum() / count).backward()
             out.append(stat)
         return out
 
-    def merge(self, stats: list) -> dict:
-        from flowpo.objectives import merge_sums
-
-        return merge_sums(stats)
-
-    def end(self, iteration: int) -> None:
+    def end(self, iteration: int) -> dict:
         self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
         self.noise, self._fresh = None, None
         self.refs.clear()
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
@@ -122,7 +116,7 @@ class FinalSampleObjective:
     def _each_trained(self, b, skip=()):
         """(idx, t, rows, σ, x_σ, u, cond) over every chunk (but the positions in `skip`) and trained
         step of the batch."""
-        for j, idx in enumerate(b.chunks):
+        for j, idx in enumerate(b.chunks.rows):
             if j in skip:
                 continue
             cond = select_cond(b.cond, idx)

@@ -27,9 +27,28 @@ v_old is predicted once per iteration before the first optimizer step, at the sa
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from flowpo.objectives.flow_matching import FinalSampleObjective
+from flowpo.sde import predict_x0
+from flowpo.stats import scalar
+
+
+class NFTStats(NamedTuple):
+    """Detached 0-dim sums over one (chunk, step)'s trained rows (flowpo.stats)."""
+
+    count: torch.Tensor
+    policy: torch.Tensor        # Σ L (the NFT term)
+    positive: torch.Tensor      # Σ L⁺
+    negative: torch.Tensor      # Σ L⁻
+    kl: torch.Tensor            # Σ β_ref·‖v_θ − v_ref‖²
+    optimality: torch.Tensor    # Σ r
+
+    METRICS = {"policy": ("loss/policy", "sum"), "positive": ("loss/nft_positive", "sum"),
+               "negative": ("loss/nft_negative", "sum"), "kl": ("loss/kl", "sum"),
+               "optimality": ("stats/optimality", "sum")}
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x: torch.Tensor, x0: torch.Tensor, sigma: float,
@@ -42,7 +61,7 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x: torch.Tensor, x0: torch.Te
     x0 = x0.double()
 
     def weighted(vv: torch.Tensor) -> torch.Tensor:
-        x0_hat = x.double() - sigma * vv.double()
+        x0_hat = predict_x0(x.double(), vv.double(), sigma)
         err = (x0_hat - x0).flatten(1)
         w = err.abs().mean(1).detach().clamp_min(1e-5)
         return (err ** 2).mean(1) / w
@@ -60,6 +79,8 @@ def optimality(adv: torch.Tensor, adv_max: float) -> torch.Tensor:
 class DiffusionNFT(FinalSampleObjective):
     """objective.kind=diffusion_nft; options objective.nft_beta, adv_max, ref_beta, old_ramp, old_max."""
 
+    Stats = NFTStats
+
     def _prepare(self, b, first) -> None:
         # v_old at every trained (row, σ): under θ_old (the sampling policy), before any update. With
         # old_ramp > 0 (the preset) θ_old is other weights than the update's from iteration 2 on; at
@@ -74,8 +95,6 @@ class DiffusionNFT(FinalSampleObjective):
         loss, l_pos, l_neg = nft_loss(v[rows], self.v_old[idx, t][rows], x[rows], x0, sig, r, o.nft_beta, o.adv_max)
         ref = self._ref_term(v, x, sig, cond, rows, idx, t)
         per = loss + ref
-        with torch.no_grad():
-            stat = {"count": int(rows.sum()), "loss/policy": float(loss.detach().sum()),
-                    "loss/nft_positive": float(l_pos.detach().sum()), "loss/nft_negative": float(l_neg.detach().sum()),
-                    "loss/kl": float(ref.detach().sum()), "stats/optimality": float(r.sum())}
+        stat = NFTStats(scalar(rows.sum(), v), scalar(loss.sum(), v), scalar(l_pos.sum(), v),
+                        scalar(l_neg.sum(), v), scalar(ref.sum(), v), scalar(r.sum(), v))
         return per, stat

@@ -21,10 +21,10 @@ transitions, so the global gradient is the plain sum of the ranks' gradients:
   backward: parameters, gradients, AdamW and EMA state stay DTensor shards, ~1/W of the model
   per rank. Every forward all-gathers a block's parameters and every backward reduce-scatters its
   gradients (sum), so every forward and backward is a collective and ranks must make the same
-  sequence of model calls: `lockstep` is set, the policy is wrapped in `LockstepPolicy` (a call
-  with no rows runs one dummy row and returns none) and the loops agree on their structure with
-  `agreed_steps` / `agreed_count` / `agreed_values` (one small all-reduce or gather each; no-ops
-  off lockstep, so 1 process and LoRA runs are unchanged).
+  sequence of model calls: `lockstep` is set and the builder wraps the policy in
+  `flowpo.lockstep.LockstepPolicy` (a call with no rows runs one dummy row and returns none), whose
+  loops agree on their structure (flowpo.lockstep; no-ops off lockstep, so 1 process and LoRA runs
+  are unchanged).
 
 Timeouts. Every collective runs under `FLOWPO_DIST_TIMEOUT_S` (default 600 s). A dead peer or one
 that does not arrive in time raises `DistributedError` naming this rank, the collective, how far
@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ class Dist:
 
     # ------------------------------------------------------------------ failure reporting
     @contextlib.contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def guard(self, what: str) -> Iterator[None]:
         """Run one collective; turn a timeout or a lost peer into a DistributedError that says why."""
         if self.world == 1:
             yield
@@ -128,18 +128,16 @@ class Dist:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
-    @staticmethod
-    def local_chunks(global_chunks: list[torch.Tensor], local: slice,
-                     keep_empty: bool = False) -> tuple[list[torch.Tensor], list[int]]:
+    def local_chunks(self, global_chunks: list[torch.Tensor], local: slice) -> tuple[list[torch.Tensor], list[int]]:
         """This rank's part of each global chunk of rows, as local row indices, and the global
-        index of each non-empty part (of every part with keep_empty: the lock-stepped FSDP2 mode,
-        where a rank without rows in a chunk still makes that chunk's model calls). Minibatches are
+        index of each non-empty part (of every part under lock-step: FSDP2's sharded mode, where a
+        rank without rows in a chunk still makes that chunk's model calls). Minibatches are
         defined on global chunks, so a 1-process and an N-process run update on the same rows at
         each optimizer step."""
         chunks, ids = [], []
         for g, c in enumerate(global_chunks):
             mine = c[(c >= local.start) & (c < local.stop)] - local.start
-            if mine.numel() or keep_empty:
+            if mine.numel() or self.lockstep:
                 chunks.append(mine)
                 ids.append(g)
         return chunks, ids
@@ -153,14 +151,14 @@ class Dist:
         t = t.to(self.comm_device)  # nccl needs CUDA tensors, gloo takes CPU ones
         size = torch.tensor([t.shape[0]], device=self.comm_device)
         sizes = [torch.empty_like(size) for _ in range(self.world)]
-        with self._guard("all_gather sizes"):
+        with self.guard("all_gather sizes"):
             dist.all_gather(sizes, size)
         sizes_i = [int(s) for s in sizes]
         big = max(sizes_i)
         if t.shape[0] < big:
             t = torch.cat([t, t.new_zeros((big - t.shape[0], *t.shape[1:]))])
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        with self._guard(f"all_gather {tuple(t.shape)}"):
+        with self.guard(f"all_gather {tuple(t.shape)}"):
             dist.all_gather(parts, t.contiguous())
         return torch.cat([p[:k] for p, k in zip(parts, sizes_i)]).to(home)
 
@@ -169,14 +167,14 @@ class Dist:
         if self.world == 1:
             return [obj]
         out: list = [None] * self.world
-        with self._guard("all_gather_object"):
+        with self.guard("all_gather_object"):
             dist.all_gather_object(out, obj)
         return out
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             buf = t.to(self.comm_device)
-            with self._guard(f"all_reduce {tuple(t.shape)}"):
+            with self.guard(f"all_reduce {tuple(t.shape)}"):
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM)
             if buf is not t:
                 t.copy_(buf)
@@ -206,13 +204,18 @@ class Dist:
             return int(n)
         t = torch.tensor([float(n)])
         if dist.is_initialized():
-            with self._guard("all_reduce max"):
+            with self.guard("all_reduce max"):
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def collective(self, what: str):
+        """Context for a span of model calls that are collectives under lock-step (FSDP2's
+        forwards and backwards): guarded as one (`guard`); a plain context otherwise."""
+        return self.guard(what) if self.lockstep else contextlib.nullcontext()
+
     def barrier(self) -> None:
         if self.world > 1:
-            with self._guard("barrier"):
+            with self.guard("barrier"):
                 dist.barrier()
 
     # ------------------------------------------------------------------ wrapping and gradients
@@ -225,17 +228,17 @@ class Dist:
         full=True: `fully_shard` every block (`shard_units`) and then the module (FSDP2), each
         resharded after forward, sum reduction of the gradients in every backward; `frozen`
         modules (the reference copy) are sharded the same way. Sets `lockstep`: from here on
-        every rank must make the same sequence of model calls (`LockstepPolicy`)."""
+        every rank must make the same sequence of model calls (`flowpo.lockstep.LockstepPolicy`)."""
         if self.world == 1:
             return
         if not full:
-            with self._guard("broadcast initial weights"), torch.no_grad():
+            with self.guard("broadcast initial weights"), torch.no_grad():
                 for p in params:
                     dist.broadcast(p.data, src=0)
             return
         from torch.distributed.fsdp import FSDPModule
 
-        with self._guard("fsdp shard module"):
+        with self.guard("fsdp shard module"):
             _shard(module)
             for m in frozen:
                 if m is not None:
@@ -247,25 +250,16 @@ class Dist:
         self.fsdp = module
         self.lockstep = True
 
-    def gather_params(self) -> None:
-        """Kept for callers (EMA swaps, checkpoint loads): nothing to refresh, the module's
-        parameters are the DTensor shards between calls and every forward gathers what it needs."""
-
-    def shard_params(self) -> None:
-        """Kept for callers: the parameters are always the DTensor shards between calls."""
-
-    def sync_gradients(self, params: list[nn.Parameter], probe: Callable[[], torch.Tensor]) -> None:
-        """Make every rank's gradients the sum over ranks (see module docstring).
-
-        probe(): unused now (kept for callers); under FSDP2 every backward already
-        reduce-scattered (summed) its gradients into the shards, so there is nothing left to do."""
+    def sync_gradients(self, params: list[nn.Parameter]) -> None:
+        """Make every rank's gradients the sum over ranks (see module docstring). Under FSDP2 every
+        backward already reduce-scattered (summed) its gradients into the shards: nothing left to do."""
         if self.world == 1 or self.fsdp is not None:
             return
         for p in params:  # a rank without rows in this minibatch still takes part, with zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        with self._guard(f"all_reduce grads {flat.numel()}"):
+        with self.guard(f"all_reduce grads {flat.numel()}"):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         off = 0
         for p in params:
@@ -274,7 +268,7 @@ class Dist:
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         """clip_grad_norm_ that also works on FSDP2's DTensor gradients; returns the global norm."""
-        with self._guard("grad norm") if self.fsdp is not None else contextlib.nullcontext():
+        with self.guard("grad norm") if self.fsdp is not None else contextlib.nullcontext():
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
@@ -285,7 +279,7 @@ class Dist:
         if not any(_is_dtensor(v) for v in tensors.values()):
             return tensors
         out = {}
-        with self._guard("fsdp gather checkpoint"):
+        with self.guard("fsdp gather checkpoint"):
             for k, v in tensors.items():
                 out[k] = v.full_tensor().detach().clone() if _is_dtensor(v) else v
         return out
@@ -296,7 +290,7 @@ class Dist:
             return full  # (a DTensor is already a shard: the sharded resume reads its rows itself)
         from torch.distributed.tensor import distribute_tensor
 
-        with self._guard("fsdp shard checkpoint"):
+        with self.guard("fsdp shard checkpoint"):
             return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
 
 
@@ -325,65 +319,3 @@ def _shard(module: nn.Module) -> None:
         fully_shard(unit, reshard_after_forward=True)
     # explicit True: FSDP2's default keeps the root gathered after forward
     fully_shard(module, reshard_after_forward=True)
-
-
-class LockstepPolicy:
-    """A policy under lock-stepped FSDP2 (Dist.lockstep): every `velocity` is a collective, guarded
-    (a dead or stalled peer raises DistributedError naming it), and a call with no rows (a rank
-    whose part of a global chunk is empty) runs one dummy row of zeros and returns the empty
-    result, still attached to the graph, so the backward is a collective too. Everything else is
-    the wrapped policy's."""
-
-    def __init__(self, policy, dist: Dist):
-        self.__dict__["_inner"] = policy
-        self.__dict__["lockstep"] = dist
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_inner"], name)
-
-    def __setattr__(self, name, value):
-        setattr(self.__dict__["_inner"], name, value)
-
-    def encode_prompts(self, prompts: list[str]):
-        if len(prompts):
-            return self._inner.encode_prompts(prompts)
-        return {k: v[:0] for k, v in self._inner.encode_prompts([""]).items()}
-
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, guidance: float) -> torch.Tensor:
-        d = self.lockstep
-        with d._guard("fsdp forward"):
-            if x.shape[0]:
-                return self._inner.velocity(x, sigma, cond, guidance)
-            x1 = x.new_zeros((1, *x.shape[1:]))
-            s1 = torch.full((1,), 0.5, device=x.device)
-            c1 = {k: v.new_zeros((1, *v.shape[1:])) for k, v in cond.items()}
-            return self._inner.velocity(x1, s1, c1, guidance)[:0]
-
-
-def lockstep_of(policy) -> Dist | None:
-    """The Dist a lock-stepped policy runs under, else None (one process, LoRA)."""
-    d = policy.__dict__.get("lockstep") if hasattr(policy, "__dict__") else None
-    return d if isinstance(d, Dist) else None
-
-
-def agreed_steps(policy, mask: torch.Tensor) -> list[int]:
-    """The steps where `mask` [T] is set on any rank under lock-step (else this rank's): the steps
-    whose model calls every rank makes, with or without rows of its own to train there."""
-    d = lockstep_of(policy)
-    if d is not None:
-        mask = d.any_over_ranks(mask)
-    return torch.nonzero(mask).flatten().tolist()
-
-
-def agreed_count(policy, n: int) -> int:
-    """max over ranks of n under lock-step (a number of chunks or rows to run), else n."""
-    d = lockstep_of(policy)
-    return d.max_over_ranks(n) if d is not None else n
-
-
-def agreed_values(policy, values) -> list:
-    """The sorted union over ranks of `values` under lock-step, else sorted(set(values))."""
-    d = lockstep_of(policy)
-    if d is None:
-        return sorted(set(values))
-    return sorted({v for part in d.all_gather_objects(sorted(set(values))) for v in part})

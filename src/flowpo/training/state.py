@@ -6,6 +6,7 @@ checkpoint and re-shards it. The file format is `flowpo.training.checkpoint`'s.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,3 +215,30 @@ def clear_run(out: str | Path) -> None:
         for p in ckdir.iterdir():
             if p.name.endswith(".tmp"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def open_run(st: TrainState, out: Path, resume: bool) -> bool:
+    """Make the run folder `out` ready for a run, on every rank: with `resume`, restore the latest
+    intact checkpoint (a run killed before its first checkpoint starts afresh there, said once);
+    without, refuse a folder that already holds a run. Returns whether the run resumed."""
+    dist = st.dist
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    seen = dist.all_gather_objects(has_any_checkpoint(out)) if resume else []
+    if resume and len(set(seen)) > 1:
+        raise FileNotFoundError(f"--resume: ranks {[r for r, x in enumerate(seen) if not x]} see no checkpoint under "
+                                f"{out}/checkpoints while others do; put the run folder on a file system "
+                                "every node shares (nothing was changed)")
+    if resume and not any(seen):
+        if dist.is_main:  # killed before its first checkpoint: not a dead end, start it afresh
+            print(f"flowpo: --resume: {out} has no intact checkpoint yet; starting the run afresh there",
+                  file=sys.stderr)
+            clear_run(out)
+        dist.barrier()
+        resume = False
+    if resume:
+        restore(st, out)
+    elif not dist.all_true(not (dist.is_main and (out / "metrics.jsonl").exists())):
+        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); use --resume to continue it "
+                              "or choose another --out")
+    return resume

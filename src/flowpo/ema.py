@@ -44,20 +44,14 @@ class EMA:
                 p.copy_(s)
                 s.copy_(tmp)
 
-    def swapped(self, resync=None):
-        """Context with the EMA weights in the parameters (evaluation); `resync()` after each swap
-        (FSDP2: refresh the gathered copy)."""
-        @contextlib.contextmanager
-        def ctx():
+    @contextlib.contextmanager
+    def swapped(self):
+        """Context with the EMA weights in the parameters (evaluation, θ_old's rollouts)."""
+        self.swap()
+        try:
+            yield
+        finally:
             self.swap()
-            (resync or (lambda: None))()
-            try:
-                yield
-            finally:
-                self.swap()
-                (resync or (lambda: None))()
-
-        return ctx()
 
 
 class NoEMA:
@@ -69,7 +63,7 @@ class NoEMA:
     def update(self, decay: float | None = None) -> None:
         pass
 
-    def swapped(self, resync=None):
+    def swapped(self):
         return contextlib.nullcontext()
 
 

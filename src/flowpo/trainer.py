@@ -1,2 +1,0 @@
-"""`flowpo.trainer` is `flowpo.training.trainer` (the name before the training subpackage)."""
-from flowpo.training.trainer import Trainer, evaluate_policy, train  # noqa: F401
