@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,11 +49,13 @@ class Server:
             cmd += ["--reward", r]
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                     "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the log goes to a file (a pipe nobody reads would block a chatty server), read by log()
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+                raise AssertionError(f"the server exited: {self.log()}")
             try:
                 if requests.get(self.url + "/v1/health", timeout=1).ok:
                     return
@@ -61,16 +64,28 @@ class Server:
         self.kill()
         raise AssertionError("the server did not come up in 90 s")
 
+    def log(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
+        return Path(self._log.name).read_text(errors="replace")
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+# small pixel limits for the shared server: 64x64 per image, 40,000 pixels (51 of 28x28) and 64 images a request
+SMALL_LIMITS = ["--max-pixels-per-image", "4096", "--max-pixels-per-request", "40000",
+                "--max-images-per-request", "64"]
 
 
 @pytest.fixture(scope="module")
 def server():
     s = Server("rowwise=service_scorers:rowwise", "digits=digit_alignment", "nan=service_scorers:nan_scorer",
-               "raises=service_scorers:raises", "jittery=service_scorers:jittery", extra=["--max-request-mb", "1"])
+               "raises=service_scorers:raises", "jittery=service_scorers:jittery",
+               extra=["--max-request-mb", "1", *SMALL_LIMITS])
     yield s
     s.kill()
 
@@ -152,6 +167,108 @@ def test_malformed_headers_and_pngs_are_400_not_500(server, body, ctype, words):
     r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
     assert r.status_code == 400 and words in r.json()["error"], (r.status_code, r.text)
     assert server.proc.poll() is None  # and the server lives on
+
+
+def _png_header_only(width: int, height: int) -> str:
+    """A base64 PNG whose header claims width x height but whose pixel data is empty: decoding it
+    would fail (a 400), so a 413 for it shows the size was judged from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return base64.b64encode(raw).decode()
+
+
+def _safetensors_claiming(shape) -> bytes:
+    """A safetensors body whose header declares `images` of `shape` but holds no data."""
+    head = json.dumps({"__metadata__": {"flowpo": json.dumps({"protocol": 1, "prompts": ["a"], "metadata": [{}]})},
+                       "images": {"dtype": "U8", "shape": list(shape), "data_offsets": [0, 0]}}).encode()
+    return _safetensors_with_header(head)
+
+
+def _json_pngs(pngs):
+    return json.dumps({"prompts": ["a"] * len(pngs), "metadata": [{}] * len(pngs), "images_png": pngs}).encode()
+
+
+@pytest.mark.parametrize("body, ctype, flag, words", [
+    (encode_request(torch.rand(1, 3, 100, 100), ["a"], [{}]), SAFETENSORS, "--max-pixels-per-image", "100x100"),
+    (_safetensors_claiming([1, 3, 20000, 20000]), SAFETENSORS, "--max-pixels-per-image", "400,000,000"),
+    (_safetensors_claiming([2**40, 3, 8, 8]), SAFETENSORS, "--max-images-per-request", "images in one request"),
+    (encode_request(torch.rand(1, 1, 8, 32, 32), ["a"], [{}]), SAFETENSORS, "--max-pixels-per-image", "in 8 frames"),
+    (encode_request(torch.rand(60, 1, 28, 28), ["a"] * 60, [{}] * 60), SAFETENSORS, "--max-pixels-per-request",
+     "47,040 pixels"),
+    (encode_request(torch.rand(65, 1, 1, 1), ["a"] * 65, [{}] * 65), SAFETENSORS, "--max-images-per-request", "65"),
+    (_json_pngs([_png_header_only(20000, 20000)]), "application/json", "--max-pixels-per-image", "20000x20000"),
+    (_json_pngs([_png_header_only(9000, 9000)] * 8), "application/json", "--max-pixels-per-image", "9000x9000"),
+    (_json_pngs([_png_header_only(60, 60)] * 12), "application/json", "--max-pixels-per-request", "43,200"),
+    (_json_pngs([_png_header_only(1, 1)] * 65), "application/json", "--max-images-per-request", "65"),
+])
+def test_pixel_limits_are_413_read_from_the_headers_before_decoding(server, body, ctype, flag, words):
+    t0 = time.time()
+    r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
+    err = r.json()["error"]
+    assert r.status_code == 413 and flag in err and words in err and "\n" not in err, (r.status_code, err)
+    assert time.time() - t0 < 5 and server.proc.poll() is None  # nothing was decoded: quick, and the server lives
+
+
+def test_within_the_pixel_limits_a_request_is_scored(server):
+    x = torch.rand(51, 1, 28, 28)  # 39,984 pixels: just under the request limit of 40,000
+    r = requests.post(server.url + "/v1/score/rowwise", data=encode_request(x, ["a"] * 51, [{}] * 51),
+                      headers={"Content-Type": SAFETENSORS}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["scores"]) == 51
+
+
+def test_every_failure_is_a_json_answer_never_plain_text(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    nested_meta = json.dumps({"protocol": 1, "prompts": ["a"], "metadata": [{}]})[:-1] + ', "x": ' + "[" * 100_000
+    cases = [
+        ("POST", "/v1/score/rowwise", deep, "application/json", 400, "nests deeper"),
+        ("POST", "/v1/score/rowwise", _safetensors_with_header(b'{"a": ' + b"[" * 100_000), SAFETENSORS, 400,
+         "nests deeper"),
+        ("POST", "/v1/score/rowwise", _safetensors_with_header(json.dumps({"__metadata__": {"flowpo": nested_meta}})
+                                                                .encode()), SAFETENSORS, 400, "nests deeper"),
+        ("POST", "/v1/score/rowwise", _json_pngs(["bm90IGEgcG5n"]), "application/json", 400, "not PNG"),
+        ("GET", "/nowhere", None, None, 404, "no endpoint '/nowhere'"),
+        ("GET", "/v1/score/rowwise", None, None, 405, "POST /v1/score"),
+    ]
+    for method, path, body, ctype, code, words in cases:
+        r = requests.request(method, server.url + path, data=body, timeout=10,
+                             headers={"Content-Type": ctype} if ctype else {})
+        assert r.status_code == code and r.headers["content-type"] == "application/json", (path, r.text[:200])
+        assert words in r.json()["error"] and "\n" not in r.json()["error"], r.json()
+    assert "Traceback" not in server.log() and requests.get(server.url + "/v1/health", timeout=5).ok
+
+
+def test_clients_leaving_mid_body_are_logged_in_a_line_not_a_traceback_each(server):
+    head = (b"POST /v1/score/rowwise HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    before = server.log()
+    for _ in range(300):  # each sends a part of its body, then leaves
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head + b'{"prompts": ["a"], "images_png": ["')
+    time.sleep(1.0)
+    assert requests.get(server.url + "/v1/health", timeout=5).ok
+    new = server.log()[len(before):]
+    lines = [ln for ln in new.splitlines() if "left before sending its whole request body" in ln]
+    assert "Traceback" not in new and "Exception" not in new, new[-2000:]
+    assert 1 <= len(lines) <= 2 and len(new) < 1000, new[-2000:]  # throttled: one line per 10 s, not 300
+
+
+def test_throttled_log_counts_the_lines_it_left_out():
+    from flowpo.rewards.server import ThrottledLog
+
+    out = io.StringIO()
+    log = ThrottledLog(every_s=0.2, stream=out)
+    written = [log("gone", f"client {i} left") for i in range(50)]
+    time.sleep(0.25)
+    log("gone", "client 50 left")
+    assert written[0] and not any(written[1:])
+    assert out.getvalue().splitlines() == ["flowpo serve-reward: client 0 left",
+                                           "flowpo serve-reward: client 50 left (and 49 more like it in the last 0s)"]
 
 
 def test_count_mismatch_and_unknown_reward(server):
@@ -483,3 +600,41 @@ def test_a_reward_failing_on_one_rank_stops_every_rank_promptly(tmp_path, mode):
     text = r.stdout + r.stderr
     assert r.returncode != 0 and took < 120, (took, text[-2000:])  # far below the 300 s stall timeout
     assert "rank 1's scorer is broken" in text and "a reward failed on another rank" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max-request-mb", "nan"), ("--max-request-mb", "inf"), ("--max-request-mb", "-1"), ("--max-request-mb", "0"),
+    ("--max-request-mb", "1e300"), ("--max-pixels-per-image", "0"), ("--max-pixels-per-request", "-5"),
+    ("--max-images-per-request", "0"),
+])
+def test_serve_reward_bad_limits_are_exit_2_naming_the_option(capsys, flag, value):
+    code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_quality", flag, value)
+    line = one_line(err)
+    assert code == 2 and f"{flag}=" in line and ("must be" in line or "beyond" in line), line
+
+
+def test_serve_reward_limit_that_is_not_a_whole_number_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(capsys, "serve-reward", "--reward", "stroke_quality", "--max-pixels-per-image", "1.5")
+    assert e.value.code == 2 and "--max-pixels-per-image: invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_serve_reward_defaults_are_the_documented_limits():
+    from flowpo.cli import build_parser
+    from flowpo.rewards.service import Limits
+
+    a = build_parser().parse_args(["serve-reward", "--reward", "x"])
+    assert Limits(a.max_pixels_per_image, a.max_pixels_per_request, a.max_images_per_request) == Limits()
+    doc = (TESTS.parent / "docs" / "reward_services.md").read_text()
+    for flag, value in (("--max-request-mb", "256"), ("--max-pixels-per-image", "16777216"),
+                        ("--max-pixels-per-request", "67108864"), ("--max-images-per-request", "4096")):
+        assert f"`{flag}` (default {value}" in doc, flag
+
+
+def test_serve_reward_advice_is_in_serve_reward_syntax(capsys):
+    code, _, err = cli(capsys, "serve-reward", "--reward", "pickscore")
+    line = one_line(err)
+    assert code == 2 and "--option pickscore.path=/path/to/" in line and "reward.options" not in line
+    code, _, err = cli(capsys, "serve-reward", "--reward", "ps=pickscore", "--option", "ps.path=/nonexistent")
+    line = one_line(err)
+    assert code == 2 and "--option ps.path='/nonexistent' does not exist" in line and "reward.options" not in line
