@@ -393,6 +393,234 @@ def test_a_service_of_another_protocol_is_refused_at_start():
         srv.close()
 
 
+# ---------------------------------------------------------------------- the client's hard limits, on hostile servers
+class RawServer:
+    """A TCP server on loopback that answers GET /v1/health as a flowpo service would and hands
+    every other request, once its head (and, with read_body, its body) is read, to
+    `behave(server, conn, method, path)`: one thread per connection. `sent` counts the bytes
+    behaviours sent through send(); `ended` is set when a behaviour stops (e.g. the client cut)."""
+
+    HEALTH = {"status": "ok", "protocol": 1, "rewards": ["r"]}
+
+    def __init__(self, behave, read_body=True):
+        self.behave, self.read_body = behave, read_body
+        self.sent, self.requests, self.ended = 0, [], threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(1 << 16)
+                if not piece:
+                    return
+                data += piece
+            head, _, body = data.partition(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            length = next((int(ln.split(b":")[1]) for ln in head.split(b"\r\n")[1:]
+                           if ln.lower().startswith(b"content-length:")), 0)
+            try:
+                if method == "GET" and path == "/v1/health":
+                    self.send_json(conn, 200, self.HEALTH)
+                    return
+                while self.read_body and len(body) < length:  # drained: closing then sends no RST
+                    body += conn.recv(1 << 16)
+                self.requests.append((method, path))
+                self.behave(self, conn, method, path)
+            except OSError:
+                pass
+            finally:
+                self.ended.set()
+
+    def send(self, conn, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def send_json(self, conn, code, obj, headers=b""):
+        raw = json.dumps(obj).encode()
+        self.send(conn, f"HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                        .encode() + headers + b"\r\n" + raw)
+
+    def close(self):
+        self.sock.close()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+def trickle_chunked(srv, conn, method, path):  # a byte-long chunk every 50 ms: each read is quick, the reply endless
+    srv.send(conn, OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    for _ in range(400):
+        srv.send(conn, b"1\r\n \r\n")
+        time.sleep(0.05)
+
+
+def trickle_sized(srv, conn, method, path):  # a declared length, delivered a byte every 50 ms
+    srv.send(conn, OK_HEAD + b"Content-Length: 100000\r\n\r\n")
+    for _ in range(400):
+        srv.send(conn, b" ")
+        time.sleep(0.05)
+
+
+def trickle_headers(srv, conn, method, path):  # the status line, then a header line every 50 ms, never the body
+    srv.send(conn, b"HTTP/1.1 200 OK\r\n")
+    for _ in range(400):
+        srv.send(conn, b"X-Slow: 1\r\n")
+        time.sleep(0.05)
+
+
+def _call_remote(url, **options):
+    return get_scorer("remote", url=url, **options)(_images(2), ["a", "b"], [{}, {}])
+
+
+@pytest.mark.parametrize("behave", [trickle_chunked, trickle_sized, trickle_headers])
+def test_timeout_s_bounds_an_attempt_whole_against_a_trickling_server(behave):
+    srv = RawServer(behave)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match=r"no reply within timeout_s=0.5s .*after 1 attempts") as e:
+            _call_remote(srv.url, timeout_s=0.5, retries=0)
+        took = time.monotonic() - t0
+        assert 0.45 <= took < 1.5, took  # 64 s before: each trickled read was within the timeout
+        assert srv.ended.wait(3)  # the connection was cut, so the server's trickle stopped
+        assert "\n" not in str(e.value) and srv.url in str(e.value)
+    finally:
+        srv.close()
+
+
+def test_with_retries_a_call_is_bounded_by_attempts_times_timeout_plus_backoff():
+    srv = RawServer(trickle_chunked)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match="after 3 attempts"):
+            _call_remote(srv.url, timeout_s=0.5, retries=2, backoff_s=0.1)
+        took = time.monotonic() - t0
+        bound = 3 * 0.5 + 0.1 * (2 ** 2 - 1)  # (retries + 1) · timeout_s + backoff_s · (2^retries − 1)
+        assert bound - 0.2 <= took < bound + 0.8, (took, bound)
+        assert srv.requests == [("POST", "/v1/score/r")] * 3
+    finally:
+        srv.close()
+
+
+def test_timeout_s_bounds_sending_to_a_server_that_does_not_read():
+    from flowpo.rewards.service import Client
+
+    srv = RawServer(lambda srv, conn, method, path: time.sleep(10), read_body=False)
+    try:
+        client = Client(srv.url, timeout_s=0.5, retries=0, backoff_s=0, what="the reward service")
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match="no reply within timeout_s=0.5s"):
+            client.call("POST", "/v1/score/r", data=bytes(32 << 20), content_type=SAFETENSORS)  # over the socket buffers
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        srv.close()
+
+
+def endless(srv, conn, method, path, total=None):
+    """A chunked reply of zeros in 1 MiB chunks: endless, or `total` bytes."""
+    block = b"100000\r\n" + bytes(1 << 20) + b"\r\n"
+    srv.send(conn, OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    for _ in range(total >> 20 if total else 1 << 30):
+        srv.send(conn, block)
+    srv.send(conn, b"0\r\n\r\n")
+
+
+GB_1_5 = 3 << 29  # 1.5 GiB
+
+
+def test_an_endless_reply_is_refused_at_max_reply_mb_while_streaming():
+    srv = RawServer(endless)
+    try:
+        with pytest.raises(RewardServiceError, match=r"passed [\d,]+ bytes while streaming, over max_reply_mb=2 MiB"):
+            _call_remote(srv.url, max_reply_mb=2, retries=2)
+        assert srv.ended.wait(3) and srv.sent < 32 << 20  # the client stopped reading and hung up
+        assert srv.requests == [("POST", "/v1/score/r")]  # not retried: the same server would send it again
+    finally:
+        srv.close()
+
+
+def test_a_1_5_gb_reply_is_refused_early_with_bounded_memory():
+    import tracemalloc
+
+    srv = RawServer(lambda *a: endless(*a, total=GB_1_5))  # chunked: no length to refuse it by
+    try:
+        tracemalloc.start()
+        try:
+            with pytest.raises(RewardServiceError, match=r"over max_reply_mb=64 MiB"):  # the default
+                _call_remote(srv.url)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 96 << 20, peak  # the 64 MiB read so far and no more: not 1.5 GB
+        assert srv.ended.wait(3) and srv.sent < 256 << 20, srv.sent
+    finally:
+        srv.close()
+    declared = RawServer(lambda srv, conn, m, p: (srv.send(conn, OK_HEAD + f"Content-Length: {GB_1_5}\r\n\r\n".encode()),
+                                                  [srv.send(conn, bytes(1 << 20)) for _ in range(GB_1_5 >> 20)]))
+    try:
+        with pytest.raises(RewardServiceError, match="declares 1,610,612,736 bytes, over max_reply_mb=64 MiB"):
+            _call_remote(declared.url)
+        assert declared.ended.wait(3) and declared.sent < 64 << 20  # refused from the header: nothing read
+    finally:
+        declared.close()
+
+
+def _redirecting(location: str):
+    def behave(srv, conn, method, path):
+        if path == "/v1/score/r":
+            loc = location.replace("{port}", str(srv.port))
+            srv.send(conn, f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {loc}\r\nContent-Length: 0\r\n\r\n".encode())
+        else:
+            srv.send_json(conn, 200, {"scores": [0.5, 0.25]})
+    return behave
+
+
+def test_a_redirect_to_another_port_is_refused_even_when_redirects_are_followed():
+    other = Scripted([OK2])
+    srv = RawServer(_redirecting(other.url + "/v1/score/r"))
+    try:
+        for follow in (False, True):
+            with pytest.raises(ConfigError, match="another origin .* never followed") as e:
+                _call_remote(srv.url, follow_redirects=follow)
+            assert other.url in str(e.value) and "\n" not in str(e.value)
+        assert other.posts == 0  # nothing was scored there
+        assert srv.requests == [("POST", "/v1/score/r")] * 2  # and a refusal is not retried
+    finally:
+        srv.close()
+        other.close()
+
+
+def test_a_same_origin_redirect_is_followed_only_when_asked():
+    srv = RawServer(_redirecting("/v1/score/moved"))
+    try:
+        with pytest.raises(ConfigError, match="follow_redirects"):
+            _call_remote(srv.url)
+        assert _call_remote(srv.url, follow_redirects=True).tolist() == [0.5, 0.25]
+        assert srv.requests[-2:] == [("POST", "/v1/score/r"), ("POST", "/v1/score/moved")]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"max_reply_mb": 0}, "max_reply_mb=0.0 must be > 0"), ({"max_reply_mb": float("nan")}, "finite"),
+    ({"timeout_s": float("inf")}, "finite"), ({"url": "http://127.0.0.1:99999"}, "port"),
+])
+def test_bad_client_limits_are_bad_input(options, words):
+    with pytest.raises(ConfigError, match=words):
+        get_scorer("remote", **{"url": "http://127.0.0.1:1", **options})
+
+
 # ---------------------------------------------------------------------- training against a service
 def _weights(out: Path) -> dict:
     last = sorted((out / "checkpoints").iterdir())[-1]
