@@ -866,3 +866,6 @@ def test_serve_reward_advice_is_in_serve_reward_syntax(capsys):
     code, _, err = cli(capsys, "serve-reward", "--reward", "ps=pickscore", "--option", "ps.path=/nonexistent")
     line = one_line(err)
     assert code == 2 and "--option ps.path='/nonexistent' does not exist" in line and "reward.options" not in line
+    code, _, err = cli(capsys, "serve-reward", "--reward", "judge=remote")  # advice written for any <name>
+    line = one_line(err)
+    assert code == 2 and "--option judge.url=http://HOST:PORT" in line and "reward.options" not in line

@@ -230,14 +230,14 @@ def _check_listen(host: str, port: int) -> None:
 
 
 def _served_syntax(message: str, labels: dict[str, str]) -> str:
-    """A scorer's advice in train's syntax (reward.options.NAME.KEY=…) → serve-reward's own
-    (--option LABEL.KEY=…), so that the line names what to type here."""
+    """A scorer's advice in train's syntax (reward.options.NAME.KEY=…, or reward.options.<name>.KEY)
+    → serve-reward's own (--option LABEL.KEY=…), so that the line names what to type here."""
     import re
 
     for label, target in labels.items():
-        for name in {target, label}:
-            message = re.sub(r"reward\.options\." + re.escape(name) + r"\.(\w+)", rf"--option {label}.\1", message)
-    return re.sub(r"reward\.options\.<name>\.(\w+)", r"--option <label>.\1", message)
+        for name in (re.escape(target), re.escape(label), "<name>"):
+            message = re.sub(r"reward\.options\." + name + r"\.(\w+)", lambda m: f"--option {label}.{m[1]}", message)
+    return message
 
 
 def check_limits(max_request_mb: float, limits: Limits) -> None:
