@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,11 +49,13 @@ class Server:
             cmd += ["--reward", r]
         full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                     "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the log goes to a file (a pipe nobody reads would block a chatty server), read by log()
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.proc.stdout.read()}")
+                raise AssertionError(f"the server exited: {self.log()}")
             try:
                 if requests.get(self.url + "/v1/health", timeout=1).ok:
                     return
@@ -61,16 +64,28 @@ class Server:
         self.kill()
         raise AssertionError("the server did not come up in 90 s")
 
+    def log(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
+        return Path(self._log.name).read_text(errors="replace")
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+# small pixel limits for the shared server: 64x64 per image, 40,000 pixels (51 of 28x28) and 64 images a request
+SMALL_LIMITS = ["--max-pixels-per-image", "4096", "--max-pixels-per-request", "40000",
+                "--max-images-per-request", "64"]
 
 
 @pytest.fixture(scope="module")
 def server():
     s = Server("rowwise=service_scorers:rowwise", "digits=digit_alignment", "nan=service_scorers:nan_scorer",
-               "raises=service_scorers:raises", "jittery=service_scorers:jittery", extra=["--max-request-mb", "1"])
+               "raises=service_scorers:raises", "jittery=service_scorers:jittery",
+               extra=["--max-request-mb", "1", *SMALL_LIMITS])
     yield s
     s.kill()
 
@@ -152,6 +167,108 @@ def test_malformed_headers_and_pngs_are_400_not_500(server, body, ctype, words):
     r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
     assert r.status_code == 400 and words in r.json()["error"], (r.status_code, r.text)
     assert server.proc.poll() is None  # and the server lives on
+
+
+def _png_header_only(width: int, height: int) -> str:
+    """A base64 PNG whose header claims width x height but whose pixel data is empty: decoding it
+    would fail (a 400), so a 413 for it shows the size was judged from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return base64.b64encode(raw).decode()
+
+
+def _safetensors_claiming(shape) -> bytes:
+    """A safetensors body whose header declares `images` of `shape` but holds no data."""
+    head = json.dumps({"__metadata__": {"flowpo": json.dumps({"protocol": 1, "prompts": ["a"], "metadata": [{}]})},
+                       "images": {"dtype": "U8", "shape": list(shape), "data_offsets": [0, 0]}}).encode()
+    return _safetensors_with_header(head)
+
+
+def _json_pngs(pngs):
+    return json.dumps({"prompts": ["a"] * len(pngs), "metadata": [{}] * len(pngs), "images_png": pngs}).encode()
+
+
+@pytest.mark.parametrize("body, ctype, flag, words", [
+    (encode_request(torch.rand(1, 3, 100, 100), ["a"], [{}]), SAFETENSORS, "--max-pixels-per-image", "100x100"),
+    (_safetensors_claiming([1, 3, 20000, 20000]), SAFETENSORS, "--max-pixels-per-image", "400,000,000"),
+    (_safetensors_claiming([2**40, 3, 8, 8]), SAFETENSORS, "--max-images-per-request", "images in one request"),
+    (encode_request(torch.rand(1, 1, 8, 32, 32), ["a"], [{}]), SAFETENSORS, "--max-pixels-per-image", "in 8 frames"),
+    (encode_request(torch.rand(60, 1, 28, 28), ["a"] * 60, [{}] * 60), SAFETENSORS, "--max-pixels-per-request",
+     "47,040 pixels"),
+    (encode_request(torch.rand(65, 1, 1, 1), ["a"] * 65, [{}] * 65), SAFETENSORS, "--max-images-per-request", "65"),
+    (_json_pngs([_png_header_only(20000, 20000)]), "application/json", "--max-pixels-per-image", "20000x20000"),
+    (_json_pngs([_png_header_only(9000, 9000)] * 8), "application/json", "--max-pixels-per-image", "9000x9000"),
+    (_json_pngs([_png_header_only(60, 60)] * 12), "application/json", "--max-pixels-per-request", "43,200"),
+    (_json_pngs([_png_header_only(1, 1)] * 65), "application/json", "--max-images-per-request", "65"),
+])
+def test_pixel_limits_are_413_read_from_the_headers_before_decoding(server, body, ctype, flag, words):
+    t0 = time.time()
+    r = requests.post(server.url + "/v1/score/rowwise", data=body, headers={"Content-Type": ctype}, timeout=10)
+    err = r.json()["error"]
+    assert r.status_code == 413 and flag in err and words in err and "\n" not in err, (r.status_code, err)
+    assert time.time() - t0 < 5 and server.proc.poll() is None  # nothing was decoded: quick, and the server lives
+
+
+def test_within_the_pixel_limits_a_request_is_scored(server):
+    x = torch.rand(51, 1, 28, 28)  # 39,984 pixels: just under the request limit of 40,000
+    r = requests.post(server.url + "/v1/score/rowwise", data=encode_request(x, ["a"] * 51, [{}] * 51),
+                      headers={"Content-Type": SAFETENSORS}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["scores"]) == 51
+
+
+def test_every_failure_is_a_json_answer_never_plain_text(server):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    nested_meta = json.dumps({"protocol": 1, "prompts": ["a"], "metadata": [{}]})[:-1] + ', "x": ' + "[" * 100_000
+    cases = [
+        ("POST", "/v1/score/rowwise", deep, "application/json", 400, "nests deeper"),
+        ("POST", "/v1/score/rowwise", _safetensors_with_header(b'{"a": ' + b"[" * 100_000), SAFETENSORS, 400,
+         "nests deeper"),
+        ("POST", "/v1/score/rowwise", _safetensors_with_header(json.dumps({"__metadata__": {"flowpo": nested_meta}})
+                                                                .encode()), SAFETENSORS, 400, "nests deeper"),
+        ("POST", "/v1/score/rowwise", _json_pngs(["bm90IGEgcG5n"]), "application/json", 400, "not PNG"),
+        ("GET", "/nowhere", None, None, 404, "no endpoint '/nowhere'"),
+        ("GET", "/v1/score/rowwise", None, None, 405, "POST /v1/score"),
+    ]
+    for method, path, body, ctype, code, words in cases:
+        r = requests.request(method, server.url + path, data=body, timeout=10,
+                             headers={"Content-Type": ctype} if ctype else {})
+        assert r.status_code == code and r.headers["content-type"] == "application/json", (path, r.text[:200])
+        assert words in r.json()["error"] and "\n" not in r.json()["error"], r.json()
+    assert "Traceback" not in server.log() and requests.get(server.url + "/v1/health", timeout=5).ok
+
+
+def test_clients_leaving_mid_body_are_logged_in_a_line_not_a_traceback_each(server):
+    head = (b"POST /v1/score/rowwise HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    before = server.log()
+    for _ in range(300):  # each sends a part of its body, then leaves
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head + b'{"prompts": ["a"], "images_png": ["')
+    time.sleep(1.0)
+    assert requests.get(server.url + "/v1/health", timeout=5).ok
+    new = server.log()[len(before):]
+    lines = [ln for ln in new.splitlines() if "left before sending its whole request body" in ln]
+    assert "Traceback" not in new and "Exception" not in new, new[-2000:]
+    assert 1 <= len(lines) <= 2 and len(new) < 1000, new[-2000:]  # throttled: one line per 10 s, not 300
+
+
+def test_throttled_log_counts_the_lines_it_left_out():
+    from flowpo.rewards.server import ThrottledLog
+
+    out = io.StringIO()
+    log = ThrottledLog(every_s=0.2, stream=out)
+    written = [log("gone", f"client {i} left") for i in range(50)]
+    time.sleep(0.25)
+    log("gone", "client 50 left")
+    assert written[0] and not any(written[1:])
+    assert out.getvalue().splitlines() == ["flowpo serve-reward: client 0 left",
+                                           "flowpo serve-reward: client 50 left (and 49 more like it in the last 0s)"]
 
 
 def test_count_mismatch_and_unknown_reward(server):
@@ -274,6 +391,234 @@ def test_a_service_of_another_protocol_is_refused_at_start():
             get_scorer("remote", url=srv.url)
     finally:
         srv.close()
+
+
+# ---------------------------------------------------------------------- the client's hard limits, on hostile servers
+class RawServer:
+    """A TCP server on loopback that answers GET /v1/health as a flowpo service would and hands
+    every other request, once its head (and, with read_body, its body) is read, to
+    `behave(server, conn, method, path)`: one thread per connection. `sent` counts the bytes
+    behaviours sent through send(); `ended` is set when a behaviour stops (e.g. the client cut)."""
+
+    HEALTH = {"status": "ok", "protocol": 1, "rewards": ["r"]}
+
+    def __init__(self, behave, read_body=True):
+        self.behave, self.read_body = behave, read_body
+        self.sent, self.requests, self.ended = 0, [], threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = conn.recv(1 << 16)
+                if not piece:
+                    return
+                data += piece
+            head, _, body = data.partition(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            length = next((int(ln.split(b":")[1]) for ln in head.split(b"\r\n")[1:]
+                           if ln.lower().startswith(b"content-length:")), 0)
+            try:
+                if method == "GET" and path == "/v1/health":
+                    self.send_json(conn, 200, self.HEALTH)
+                    return
+                while self.read_body and len(body) < length:  # drained: closing then sends no RST
+                    body += conn.recv(1 << 16)
+                self.requests.append((method, path))
+                self.behave(self, conn, method, path)
+            except OSError:
+                pass
+            finally:
+                self.ended.set()
+
+    def send(self, conn, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def send_json(self, conn, code, obj, headers=b""):
+        raw = json.dumps(obj).encode()
+        self.send(conn, f"HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                        .encode() + headers + b"\r\n" + raw)
+
+    def close(self):
+        self.sock.close()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+def trickle_chunked(srv, conn, method, path):  # a byte-long chunk every 50 ms: each read is quick, the reply endless
+    srv.send(conn, OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    for _ in range(400):
+        srv.send(conn, b"1\r\n \r\n")
+        time.sleep(0.05)
+
+
+def trickle_sized(srv, conn, method, path):  # a declared length, delivered a byte every 50 ms
+    srv.send(conn, OK_HEAD + b"Content-Length: 100000\r\n\r\n")
+    for _ in range(400):
+        srv.send(conn, b" ")
+        time.sleep(0.05)
+
+
+def trickle_headers(srv, conn, method, path):  # the status line, then a header line every 50 ms, never the body
+    srv.send(conn, b"HTTP/1.1 200 OK\r\n")
+    for _ in range(400):
+        srv.send(conn, b"X-Slow: 1\r\n")
+        time.sleep(0.05)
+
+
+def _call_remote(url, **options):
+    return get_scorer("remote", url=url, **options)(_images(2), ["a", "b"], [{}, {}])
+
+
+@pytest.mark.parametrize("behave", [trickle_chunked, trickle_sized, trickle_headers])
+def test_timeout_s_bounds_an_attempt_whole_against_a_trickling_server(behave):
+    srv = RawServer(behave)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match=r"no reply within timeout_s=0.5s .*after 1 attempts") as e:
+            _call_remote(srv.url, timeout_s=0.5, retries=0)
+        took = time.monotonic() - t0
+        assert 0.45 <= took < 1.5, took  # 64 s before: each trickled read was within the timeout
+        assert srv.ended.wait(3)  # the connection was cut, so the server's trickle stopped
+        assert "\n" not in str(e.value) and srv.url in str(e.value)
+    finally:
+        srv.close()
+
+
+def test_with_retries_a_call_is_bounded_by_attempts_times_timeout_plus_backoff():
+    srv = RawServer(trickle_chunked)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match="after 3 attempts"):
+            _call_remote(srv.url, timeout_s=0.5, retries=2, backoff_s=0.1)
+        took = time.monotonic() - t0
+        bound = 3 * 0.5 + 0.1 * (2 ** 2 - 1)  # (retries + 1) · timeout_s + backoff_s · (2^retries − 1)
+        assert bound - 0.2 <= took < bound + 0.8, (took, bound)
+        assert srv.requests == [("POST", "/v1/score/r")] * 3
+    finally:
+        srv.close()
+
+
+def test_timeout_s_bounds_sending_to_a_server_that_does_not_read():
+    from flowpo.rewards.service import Client
+
+    srv = RawServer(lambda srv, conn, method, path: time.sleep(10), read_body=False)
+    try:
+        client = Client(srv.url, timeout_s=0.5, retries=0, backoff_s=0, what="the reward service")
+        t0 = time.monotonic()
+        with pytest.raises(RewardServiceError, match="no reply within timeout_s=0.5s"):
+            client.call("POST", "/v1/score/r", data=bytes(32 << 20), content_type=SAFETENSORS)  # over the socket buffers
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        srv.close()
+
+
+def endless(srv, conn, method, path, total=None):
+    """A chunked reply of zeros in 1 MiB chunks: endless, or `total` bytes."""
+    block = b"100000\r\n" + bytes(1 << 20) + b"\r\n"
+    srv.send(conn, OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+    for _ in range(total >> 20 if total else 1 << 30):
+        srv.send(conn, block)
+    srv.send(conn, b"0\r\n\r\n")
+
+
+GB_1_5 = 3 << 29  # 1.5 GiB
+
+
+def test_an_endless_reply_is_refused_at_max_reply_mb_while_streaming():
+    srv = RawServer(endless)
+    try:
+        with pytest.raises(RewardServiceError, match=r"passed [\d,]+ bytes while streaming, over max_reply_mb=2 MiB"):
+            _call_remote(srv.url, max_reply_mb=2, retries=2)
+        assert srv.ended.wait(3) and srv.sent < 32 << 20  # the client stopped reading and hung up
+        assert srv.requests == [("POST", "/v1/score/r")]  # not retried: the same server would send it again
+    finally:
+        srv.close()
+
+
+def test_a_1_5_gb_reply_is_refused_early_with_bounded_memory():
+    import tracemalloc
+
+    srv = RawServer(lambda *a: endless(*a, total=GB_1_5))  # chunked: no length to refuse it by
+    try:
+        tracemalloc.start()
+        try:
+            with pytest.raises(RewardServiceError, match=r"over max_reply_mb=64 MiB"):  # the default
+                _call_remote(srv.url)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 96 << 20, peak  # the 64 MiB read so far and no more: not 1.5 GB
+        assert srv.ended.wait(3) and srv.sent < 256 << 20, srv.sent
+    finally:
+        srv.close()
+    declared = RawServer(lambda srv, conn, m, p: (srv.send(conn, OK_HEAD + f"Content-Length: {GB_1_5}\r\n\r\n".encode()),
+                                                  [srv.send(conn, bytes(1 << 20)) for _ in range(GB_1_5 >> 20)]))
+    try:
+        with pytest.raises(RewardServiceError, match="declares 1,610,612,736 bytes, over max_reply_mb=64 MiB"):
+            _call_remote(declared.url)
+        assert declared.ended.wait(3) and declared.sent < 64 << 20  # refused from the header: nothing read
+    finally:
+        declared.close()
+
+
+def _redirecting(location: str):
+    def behave(srv, conn, method, path):
+        if path == "/v1/score/r":
+            loc = location.replace("{port}", str(srv.port))
+            srv.send(conn, f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {loc}\r\nContent-Length: 0\r\n\r\n".encode())
+        else:
+            srv.send_json(conn, 200, {"scores": [0.5, 0.25]})
+    return behave
+
+
+def test_a_redirect_to_another_port_is_refused_even_when_redirects_are_followed():
+    other = Scripted([OK2])
+    srv = RawServer(_redirecting(other.url + "/v1/score/r"))
+    try:
+        for follow in (False, True):
+            with pytest.raises(ConfigError, match="another origin .* never followed") as e:
+                _call_remote(srv.url, follow_redirects=follow)
+            assert other.url in str(e.value) and "\n" not in str(e.value)
+        assert other.posts == 0  # nothing was scored there
+        assert srv.requests == [("POST", "/v1/score/r")] * 2  # and a refusal is not retried
+    finally:
+        srv.close()
+        other.close()
+
+
+def test_a_same_origin_redirect_is_followed_only_when_asked():
+    srv = RawServer(_redirecting("/v1/score/moved"))
+    try:
+        with pytest.raises(ConfigError, match="follow_redirects"):
+            _call_remote(srv.url)
+        assert _call_remote(srv.url, follow_redirects=True).tolist() == [0.5, 0.25]
+        assert srv.requests[-2:] == [("POST", "/v1/score/r"), ("POST", "/v1/score/moved")]
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"max_reply_mb": 0}, "max_reply_mb=0.0 must be > 0"), ({"max_reply_mb": float("nan")}, "finite"),
+    ({"timeout_s": float("inf")}, "finite"), ({"url": "http://127.0.0.1:99999"}, "port"),
+])
+def test_bad_client_limits_are_bad_input(options, words):
+    with pytest.raises(ConfigError, match=words):
+        get_scorer("remote", **{"url": "http://127.0.0.1:1", **options})
 
 
 # ---------------------------------------------------------------------- training against a service
@@ -483,3 +828,44 @@ def test_a_reward_failing_on_one_rank_stops_every_rank_promptly(tmp_path, mode):
     text = r.stdout + r.stderr
     assert r.returncode != 0 and took < 120, (took, text[-2000:])  # far below the 300 s stall timeout
     assert "rank 1's scorer is broken" in text and "a reward failed on another rank" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max-request-mb", "nan"), ("--max-request-mb", "inf"), ("--max-request-mb", "-1"), ("--max-request-mb", "0"),
+    ("--max-request-mb", "1e300"), ("--max-pixels-per-image", "0"), ("--max-pixels-per-request", "-5"),
+    ("--max-images-per-request", "0"),
+])
+def test_serve_reward_bad_limits_are_exit_2_naming_the_option(capsys, flag, value):
+    code, _, err = cli(capsys, "serve-reward", "--reward", "stroke_quality", flag, value)
+    line = one_line(err)
+    assert code == 2 and f"{flag}=" in line and ("must be" in line or "beyond" in line), line
+
+
+def test_serve_reward_limit_that_is_not_a_whole_number_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(capsys, "serve-reward", "--reward", "stroke_quality", "--max-pixels-per-image", "1.5")
+    assert e.value.code == 2 and "--max-pixels-per-image: invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_serve_reward_defaults_are_the_documented_limits():
+    from flowpo.cli import build_parser
+    from flowpo.rewards.service import Limits
+
+    a = build_parser().parse_args(["serve-reward", "--reward", "x"])
+    assert Limits(a.max_pixels_per_image, a.max_pixels_per_request, a.max_images_per_request) == Limits()
+    doc = (TESTS.parent / "docs" / "reward_services.md").read_text()
+    for flag, value in (("--max-request-mb", "256"), ("--max-pixels-per-image", "16777216"),
+                        ("--max-pixels-per-request", "67108864"), ("--max-images-per-request", "4096")):
+        assert f"`{flag}` (default {value}" in doc, flag
+
+
+def test_serve_reward_advice_is_in_serve_reward_syntax(capsys):
+    code, _, err = cli(capsys, "serve-reward", "--reward", "pickscore")
+    line = one_line(err)
+    assert code == 2 and "--option pickscore.path=/path/to/" in line and "reward.options" not in line
+    code, _, err = cli(capsys, "serve-reward", "--reward", "ps=pickscore", "--option", "ps.path=/nonexistent")
+    line = one_line(err)
+    assert code == 2 and "--option ps.path='/nonexistent' does not exist" in line and "reward.options" not in line
+    code, _, err = cli(capsys, "serve-reward", "--reward", "judge=remote")  # advice written for any <name>
+    line = one_line(err)
+    assert code == 2 and "--option judge.url=http://HOST:PORT" in line and "reward.options" not in line

@@ -247,8 +247,11 @@ def _cmd_pretrain(_args, rest) -> int:
 
 def _cmd_serve_reward(args, _rest) -> int:
     from flowpo.rewards.server import serve
+    from flowpo.rewards.service import Limits
 
-    return serve(args.reward, args.option or [], args.host, args.port, args.max_request_mb, args.log_level)
+    limits = Limits(pixels_per_image=args.max_pixels_per_image, pixels_per_request=args.max_pixels_per_request,
+                    images_per_request=args.max_images_per_request)
+    return serve(args.reward, args.option or [], args.host, args.port, args.max_request_mb, args.log_level, limits)
 
 
 def _cmd_bench(_args, rest) -> int:
@@ -306,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     sp.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body (default 256 MiB)")
+    sp.add_argument("--max-pixels-per-image", type=int, default=4096 * 4096, metavar="N",
+                    help="largest image, H·W (a video: frames·H·W), read from its header before decoding "
+                         "(default 16777216 = 4096²)")
+    sp.add_argument("--max-pixels-per-request", type=int, default=64 * 1024 * 1024, metavar="N",
+                    help="most pixels decoded for one request, all images and frames together (default 67108864 "
+                         "= 64 images of 1024²; about 0.8 GB as float32 RGB)")
+    sp.add_argument("--max-images-per-request", type=int, default=4096, metavar="N",
+                    help="most images in one request (default 4096)")
     sp.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default warning)")
     sub.add_parser("presets", help="list the methods (presets) with their papers")

@@ -9,6 +9,11 @@ At construction the service's /v1/health is read (one clear error before any rol
 down, speaks another protocol, or does not serve `reward`). Each call posts one safetensors body
 (images as `dtype`, prompts and metadata as JSON) per `batch_size` images and reads JSON scores
 plus optional per-image detail fields, which the trainer logs as reward/<name>/<field>.
+
+What the service can do to the trainer is bounded (flowpo.rewards.service.Client): timeout_s
+bounds each attempt whole (a server trickling its reply cannot hold it longer), a reply over
+max_reply_mb is refused while it streams, and a redirect is followed only when follow_redirects
+is set and it stays on the url's scheme, host and port.
 """
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ from flowpo.rewards.service import PROTOCOL, SAFETENSORS, START_HINT, WIRE_DTYPE
 
 class Remote:
     def __init__(self, url: str = "", reward: str = "", dtype: str = "uint8", timeout_s: float = 120.0,
-                 retries: int = 3, backoff_s: float = 1.0):
+                 retries: int = 3, backoff_s: float = 1.0, max_reply_mb: float = 64.0, follow_redirects: bool = False):
         """url: the service's base URL (http://HOST:PORT); reward: the name it serves the scorer
         under (empty: the only one it serves); dtype: uint8 (the PNG/PIL image, 4× smaller) |
-        float16 | float32 (the decoder's values exactly); timeout_s per attempt; retries on a
-        connection error, timeout or 5xx with backoff_s·2^k between attempts."""
+        float16 | float32 (the decoder's values exactly); timeout_s: one attempt as a whole
+        (connect, send, the full reply); retries on a connection error, timeout or 5xx with
+        backoff_s·2^k between attempts; max_reply_mb: the largest reply read (MiB), refused while
+        streaming; follow_redirects: follow a redirect to the same scheme, host and port (others
+        are always refused)."""
         if not url:
             raise RewardOptionError("reward 'remote' needs reward.options.<name>.url=http://HOST:PORT (a service "
                                     "started with flowpo serve-reward)")
@@ -34,7 +42,8 @@ class Remote:
             raise RewardOptionError(f"reward 'remote': dtype={dtype!r} is not allowed; choose {', '.join(WIRE_DTYPES)}")
         try:
             self.client = Client(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                                 what="the reward service")
+                                 what="the reward service", max_reply_mb=max_reply_mb,
+                                 follow_redirects=follow_redirects)
         except ValueError as e:
             raise RewardOptionError(f"reward 'remote': {e}") from None
         self.dtype = dtype

@@ -56,12 +56,14 @@ class VLMJudge:
                  pattern: str = r"(-?\d+(?:\.\d+)?)", scale: float = 0.1, system: str = "",
                  on_unreadable: str = "error", unreadable_value: float = 0.0, max_tokens: int = 16,
                  temperature: float = 0.0, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0):
+                 timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0, max_reply_mb: float = 64.0,
+                 follow_redirects: bool = False):
         """url: the API base (…/v1); model: the served model's name; template: the user text,
         with {prompt} and any metadata field as {field}; pattern: a regex whose group 1 (or whole
         match) is the score; scale: multiplies it (0.1: a 0–10 rating → 0–1); on_unreadable:
         error | value; api_key_env: the environment variable holding the key (sent as a Bearer
-        token when set)."""
+        token when set); timeout_s, retries, backoff_s, max_reply_mb, follow_redirects: one
+        request's limits, as for `remote` (flowpo.rewards.service.Client)."""
         if not url or not model:
             raise RewardOptionError("reward 'vlm_judge' needs reward.options.<name>.url=http://HOST:PORT/v1 and "
                                     "reward.options.<name>.model=<the served model name>")
@@ -80,7 +82,8 @@ class VLMJudge:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         try:
             self.client = Client(url, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                                 what="the VLM judge", headers={"Authorization": f"Bearer {key}"} if key else None)
+                                 what="the VLM judge", headers={"Authorization": f"Bearer {key}"} if key else None,
+                                 max_reply_mb=max_reply_mb, follow_redirects=follow_redirects)
         except ValueError as e:
             raise RewardOptionError(f"reward 'vlm_judge': {e}") from None
         self.model, self.template, self.system, self.scale = model, template, system, scale
