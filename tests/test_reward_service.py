@@ -514,7 +514,7 @@ def test_with_retries_a_call_is_bounded_by_attempts_times_timeout_plus_backoff()
 
 
 def test_timeout_s_bounds_sending_to_a_server_that_does_not_read():
-    from flowpo.rewards.service import Client
+    from flowpo.rewards.client import Client
 
     srv = RawServer(lambda srv, conn, method, path: time.sleep(10), read_body=False)
     try:

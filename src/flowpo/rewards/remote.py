@@ -10,7 +10,7 @@ down, speaks another protocol, or does not serve `reward`). Each call posts one 
 (images as `dtype`, prompts and metadata as JSON) per `batch_size` images and reads JSON scores
 plus optional per-image detail fields, which the trainer logs as reward/<name>/<field>.
 
-What the service can do to the trainer is bounded (flowpo.rewards.service.Client): timeout_s
+What the service can do to the trainer is bounded (flowpo.rewards.client.Client): timeout_s
 bounds each attempt whole (a server trickling its reply cannot hold it longer), a reply over
 max_reply_mb is refused while it streams, and a redirect is followed only when follow_redirects
 is set and it stays on the url's scheme, host and port.
@@ -22,7 +22,8 @@ from urllib.parse import quote
 import torch
 
 from flowpo.rewards.loading import RewardOptionError
-from flowpo.rewards.service import PROTOCOL, SAFETENSORS, START_HINT, WIRE_DTYPES, Client, decode_reply, encode_request
+from flowpo.rewards.client import START_HINT, Client
+from flowpo.rewards.service import PROTOCOL, SAFETENSORS, WIRE_DTYPES, decode_reply, encode_request
 
 
 class Remote:

@@ -29,7 +29,8 @@ import torch
 
 from flowpo.rewards import RewardError
 from flowpo.rewards.loading import RewardOptionError
-from flowpo.rewards.service import Client, RewardServiceError, encode_png
+from flowpo.rewards.client import Client
+from flowpo.rewards.service import RewardServiceError, encode_png
 
 DEFAULT_TEMPLATE = ("Does this image match the text \"{prompt}\"? Rate the match and the image quality from 0 "
                     "(not at all) to 10 (perfectly). Reply with the number only.")
@@ -63,7 +64,7 @@ class VLMJudge:
         match) is the score; scale: multiplies it (0.1: a 0–10 rating → 0–1); on_unreadable:
         error | value; api_key_env: the environment variable holding the key (sent as a Bearer
         token when set); timeout_s, retries, backoff_s, max_reply_mb, follow_redirects: one
-        request's limits, as for `remote` (flowpo.rewards.service.Client)."""
+        request's limits, as for `remote` (flowpo.rewards.client.Client)."""
         if not url or not model:
             raise RewardOptionError("reward 'vlm_judge' needs reward.options.<name>.url=http://HOST:PORT/v1 and "
                                     "reward.options.<name>.model=<the served model name>")
