@@ -77,3 +77,52 @@ def test_the_loop_is_short_and_reads_top_to_bottom():
     assert fn.end_lineno - fn.lineno + 1 <= 60
     # no branch on a config flag or a part's presence in the iteration
     assert not [n for n in ast.walk(fn) if isinstance(n, (ast.If, ast.IfExp))]
+
+
+def _update_conversions(tmp_path, tiny, steps: int, preset: str) -> int:
+    """Tensor → Python conversions (host syncs on a GPU) inside one iteration's update."""
+    import collections
+    import contextlib
+
+    import torch
+
+    from flowpo import config
+    from flowpo.training.trainer import Trainer
+
+    cfg = config.load(None, preset, tiny + [f"sample.steps={steps}", "train.minibatches=1", "eval.every=0"])
+    tr = Trainer(cfg, tmp_path / f"{preset}_{steps}")
+    tr.train_iteration(0)
+    counts = collections.Counter()
+    names = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def wrap(fn):
+        def counted(self, *a, **k):
+            counts["n"] += 1
+            return fn(self, *a, **k)
+        return counted
+
+    update = tr._update
+
+    def counted_update(b):
+        with contextlib.ExitStack() as stack:
+            for n, fn in originals.items():
+                setattr(torch.Tensor, n, wrap(fn))
+                stack.callback(setattr, torch.Tensor, n, fn)
+            return update(b)
+
+    tr._update = counted_update
+    tr.iteration = 1
+    rec = tr.train_iteration(1)
+    assert rec["train/optimizer_steps"] == 1.0
+    return counts["n"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("preset", ["flow_grpo", "awm"])
+def test_the_update_syncs_the_host_per_chunk_not_per_chunk_and_step(tmp_path, tiny, preset):
+    # The typed tensor stats: twice the trained steps (same chunks, one optimizer step) make no more
+    # tensor → Python conversions in the update (before: 6 per (chunk, step), benchmarks/host_syncs.py)
+    assert _update_conversions(tmp_path, tiny, 4, preset) == _update_conversions(tmp_path, tiny, 8, preset)

@@ -43,6 +43,7 @@ class ClippedSurrogate:
     def __init__(self, ctx, cfg):
         self.ctx, self.loss = ctx, cfg.loss
         self.refs = reference_cache(cfg)  # the KL's reference step means, kept across inner epochs
+        self.sig = ctx.sigmas.tolist()    # [T+1] as floats, read once (no conversion per step)
         self.from_forward = cfg.loss.forward_rows == "chunk"
         self.hold_graphs = cfg.replay.hold_graphs and not is_lockstep(ctx.policy)
         self.b = None          # the iteration's update rows
@@ -57,7 +58,7 @@ class ClippedSurrogate:
     def rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict):
         """Score the stored transitions x_t → x_{t+1} of rows `idx` under the current velocity."""
         c = self.ctx
-        sig, sig_next = float(c.sigmas[t]), float(c.sigmas[t + 1])
+        sig, sig_next = self.sig[t], self.sig[t + 1]
         x = states[idx, t]
         v = c.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, c.guidance)
         return c.kernel(x, v, sig, sig_next, c.noise_level, sample=states[idx, t + 1], reduction=c.reduction)
@@ -116,7 +117,7 @@ class ClippedSurrogate:
             kl = None
             if lc.kl_beta > 0:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
-                dt = float(c.sigmas[t + 1]) - float(c.sigmas[t])
+                dt = self.sig[t + 1] - self.sig[t]
                 kl = mean_kl(st.mean, ref_mean, st.std, dt, lc.kl_form)[rows]
             step = (st.log_prob[rows], ids, t, rows, kl)
             if held is not None:

@@ -43,7 +43,8 @@ class FinalSampleObjective:
         self.old = EMA(ctx.params, 0.0) if self.o.old_ramp > 0 else NoEMA()
         self.noise = None
         self.refs = reference_cache(cfg)  # v_ref per (chunk, step), kept across inner epochs
-        self._fresh = None  # [M, T] bool: trained pairs whose chunk's first forward is still to come
+        self.sig = ctx.sigmas.tolist()    # [T+1] as floats, read once
+        self._fresh: set[int] = set()  # ids of the chunks (in `first`) whose first forward is still to come
 
     # ------------------------------------------------------------------ protocol
     def sampling(self):
@@ -61,23 +62,22 @@ class FinalSampleObjective:
         self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
         self.refs.clear()
         first = sorted(set(first))
-        self._fresh = torch.zeros_like(b.train)
-        for j in first:
-            self._fresh[b.chunks.rows[j]] = b.train[b.chunks.rows[j]]
+        self._fresh = {id(b.chunks.rows[j]) for j in first}
         with torch.no_grad():
             self._prepare(b, first)
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:
         cond = select_cond(b.cond, idx)
         out = []
+        first = id(idx) in self._fresh  # minibatch 0's first pass, before any optimizer step
+        self._fresh.discard(id(idx))
         for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
-            if self._fresh is not None and bool(self._fresh[idx, t].any()):   # minibatch 0, before any step
+            if first:
                 with torch.no_grad():
                     self._first_forward(b, idx, t, sig, x, u, v.detach(), cond)
-                self._fresh[idx, t] = False
             per, stat = self._term(b, idx, t, rows, sig, x, u, v, cond)
             per = per * b.weights[idx, t][rows].detach()
             (per.sum() / count).backward()
@@ -86,7 +86,7 @@ class FinalSampleObjective:
 
     def end(self, iteration: int) -> dict:
         self.old.update(min(self.o.old_ramp * iteration, self.o.old_max))
-        self.noise, self._fresh = None, None
+        self.noise, self._fresh = None, set()
         self.refs.clear()
         return {}
 
@@ -100,7 +100,7 @@ class FinalSampleObjective:
     # ------------------------------------------------------------------ helpers
     def _noised(self, b, idx: torch.Tensor, t: int):
         """(σ_t, x_σ [n_c, *D], u = ε − x0 [n_c, *D]) for the rows of chunk `idx` at step t."""
-        sig = float(self.ctx.sigmas[t])
+        sig = self.sig[t]
         x0 = b.final[idx].float()
         eps = self.noise[idx, t]
         return sig, (1.0 - sig) * x0 + sig * eps, eps - x0
