@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flowpo.groups import flat_groups
-from flowpo.trajectory import ROW_FIELDS, Trajectory, cat, select
+from flowpo.trajectory import ROW_FIELDS, Trajectory, cat
 
 _STORED = tuple(f for f in ROW_FIELDS if f not in ("cond", "states", "adv", "old_log_probs", "old_known", "weights",
                                                     "group_ids", "row_ids"))
@@ -157,7 +157,7 @@ class ReplayBuffer:
             steps = self.kept_steps(rows.train[i])
             if steps.numel() == 0:
                 continue
-            e = self._entry(select(rows, torch.tensor([i])), steps, T, float(rewards[i]), self.visits.get(key, 0))
+            e = self._entry(rows, i, steps, T, float(rewards[i]), self.visits.get(key, 0))
             lst = self.entries.setdefault(key, [])
             lst.append(e)
             lst.sort(key=lambda x: self._score(x, int(rows.versions[i])), reverse=True)
@@ -166,19 +166,18 @@ class ReplayBuffer:
         return added
 
     @staticmethod
-    def _entry(row: Trajectory, steps: torch.Tensor, T: int, reward: float, visit: int) -> Entry:
-        """An entry of a one-row trajectory keeping `steps` (states compacted, entries on the CPU:
-        GPU memory is for the model)."""
+    def _entry(rows: Trajectory, i: int, steps: torch.Tensor, T: int, reward: float, visit: int) -> Entry:
+        """Row i of `rows` as an entry keeping `steps`: its stored fields copied to the CPU (GPU memory
+        is for the model), of the states only those the kept steps touch."""
         keep = torch.zeros(T, dtype=torch.bool)
         keep[steps] = True
         index = torch.unique(torch.cat([steps, steps + 1]))                      # [S'] sorted
-        kept = {f: (None if getattr(row, f) is None else getattr(row, f).detach().cpu().clone())
-                for f in _STORED if isinstance(getattr(row, f), torch.Tensor)}
+        kept = {f: getattr(rows, f)[i:i + 1].detach().cpu().clone() for f in _STORED
+                if isinstance(getattr(rows, f), torch.Tensor)}
         kept["log_probs"] = torch.where(keep, kept["log_probs"][0], torch.zeros(()))[None]
         kept["train"] = keep[None]
-        row = Trajectory(prompts=list(row.prompts), metadata=[dict(row.metadata[0] or {})],
-                         states=row.states[:, index.to(row.states.device)].detach().cpu(), **{
-                             f: v for f, v in kept.items() if f not in ("states",)})
+        states = rows.states[i:i + 1, index.to(rows.states.device)].detach().cpu()   # [1, S', *D]
+        row = Trajectory(prompts=[rows.prompts[i]], metadata=[dict(rows.metadata[i] or {})], states=states, **kept)
         return Entry(row=row, state_index=index, reward=reward, visit=visit)
 
     def _score(self, e: Entry, iteration: int) -> float:

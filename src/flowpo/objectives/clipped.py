@@ -98,7 +98,7 @@ class ClippedSurrogate:
         the rollout's on policy; 'trained' runs it on the rows that train step t only (a plan with
         per-row steps, DanceGRPO's, then pays for what it trains; the first ratio is 1 up to the
         batch-size dependence of the matmul kernels, |ρ − 1| < 1e-5 measured on the CPU)."""
-        lc, c = self.loss, self.ctx
+        lc = self.loss
         cond = select_cond(b.cond, idx)
         out = []
         taking = id(idx) in self.taking
