@@ -150,6 +150,7 @@ class ReplayBuffer:
         score); returns how many were kept."""
         added = 0
         T = rows.train.shape[1]
+        versions = rows.versions.tolist()
         for i, p in enumerate(rows.prompts):
             if eligible is not None and not bool(eligible[i]):
                 continue
@@ -160,7 +161,7 @@ class ReplayBuffer:
             e = self._entry(rows, i, steps, T, float(rewards[i]), self.visits.get(key, 0))
             lst = self.entries.setdefault(key, [])
             lst.append(e)
-            lst.sort(key=lambda x: self._score(x, int(rows.versions[i])), reverse=True)
+            lst.sort(key=lambda x: self._score(x, versions[i]), reverse=True)
             del lst[self.capacity:]
             added += int(any(x is e for x in lst))
         return added

@@ -32,11 +32,11 @@ def flat_groups(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 
 def flat_share(values: torch.Tensor, group_ids: torch.Tensor) -> float:
     """Share of the groups whose `values` [N] are all equal (no GRPO signal from them)."""
-    _, first = _first_rows(group_ids)
+    _, first = first_rows(group_ids)
     return float(flat_groups(values, group_ids)[first].float().mean()) if len(first) else 0.0
 
 
-def _first_rows(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def first_rows(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct group ids in increasing order, the first row of each)."""
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     first = torch.full((uniq.numel(),), group_ids.numel(), dtype=torch.long)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flowpo.buffer import ADMISSION, ReplayBuffer, prompt_key, replayed_rows
-from flowpo.groups import SPREAD_TOL, flat_groups, group_stats
+from flowpo.groups import SPREAD_TOL, first_rows, flat_groups, group_stats
 from flowpo.importance import WeightRule
 from flowpo.lockstep import agreed_values
 from flowpo.trajectory import Trajectory, cat
@@ -97,11 +97,11 @@ class OPReplay:
         comb = self.rewards.combine(rows.raw)
         chosen = self.buffer.select(it, rows.prompts, rows.group_ids, comb, k=self.k, rule=self.admit,
                                     metadata=rows.metadata)
-        firsts = [int(torch.nonzero(rows.group_ids == g)[0]) for g in torch.unique(rows.group_ids).tolist()]
+        firsts = first_rows(rows.group_ids)[1].tolist()                           # one row per group
         hits = self._hits([rows.prompts[i] for i in firsts], [rows.metadata[i] for i in firsts])
         stats: dict = {"replay/admitted": len(chosen), "replay/hit_rate": sum(hits) / max(1, len(hits))}
         if not chosen:
-            return rows, stats, 0
+            return rows, {**stats, "replay/rescued_groups": 0.0}, 0
         T, R = rows.train.shape[1], len(chosen)
         rep = replayed_rows([e for _, e in chosen], T)
         nfe = 0

@@ -114,15 +114,21 @@ def gather(traj: Trajectory, dist) -> Trajectory:
     `dist`: flowpo.training.distributed.Dist. Conditioning and chunk layout stay local (None)."""
     if dist.world == 1:
         return traj
-    out = {}
+    out, widthless = {}, []
     for name in ROW_FIELDS:
         v = getattr(traj, name)
         if name == "cond" or v is None:
             out[name] = None
         elif isinstance(v, list):
             out[name] = [x for part in dist.all_gather_objects(v) for x in part]
+        elif v.dim() > 1 and 0 in v.shape[1:]:  # e.g. no detail fields: nothing to send
+            widthless.append(name)
         else:
             out[name] = dist.all_gather_cat(v)
+    n = len(out["prompts"])
+    for name in widthless:
+        v = getattr(traj, name)
+        out[name] = v.new_zeros((n, *v.shape[1:]))
     return traj.replace(**out, chunks=None)
 
 
