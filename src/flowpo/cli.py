@@ -51,6 +51,10 @@ def _cmd_presets(_args, _rest) -> int:
 def _load_cfg(args, rest):
     from flowpo import config
 
+    for flag, value in (("--config", args.config), ("--preset", args.preset)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} '' is empty; give a {'YAML file' if flag == '--config' else 'preset name'} "
+                             "or leave the option out")
     return config.load(args.config, args.preset, rest)
 
 
@@ -172,6 +176,8 @@ def _leaves(cfg) -> dict:
 
 def _check_resume_changes(base, cfg) -> None:
     """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
+    from flowpo.errors import show
+
     old, new = _leaves(base), _leaves(cfg)
     changed = [k for k in new if new[k] != old.get(k) and not _is_default_option(k, new[k], old)]
     changed += [k for k in old if k not in new]
@@ -180,17 +186,22 @@ def _check_resume_changes(base, cfg) -> None:
     if bad:
         allowed = ", ".join([k + "*" if k.endswith(".") else k for k in RESUMABLE]
                             + [f"reward.options.*.{k}" for k in RESUMABLE_REWARD_OPTIONS])
-        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({old.get(k)!r} → {new.get(k)!r})' for k in bad)}: "
+        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({show(old.get(k))} → {show(new.get(k))})' for k in bad)}: "
                          f"it would change the method or the trajectory mid-run; a resumed run may change only "
                          f"{allowed} (start a new run with another --out for anything else)")
     if changed:
-        print(f"flowpo: --resume: applying {', '.join(f'{k}={new.get(k)!r}' for k in changed)}", file=sys.stderr)
+        print(f"flowpo: --resume: applying {', '.join(f'{k}={show(new.get(k))}' for k in changed)}", file=sys.stderr)
 
 
 def _check_resume_budget(cfg, out: Path) -> None:
     from flowpo.training.runlog import read_metrics
 
-    done = max((r["step"] + 1 for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r), default=0)
+    try:
+        rows = read_metrics(out / "metrics.jsonl")
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from None
+    done = max((r["step"] + 1 for r in rows if isinstance(r, dict) and "reward_mean" in r
+                and type(r.get("step")) is int), default=0)
     if cfg.train.iterations < done:
         raise UsageError(f"--resume: train.iterations={cfg.train.iterations} is below the {done} iterations this run "
                          f"has done; give train.iterations >= {done}")
@@ -417,9 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FLOWPO_DEBUG") == "1":
             raise
         code, msg = explain(e)
-        from flowpo.errors import LINE_LIMIT, abbrev
-
-        print(f"flowpo: error: {abbrev(msg, LINE_LIMIT)}", file=sys.stderr)
+        print(f"flowpo: error: {msg}", file=sys.stderr)
         return code
     finally:
         _RUN.clear()
@@ -443,7 +452,15 @@ def _stopped(how: str, verb: str) -> str:
 
 
 def explain(e: Exception) -> tuple[int, str]:
-    """(exit code, one line) for an exception: 2 for bad input, 1 for a runtime failure."""
+    """(exit code, one line) for an exception: 2 for bad input, 1 for a runtime failure; the line
+    is cut in the middle past flowpo.errors.LINE_LIMIT characters."""
+    from flowpo.errors import LINE_LIMIT, abbrev
+
+    code, line = _explain(e)
+    return code, abbrev(line, LINE_LIMIT)
+
+
+def _explain(e: Exception) -> tuple[int, str]:
     from flowpo.config import ConfigError
 
     from flowpo.training.runlock import RunBusy

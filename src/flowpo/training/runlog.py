@@ -134,7 +134,13 @@ def read_metrics(path: str | Path, *, notice: bool = False) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    if not p.is_file():  # a FIFO would block the read
+        raise ValueError(f"{p} is not a regular file; the run log is damaged (move it away)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p} is not UTF-8 text; the run log is damaged (restore it or remove the bad bytes)") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     out = []
     for i, line in enumerate(lines):
         try:
