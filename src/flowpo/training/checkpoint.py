@@ -182,13 +182,13 @@ def _not_regular(path: Path, root: Path) -> str | None:
     return None
 
 
-_STATE_COUNTS = ("iteration", "nfe", "seed")
+_STATE_COUNTS = ("iteration", "nfe")
 
 
 def check_state(state, name: str | None = None) -> str | None:
     """Why a checkpoint's state.json is out of range (None: fine). `iteration` is required (and
     must match the folder name `name` when given); the other fields the trainer writes are checked
-    when present: counts are non-negative integers, wall_s a finite number ≥ 0, torch_rng the CPU
+    when present: iteration and nfe are non-negative integers, seed a 64-bit one, wall_s a finite number ≥ 0, torch_rng the CPU
     generator's state (bytes), optimizer and plan mappings."""
     if not isinstance(state, dict):
         return "state.json is not a JSON mapping"
@@ -199,6 +199,9 @@ def check_state(state, name: str | None = None) -> str | None:
             v = state[key]
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
                 return f"state.json {key}={str(v)[:40]} is out of range (a count from 0 to 2**63 - 1)"
+    seed = state.get("seed", 0)  # (runs from before seeds were range-checked may hold a negative one)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 < seed < 2 ** 63:
+        return f"state.json seed={str(seed)[:40]} is not a 64-bit integer"
     if name is not None and name.startswith(PREFIX) and name[len(PREFIX):].isdigit() \
             and int(name[len(PREFIX):]) != state["iteration"]:
         return f"state.json iteration={state['iteration']} does not match the folder {name}"
