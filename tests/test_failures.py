@@ -252,3 +252,58 @@ def test_eval_grids_carry_prompt_captions(tmp_path, capsys):
     tile = 16 * 4 + 4   # a 16 px digit upsampled ×4 and its padding
     strip = img[tile - 4: tile + 8]   # the caption band under the first row of tiles
     assert img.shape[0] > tile and (strip < 100).any()   # dark text on the white caption band
+
+
+def test_grid_captions_keep_the_asked_digit_and_show_the_reward():
+    from flowpo.embedded.prompts import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from flowpo.training.runlog import CAPTION_LINES, _wrap
+
+    def measure(s):  # the default font's 6 px per character
+        return 6 * len(s)
+
+    for t in HELDOUT_TEMPLATES + TRAIN_TEMPLATES:
+        lines = _wrap(t.format(n="7", w="seven"), 64, measure, CAPTION_LINES)
+        assert all(measure(ln) <= 64 for ln in lines) and len(lines) <= CAPTION_LINES, lines
+        assert "7" in " ".join(lines) or "seven" in " ".join(lines), lines
+    long = _wrap("a photo of " + "very " * 30 + "long prompt", 64, measure, CAPTION_LINES)
+    assert long[0].startswith("a photo of") and long[-1].endswith("…")  # cut from the right
+
+
+def test_eval_grids_show_each_tiles_reward(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from flowpo.training.runlog import save_grid
+
+    images = torch.zeros(2, 1, 16, 16)
+    save_grid(images, tmp_path / "a.png", nrow=2, labels=["a 1", "a 2"])
+    save_grid(images, tmp_path / "b.png", nrow=2, labels=["a 1", "a 2"], rewards=[0.5, float("nan")])
+    a, b = (np.asarray(Image.open(tmp_path / n).convert("L")) for n in ("a.png", "b.png"))
+    assert b.shape[0] > a.shape[0]  # a caption line more: the reward
+    assert (b[a.shape[0] - 4:] < 100).any()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_ctrl_c_says_what_resume_will_do(tmp_path, capsys, monkeypatch, when):
+    from flowpo.training import trainer
+
+    out = tmp_path / "run"
+    if when == "after":
+        _train(capsys, out)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "run", interrupted)
+    args = ["--resume", out, "train.iterations=3"] if when == "after" else ["--out", out, *TINY,
+                                                                            "train.checkpoint_every=10"]
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 130
+    line = err.strip().splitlines()[-1]
+    if when == "before":
+        assert "before the run's first checkpoint (train.checkpoint_every=10" in line, line
+        assert "nothing is kept to continue from" in line and f"--resume {out} starts this run afresh" in line
+    else:
+        assert f"continue with: flowpo train --resume {out} (from its last checkpoint, iter_000002" in line, line
+    assert not (out / ".flowpo.lock").read_text()  # the lock was given back

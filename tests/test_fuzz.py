@@ -1,6 +1,7 @@
 """Fuzz: random config overrides and corrupted YAML / JSON / safetensors inputs each end with exit
 code 2 (one line) or a clean run, never a traceback, and never modify a checkpoint."""
 import hashlib
+import os
 import random
 
 import pytest
@@ -141,3 +142,156 @@ def test_random_reward_options_run_or_fail_in_one_line(tmp_path, capsys):
             assert "unexpected failure" not in text, (name, opts, text[-800:])
         seen[code] += 1
     assert seen[0] >= 3 and seen[2] >= 20, seen  # runs and refusals both exercised
+
+
+# ----------------------------------------------------------------------------- every key, every verb
+BOMB = "".join(f"{c}: &{c} [" + ",".join([f"*{p}" if p else '"lol"'] * 9) + "]\n"
+               for c, p in zip("abcdefgh", ["", *"abcdefg"]))  # 9**8 "lol"s from ~250 bytes
+HOSTILE = ["-1", "0", "1e30", "123456789012345678901234567890", "nan", "-inf", "abc", "[1, 2]", "[]", "{a: 1}",
+           "&a [*a]", BOMB, "x" * 20000, "1" * 5000]
+STDERR_LIMIT = 1500  # one bounded line (plus argparse's usage line where argparse answers)
+
+
+def _numeric(typ: str) -> bool:
+    return ("int" in typ or "float" in typ) and "list" not in typ and "tuple" not in typ
+
+
+def _check_one_line(code, text, where):
+    assert "Traceback" not in text and "unexpected failure" not in text, (where, text[-800:])
+    if code == 2:
+        errs = [ln for ln in text.splitlines() if ln.startswith("flowpo: error:")]
+        assert len(errs) == 1 and len(errs[0]) <= STDERR_LIMIT, (where, text[:800])
+        return errs[0]
+    return ""
+
+
+def test_every_config_key_refuses_hostile_values_by_name(capsys):
+    """Every key of `flowpo config` (and a reward option) with −1, 0, huge, NaN, strings, lists, a
+    recursive alias, an alias bomb and huge strings: a clean load or one short line naming the key;
+    every numeric key refuses −1, NaN and strings. In-process (config.load, then the CLI's own
+    error path for each refusal), so ~1600 cases take seconds."""
+    from flowpo.cli import explain
+
+    rows = [(k, typ) for k, typ, *_ in config.describe(config.Config())]
+    rows.append(("reward.options.digit_alignment.batch_size", "any"))
+    for key, typ in rows:
+        for value in HOSTILE:
+            try:
+                config.load(None, None, [f"{key}={value}"])
+                ok = True
+            except config.ConfigError as e:
+                ok = False
+                code, line = explain(e)
+                assert code == 2 and len(line) <= STDERR_LIMIT, (key, value[:40], line[:300])
+                assert key.split(".")[0] in line, (key, value[:40], line)  # the key (or its section) is named
+            if _numeric(typ) and value in ("-1", "nan", "-inf", "abc", "[1, 2]", "{a: 1}", BOMB, "x" * 20000):
+                assert not ok, f"{key}={value[:40]} was accepted"
+            if value == "123456789012345678901234567890" and "int" in typ and "list" not in typ:
+                assert not ok, f"{key}={value} was accepted"
+    # through the CLI: a sample of the same cases end as one bounded line, exit 2
+    for i, (key, typ) in enumerate(rows):
+        value = HOSTILE[i % len(HOSTILE)]
+        code, text = _run(capsys, "config", f"{key}={value}")
+        assert code in (0, 2), (key, value[:40], text[-500:])
+        line = _check_one_line(code, text, (key, value[:40]))
+        if code == 2:
+            assert len(text) <= STDERR_LIMIT + 200 and key.split(".")[0] in line, (key, value[:40], text[:500])
+
+
+def test_alias_bomb_and_exact_seeds(tmp_path, capsys):
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BOMB + "model: {path: *h}\n")
+    code, text = _run(capsys, "config", "--config", f)
+    assert code == 2 and len(text) < 500 and "aliases" in _check_one_line(code, text, "bomb"), text[:500]
+    f.write_text("train: &t {iterations: 3}\neval: {every: 1}\nlog: {grids: false}\n")  # a small anchor is fine
+    assert config.load(str(f)).train.iterations == 3
+    assert config.load(None, None, ["train.seed=12345678901234567"]).train.seed == 12345678901234567
+    for bad, words in [("train.seed=1e23", "train.seed="), ("train.seed=-1", "train.seed=-1 is out of range"),
+                       ("train.threads=1e9", "train.threads=1000000000 is out of range"),
+                       ("train.adam_eps=-1", "train.adam_eps=-1.0"), ("train.betas=[0.9,1.5]", "train.betas[1]=1.5"),
+                       ("train.weight_decay=-5", "train.weight_decay=-5.0"), ("eval.guidance=-1", "eval.guidance"),
+                       ("model.lora_alpha=-1", "model.lora_alpha"), ("model.resolution=-1", "model.resolution"),
+                       ("train.lr_final=-1", "train.lr_final")]:
+        with pytest.raises(config.ConfigError, match=words.replace("[", r"\[")):
+            config.load(None, None, [bad])
+
+
+def _run_any(capsys, *args):
+    """main(args) → (code, stdout+stderr); argparse's own refusals (SystemExit 2) included."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verbs") / "run"
+    assert main(["train", "--out", str(out), *TINY, "train.iterations=1", "eval.every=0"]) == 0
+    return out
+
+
+def test_every_verbs_options_refuse_bad_values_in_one_line(tmp_path, capsys, tiny_run, monkeypatch):
+    """Each option of each verb with a bad value: exit 2, no traceback, a bounded message naming the
+    option (argparse's refusals name it too)."""
+    from flowpo.embedded import pretrain
+    from flowpo.training import trainer
+
+    def started(*a, **k):
+        raise AssertionError("a bad option started a run")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", started)
+    monkeypatch.setattr(pretrain, "pretrain", started)
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    d = tmp_path / "a_dir"
+    d.mkdir()
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    huge = "y" * 10000
+    run = tiny_run
+    cases = [
+        (["train", "--out", ""], "--out"), (["train", "--out", f], "--out"), (["train", "--out", f / "x"], "--out"),
+        (["train", "--resume", ""], "--resume"), (["train", "--resume", d], "--resume"),
+        (["train", "--resume", f], "--resume"), (["train", "--resume", run, "--out", d], "--out"),
+        (["train", "--config", ""], "config"), (["train", "--config", d], "config"),
+        (["train", "--config", fifo], "config"), (["train", "--config", tmp_path / "none.yaml"], "config"),
+        (["train", "--preset", ""], "preset"), (["train", "--preset", huge], "preset"),
+        (["train", "train.iterations"], "key.path=value"), (["train", f"{huge}=1"], "unknown config key"),
+        (["eval", "--run", ""], "--run"), (["eval", "--run", d], "--run"), (["eval", "--run", f], "--run"),
+        (["eval", "--run", run, "--records", d], "--records"), (["eval", "--run", run, "--records", ""], "--records"),
+        (["sample", "--run", run, "--prompt", "a 3", "--n", "0"], "--n"),
+        (["sample", "--run", run, "--prompt", "a 3", "--n", "-3"], "--n"),
+        (["sample", "--run", run, "--prompt", "a 3", "--n", "abc"], "--n"),
+        (["sample", "--run", run, "--prompt", "a 3", "--n", "100000000"], "--n"),
+        (["sample", "--run", run, "--prompt", "a 3", "--seed", "-1"], "--seed"),
+        (["sample", "--run", run, "--prompt", "a 3", "--seed", str(2 ** 64)], "--seed"),
+        (["sample", "--run", run, "--prompt", "a 3", "--out", d], "--out"),
+        (["sample", "--run", run, "--prompt", "a 3", "--out", ""], "--out"),
+        (["sample", "--run", run, "--prompt", "a 3", "--out", tmp_path / "noext"], "--out"),
+        (["sample", "--run", run, "--prompt", "a 3", "--out", f / "x.png"], "--out"),
+        (["sample", "--run", run], "--prompt"),
+        (["export", "--run", run, "--out", ""], "--out"), (["export", "--run", run, "--out", d], "--out"),
+        (["export", "--run", run, "--out", f], "--out"), (["export", "--run", run, "--out", f / "m"], "--out"),
+        (["export", "--run", d, "--out", tmp_path / "m"], "--run"), (["export", "--run", run], "--out"),
+        (["config", "--preset", "nope"], "preset"), (["config", "--config", d], "config"),
+        (["pretrain", "--seed", "-1"], "--seed"), (["pretrain", "--flow-steps", "0"], "--flow-steps"),
+        (["pretrain", "--clf-steps", "-5"], "--clf-steps"), (["pretrain", "--threads", "0"], "--threads"),
+        (["pretrain", "--threads", "1000000000"], "--threads"), (["pretrain", "--out", f], "--out"),
+        (["pretrain", "--seed", "abc"], "--seed"),
+        (["bench", "--jobs", "0"], "--jobs"), (["bench", "--iterations", "-1"], "--iterations"),
+        (["bench", "--seeds", "a,b"], "--seeds"), (["bench", "--seeds", "-1"], "--seeds"),
+        (["bench", "--out", f], "--out"), (["bench", "--set", "nokey"], "--set"),
+        (["nope"], "invalid choice"), (["presets", "--x"], "unrecognized"),
+    ]
+    for args, words in cases:
+        code, text = _run_any(capsys, *args)
+        where = [str(a)[:40] for a in args]
+        assert code == 2, (where, code, text[-600:])
+        assert "Traceback" not in text and "unexpected failure" not in text, (where, text[-600:])
+        assert len(text) <= 4000, (where, len(text))  # argparse adds its usage lines; nothing runs away
+        assert words in text, (where, words, text[-600:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file", "fifo.yaml"]  # nothing written

@@ -131,3 +131,14 @@ def test_stepwise_estimates_get_metadata(tmp_path, tiny, meta_scorer):
 def test_promptset_rejects_mismatched_lengths():
     with pytest.raises(ValueError):
         PromptSet(["a", "b"], [{}])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    from flowpo.prompts import read_prompt_file
+
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa handwritten 7\nthe digit two\n".encode("utf-8"))
+    assert read_prompt_file(str(f), "sample.prompts_file").texts == ["a handwritten 7", "the digit two"]
+    j = tmp_path / "p.jsonl"
+    j.write_bytes('\ufeff{"prompt": "a 3"}\n'.encode("utf-8"))
+    assert read_prompt_file(str(j), "eval.prompts_file").texts == ["a 3"]

@@ -24,6 +24,12 @@ class UsageError(Exception):
     pass
 
 
+def _abbrev(text) -> str:
+    from flowpo.errors import abbrev
+
+    return abbrev(str(text))
+
+
 class _Terminated(BaseException):
     """SIGTERM during `flowpo train` (raised by the signal handler)."""
 
@@ -45,6 +51,10 @@ def _cmd_presets(_args, _rest) -> int:
 def _load_cfg(args, rest):
     from flowpo import config
 
+    for flag, value in (("--config", args.config), ("--preset", args.preset)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} '' is empty; give a {'YAML file' if flag == '--config' else 'preset name'} "
+                             "or leave the option out")
     return config.load(args.config, args.preset, rest)
 
 
@@ -58,11 +68,29 @@ def _run_cfg(run: str, flag: str, rest):
     return config.load(str(path / "config.yaml"), None, rest, keep_resolved=True), path
 
 
+def _check_out(out: str, flag: str = "--out", *, folder: bool = True) -> Path:
+    """A usable --out path: not empty, not an existing file where a folder goes (one line otherwise)."""
+    if not out.strip():
+        raise UsageError(f"{flag} '' is empty; give a path, e.g. {flag} runs/my-run")
+    path = Path(out)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {_abbrev(out)} is an existing file, not a folder; give a folder path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} {_abbrev(out)}: {parent} is a file, not a folder; give a path under a folder")
+    return path
+
+
+_RUN: dict = {}
+"""The run folder `flowpo train` works on (for the interrupt message)."""
+
+
 def _cmd_train(args, rest) -> int:
     from flowpo.errors import ConfigError
 
-    if args.resume:
-        given = [f for f, v in (("--preset", args.preset), ("--config", args.config), ("--out", args.out)) if v]
+    if args.resume is not None:
+        given = [f for f, v in (("--preset", args.preset), ("--config", args.config), ("--out", args.out))
+                 if v is not None]
         if given:
             raise UsageError(f"--resume continues the run as its config.yaml says; {', '.join(given)} cannot change "
                              "it: drop them (or start a new run with another --out)")
@@ -70,6 +98,7 @@ def _cmd_train(args, rest) -> int:
 
         from flowpo import config
 
+        _check_out(args.resume, "--resume")
         base, out = _run_cfg(args.resume, "--resume", [])
         cfg = copy.deepcopy(base)
         for ov in rest:  # applied unvalidated first, so a forbidden change is named before any range check
@@ -77,22 +106,31 @@ def _cmd_train(args, rest) -> int:
             config.set_key(cfg, key.strip(), value)
         _check_resume_changes(base, cfg)
         config.validate(cfg)
-        _check_resume_budget(cfg, out)
     else:
+        if args.out is not None:
+            _check_out(args.out)
         cfg = _load_cfg(args, rest)
         if not args.out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("under torchrun give --out DIR: every process must write to the same run folder")
         out = Path(args.out or f"runs/{cfg.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from flowpo.training.trainer import Trainer
+    from flowpo.training.runlock import hold
 
-    try:  # building the run validates its inputs (model folder, prompts, rewards): a ValueError there is bad input
-        trainer = Trainer(cfg, out, resume=bool(args.resume))
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(str(e)) from e
-    result = trainer.run()
-    if result and int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    _RUN.update(out=out, checkpoint_every=cfg.train.checkpoint_every)
+    # one writer per run folder: rank 0 holds the lock for the whole job (readers never take it)
+    with hold(out, rank=rank, command="flowpo train --resume" if args.resume is not None else "flowpo train"):
+        if args.resume is not None:
+            _check_resume_budget(cfg, out)
+        from flowpo.training.trainer import Trainer
+
+        try:  # building the run validates its inputs (model folder, prompts, rewards): a ValueError there is bad input
+            trainer = Trainer(cfg, out, resume=args.resume is not None)
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(str(e)) from e
+        result = trainer.run()
+    if result and rank == 0:
         print(f"final eval_reward_mean={result['eval_reward_mean']:.4f}  run: {out}")
     return 0
 
@@ -138,6 +176,8 @@ def _leaves(cfg) -> dict:
 
 def _check_resume_changes(base, cfg) -> None:
     """Refuse overrides that change a non-resumable key of the run's config; say which ones apply."""
+    from flowpo.errors import show
+
     old, new = _leaves(base), _leaves(cfg)
     changed = [k for k in new if new[k] != old.get(k) and not _is_default_option(k, new[k], old)]
     changed += [k for k in old if k not in new]
@@ -146,17 +186,22 @@ def _check_resume_changes(base, cfg) -> None:
     if bad:
         allowed = ", ".join([k + "*" if k.endswith(".") else k for k in RESUMABLE]
                             + [f"reward.options.*.{k}" for k in RESUMABLE_REWARD_OPTIONS])
-        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({old.get(k)!r} → {new.get(k)!r})' for k in bad)}: "
+        raise UsageError(f"--resume cannot change {', '.join(f'{k} ({show(old.get(k))} → {show(new.get(k))})' for k in bad)}: "
                          f"it would change the method or the trajectory mid-run; a resumed run may change only "
                          f"{allowed} (start a new run with another --out for anything else)")
     if changed:
-        print(f"flowpo: --resume: applying {', '.join(f'{k}={new.get(k)!r}' for k in changed)}", file=sys.stderr)
+        print(f"flowpo: --resume: applying {', '.join(f'{k}={show(new.get(k))}' for k in changed)}", file=sys.stderr)
 
 
 def _check_resume_budget(cfg, out: Path) -> None:
     from flowpo.training.runlog import read_metrics
 
-    done = max((r["step"] + 1 for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r), default=0)
+    try:
+        rows = read_metrics(out / "metrics.jsonl")
+    except ValueError as e:
+        raise UsageError(f"--resume: {e}") from None
+    done = max((r["step"] + 1 for r in rows if isinstance(r, dict) and "reward_mean" in r
+                and type(r.get("step")) is int), default=0)
     if cfg.train.iterations < done:
         raise UsageError(f"--resume: train.iterations={cfg.train.iterations} is below the {done} iterations this run "
                          f"has done; give train.iterations >= {done}")
@@ -173,9 +218,13 @@ def _cmd_eval(args, rest) -> int:
     from flowpo.training.state import load_policy
     from flowpo.training.evaluate import evaluate_policy
 
-    cfg, path = _run_cfg(args.run, "--run", rest) if args.run else (_load_cfg(args, rest), None)
+    if args.records is not None:
+        _check_out(args.records, "--records", folder=False)
+        if Path(args.records).is_dir():
+            raise UsageError(f"--records {_abbrev(args.records)} is a folder; give a file path for the JSON lines")
+    cfg, path = _run_cfg(args.run, "--run", rest) if args.run is not None else (_load_cfg(args, rest), None)
     try:
-        policy, iteration = load_policy(cfg, path)
+        policy, iteration = load_policy(cfg, path, announce="--run")
     except (FileNotFoundError, ValueError) as e:  # a missing checkpoint, a model folder the library rejects
         raise UsageError(str(e)) from None
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
@@ -210,9 +259,10 @@ def _cmd_sample(args, rest) -> int:
     from flowpo.training.runlog import save_grid
     from flowpo.training.state import load_policy
 
-    cfg = _run_cfg(args.run, "--run", rest)[0] if args.run else _load_cfg(args, rest)
-    try:
-        policy, _ = load_policy(cfg, args.run)  # the run's evaluated weights (its EMA, if it kept one)
+    out = _check_sample_args(args)
+    cfg = _run_cfg(args.run, "--run", rest)[0] if args.run is not None else _load_cfg(args, rest)
+    try:  # the run's evaluated weights (its EMA, if it kept one)
+        policy, _ = load_policy(cfg, args.run, announce="--run")
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     prompts = [args.prompt] * args.n
@@ -222,17 +272,43 @@ def _cmd_sample(args, rest) -> int:
         x0, _ = ode_sample(policy, policy.encode_prompts(prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
                            cfg.sample.batch_size)
         images = policy.decode(x0)
-    save_grid(images, args.out, nrow=min(8, args.n), labels=[f"seed {args.seed + i}" for i in range(args.n)])
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(images, out, nrow=min(8, args.n), labels=[f"seed {args.seed + i}" for i in range(args.n)])
+    print(f"wrote {out}")
     return 0
+
+
+SAMPLE_MAX_N = 1024
+"""`flowpo sample --n`: the most samples one grid holds."""
+
+
+def _check_sample_args(args) -> Path:
+    """`flowpo sample`'s own options, each refused in one line naming it; returns the --out path."""
+    if not 1 <= args.n <= SAMPLE_MAX_N:
+        raise UsageError(f"--n {args.n} is out of range; give 1 to {SAMPLE_MAX_N} samples")
+    if not 0 <= args.seed <= 2 ** 63 - 1 - args.n:
+        raise UsageError(f"--seed {_abbrev(args.seed)} is out of range; give 0 to 2**63 - 1 - n")
+    out = _check_out(args.out, "--out", folder=False)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        raise UsageError(f"--out {_abbrev(args.out)} is a folder; give an image file path, e.g. --out samples.png")
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {_abbrev(args.out)}: {out.suffix or 'no suffix'} is not an image format; end the "
+                         "file name with .png (or .jpg, .webp)")
+    return out
 
 
 def _cmd_export(args, rest) -> int:
     from flowpo.training.state import export
 
+    out = _check_out(args.out, "--out")
+    if out.exists():
+        raise UsageError(f"--out {_abbrev(args.out)} exists; give a new folder (export never writes into an "
+                         "existing one)")
     cfg, path = _run_cfg(args.run, "--run", rest)
     try:
-        it = export(cfg, path, args.out, ema=not args.no_ema)
+        it = export(cfg, path, out, ema=not args.no_ema)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from None
     print(f"wrote {args.out} (iteration {it})")
@@ -352,11 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `flowpo config | head`
         return 0
     except KeyboardInterrupt:
-        print("flowpo: interrupted; continue with: flowpo train --resume <the run's --out folder>", file=sys.stderr)
+        print(_stopped("interrupted", args.verb), file=sys.stderr)
         return 130
     except _Terminated:
-        print("flowpo: terminated (SIGTERM); continue with: flowpo train --resume <the run's --out folder> "
-              "(from its last checkpoint)", file=sys.stderr)
+        print(_stopped("terminated (SIGTERM)", args.verb), file=sys.stderr)
         return 143
     except SystemExit:
         raise
@@ -366,22 +441,56 @@ def main(argv: list[str] | None = None) -> int:
         code, msg = explain(e)
         print(f"flowpo: error: {msg}", file=sys.stderr)
         return code
+    finally:
+        _RUN.clear()
+
+
+def _stopped(how: str, verb: str) -> str:
+    """The line after Ctrl-C or SIGTERM: for `train`, what --resume will do with the run folder."""
+    out = _RUN.get("out")
+    if verb != "train" or out is None or not Path(out).is_dir() or int(os.environ.get("RANK", "0")) != 0:
+        return f"flowpo: {how}"
+    from flowpo.training import checkpoint
+
+    last = checkpoint.latest(out)
+    if last is None:
+        every = _RUN.get("checkpoint_every")
+        when = f"every {every} iterations" if every else "at the end only"
+        return (f"flowpo: {how} before the run's first checkpoint (train.checkpoint_every={every}: {when}); nothing "
+                f"is kept to continue from: flowpo train --resume {out} starts this run afresh in the same folder")
+    return (f"flowpo: {how}; continue with: flowpo train --resume {out} (from its last checkpoint, {last.name}; "
+            "later iterations are redone)")
 
 
 def explain(e: Exception) -> tuple[int, str]:
-    """(exit code, one line) for an exception: 2 for bad input, 1 for a runtime failure."""
-    import errno
+    """(exit code, one line) for an exception: 2 for bad input, 1 for a runtime failure; the line
+    is cut in the middle past flowpo.errors.LINE_LIMIT characters."""
+    from flowpo.errors import LINE_LIMIT, abbrev
 
+    code, line = _explain(e)
+    return code, abbrev(line, LINE_LIMIT)
+
+
+def _explain(e: Exception) -> tuple[int, str]:
     from flowpo.config import ConfigError
 
-    if isinstance(e, (ConfigError, UsageError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                      IsADirectoryError)):
+    from flowpo.training.runlock import RunBusy
+
+    if isinstance(e, (ConfigError, UsageError, RunBusy)):
         return 2, str(e)
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        if e.filename is None:
+            return 2, str(e)
+        what = {FileNotFoundError: "does not exist", FileExistsError: "already exists",
+                NotADirectoryError: "is not a folder (a file is in the way)",
+                IsADirectoryError: "is a folder where a file was expected"}[type(e)]
+        return 2, f"{e.filename} {what}; check the path you gave"
     if isinstance(e, PermissionError):
         return 2, f"permission denied: {e.filename or e}; choose a path you can write (--out) or read"
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return 1, (f"no space left on the device while writing {e.filename or 'the run folder'}; free space and "
-                   "continue with flowpo train --resume (earlier checkpoints are intact)")
+    if _disk_full(e):
+        where = getattr(e, "filename", None) or "the run folder"
+        return 1, (f"no space left on the device while writing {where}; free space and run the command again "
+                   "(a training run: flowpo train --resume <its folder>; its earlier checkpoints are intact)")
     if isinstance(e, OSError):
         return 1, f"{type(e).__name__}: {e}"
     from flowpo.rewards import RewardError
@@ -390,6 +499,17 @@ def explain(e: Exception) -> tuple[int, str]:
     if isinstance(e, (RewardError, FloatingPointError, DistributedError)):
         return 1, str(e)  # runtime failures whose messages name the fix
     return 1, f"{type(e).__name__}: {e} (an unexpected failure: set FLOWPO_DEBUG=1 for the traceback and report it)"
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, also when a library reports it in its own exception (safetensors' SafetensorError)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" and ("code: 28" in text or "StorageFull" in text
+                                                       or "No space left" in text)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,74 @@ from flowpo.config_schema import (  # noqa: F401 - re-exported: flowpo.config.Co
     ReplayConfig, RewardConfig, SampleConfig, SolverConfig, TrainConfig,
 )
 from flowpo.errors import ConfigError  # noqa: F401 - re-exported: flowpo.config.ConfigError
+from flowpo.errors import show
+
+INT_LIMIT = 2 ** 63
+"""Integer keys hold values in (-2**63, 2**63): what torch, numpy and the seed streams take."""
+
+YAML_EXPANSION_LIMIT = 100_000
+"""YAML aliases (*name) may repeat an anchored value, but the document they expand to stays under
+this many characters (scalars' lengths plus one per node): a few-hundred-byte "billion laughs"
+document is refused before anything is built from it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader whose documents are checked for alias expansion before construction."""
+
+
+def _expanded_size(node, limit: int, what: str) -> int:
+    """Characters `node` expands to with every alias written out (stops counting past `limit`);
+    raises ConfigError on a recursive alias."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{what}: a YAML alias refers to the value that contains it (a recursive alias); "
+                              "write the value out instead")
+        active.add(key)
+        if isinstance(n, yaml.ScalarNode):
+            total = 1 + len(n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1
+            for c in n.value:
+                total = min(limit + 1, total + size(c))
+        else:
+            total = 1
+            for k, v in n.value:
+                total = min(limit + 1, total + size(k) + size(v))
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def safe_yaml(text: str, what: str):
+    """yaml.safe_load of `text` (`what` names it in messages), refusing aliases that would expand the
+    document past YAML_EXPANSION_LIMIT characters. YAML syntax errors propagate as yaml.YAMLError."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        has_alias = "*" in text
+        if has_alias and _expanded_size(node, YAML_EXPANSION_LIMIT, what) > YAML_EXPANSION_LIMIT:
+            raise ConfigError(f"{what}: its YAML aliases (*name) expand to more than {YAML_EXPANSION_LIMIT:,} "
+                              "characters; write the values out instead of repeating anchors")
+        try:
+            return loader.construct_document(node)
+        except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{what}: a value cannot be read ({show(str(e), 120)}); write a shorter one") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: the YAML is nested too deep; flatten it") from None
+    finally:
+        loader.dispose()
 
 CHOICES: dict[str, str] = {
     "model.kind": "flowpo.policy.registry:POLICY_KINDS",
@@ -63,67 +131,92 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_s = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}{hint_s}")
+            raise ConfigError(f"{key}={show(value)} is not allowed; choose one of {list(args)}{hint_s}")
         return value
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+        raise ConfigError(f"{key}={show(value)} is not a boolean; use true or false")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{key}={value!r} is not an integer")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r} is not an integer") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}={value!r} is not an integer")
-        return int(f)
+        return _as_int(key, value)
     if hint is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not a number")
+            raise ConfigError(f"{key}={show(value)} is not a number")
         try:
             f = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number") from None
+            raise ConfigError(f"{key}={show(value)} is not a number") from None
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}={show(value)} is out of range; give a finite number") from None
         if not math.isfinite(f):
-            raise ConfigError(f"{key}={value!r} is not a finite number")
+            raise ConfigError(f"{key}={show(value)} is not a finite number")
         return f
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} is not a string")
+            raise ConfigError(f"{key}={show(value)} is not a string")
         return value
     if hint is typing.Any:
         return value
     if origin is dict:
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip() else {}
+                value = safe_yaml(value, key) if value.strip() else {}
             except yaml.YAMLError:
                 value = None
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} is not a mapping; write it as {key}.<key>=value or a YAML mapping")
+            raise ConfigError(f"{key}={show(value)} is not a mapping; write it as {key}.<key>=value or a YAML mapping")
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+                value = safe_yaml(value, key) if value.strip().startswith("[") else [v for v in value.split(",") if v]
             except yaml.YAMLError:
-                raise ConfigError(f"{key}={value!r} is not a list; write it as [a, b] or a,b") from None
+                raise ConfigError(f"{key}={show(value)} is not a list; write it as [a, b] or a,b") from None
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} is not a list")
+            raise ConfigError(f"{key}={show(value)} is not a list")
         if origin is tuple:
             if len(value) != len(args):
-                raise ConfigError(f"{key}={value!r} needs {len(args)} values")
+                raise ConfigError(f"{key}={show(value)} needs {len(args)} values")
             return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover
+
+
+def _as_int(key: str, value: Any) -> int:
+    """An integer kept exact (12345678901234567 stays itself: never through a float), from an int,
+    an integral float (5.0, 1e3) or a string of either; within ±2**63."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        raise ConfigError(f"{key}={show(value)} is not an integer")
+    v: int | None = None
+    if isinstance(value, int):
+        v = value
+    else:
+        text = value.strip() if isinstance(value, str) else None
+        if text is not None:
+            try:
+                v = int(text, 0) if text[:2].lower() in ("0x", "0o", "0b") else int(text)
+            except ValueError:
+                v = None
+        if v is None:
+            try:
+                f = float(value)
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"{key}={show(value)} is not an integer") from None
+            if not math.isfinite(f) or f != int(f):
+                raise ConfigError(f"{key}={show(value)} is not an integer")
+            if abs(f) >= 2 ** 53:  # a float this large is no longer exact: refuse rather than round
+                raise ConfigError(f"{key}={show(value)} is out of range for an integer written as a float; "
+                                  "write it out in digits (below 2**63)")
+            v = int(f)
+    if not -INT_LIMIT < v < INT_LIMIT:
+        raise ConfigError(f"{key}={show(value)} is out of range; integers here lie within ±(2**63 - 1)")
+    return v
 
 
 _REMOVED = {"replay.enabled": "replay.enabled was removed: replay is on when replay.k > 0 (set replay.k=1 "
@@ -134,10 +227,10 @@ def _unknown_key(prefix: str, name: str, allowed: list[str]) -> ConfigError:
     if f"{prefix}{name}" in _REMOVED:
         return ConfigError(_REMOVED[f"{prefix}{name}"])
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
-    full = f"{prefix}{name}"
+    full = show(f"{prefix}{name}")[1:-1]
     if close:
-        return ConfigError(f"unknown config key {full!r}; did you mean {prefix + close[0]!r}?")
-    return ConfigError(f"unknown config key {full!r}; allowed under {prefix or 'the top level'}: {sorted(allowed)}")
+        return ConfigError(f"unknown config key '{full}'; did you mean {prefix + close[0]!r}?")
+    return ConfigError(f"unknown config key '{full}'; allowed under {prefix or 'the top level'}: {sorted(allowed)}")
 
 
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
@@ -149,7 +242,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
-                raise ConfigError(f"{prefix}{k} must be a mapping of its fields, got {v!r}")
+                raise ConfigError(f"{prefix}{k} must be a mapping of its fields, got {show(v)}")
             _apply(cur, v, f"{prefix}{k}.")
         else:
             key = f"{prefix}{k}"
@@ -161,7 +254,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
                 allowed = choices(key)
                 close = difflib.get_close_matches(str(val), allowed, n=1)
                 hint_s = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"{key}={val!r} is not allowed; choose one of {allowed}{hint_s}")
+                raise ConfigError(f"{key}={show(val)} is not allowed; choose one of {allowed}{hint_s}")
             setattr(obj, k, val)
 
 
@@ -180,7 +273,7 @@ def set_key(cfg: Config, dotted: str, value: Any) -> None:
         d = d[p]
     if isinstance(value, str) and value != "":
         try:
-            value = yaml.safe_load(value)  # "5" → 5, "[a, b]" → list, "null" → None
+            value = safe_yaml(value, dotted)  # "5" → 5, "[a, b]" → list, "null" → None
         except yaml.YAMLError:
             pass  # keep the raw string; type checking below names the key if it is wrong
     d[parts[-1]] = value
@@ -212,6 +305,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+CONFIG_FILE_LIMIT = 16 << 20
+"""Largest config file read (a run's config.yaml with a long σ grid is a few KB)."""
+
+
 def load(config_file: str | None = None, preset: str | None = None,
          overrides: list[str] | None = None, *, keep_resolved: bool = False) -> Config:
     """Defaults ← preset ← YAML file ← `key=value` overrides, then validate.
@@ -225,21 +322,25 @@ def load(config_file: str | None = None, preset: str | None = None,
     if config_file:
         path = Path(config_file)
         if not path.exists():
-            raise ConfigError(f"config file {config_file!r} does not exist; pass an existing YAML file "
+            raise ConfigError(f"config file {show(config_file)} does not exist; pass an existing YAML file "
                               "(see configs/)")
         if not path.is_file():
-            raise ConfigError(f"config file {config_file!r} is a directory; pass a YAML file (see configs/)")
+            kind = "a directory" if path.is_dir() else "not a regular file"
+            raise ConfigError(f"config file {show(config_file)} is {kind}; pass a YAML file (see configs/)")
+        if path.stat().st_size > CONFIG_FILE_LIMIT:
+            raise ConfigError(f"config file {show(config_file)} has {path.stat().st_size:,} bytes; a config is a few "
+                              f"KB (at most {CONFIG_FILE_LIMIT:,}): pass a YAML config file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = safe_yaml(path.read_text(encoding="utf-8-sig"), f"config file {show(config_file)}") or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {config_file!r} is not valid YAML{where}: "
+            raise ConfigError(f"config file {show(config_file)} is not valid YAML{where}: "
                               f"{getattr(e, 'problem', None) or e}; fix the file") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"config file {config_file!r} is not UTF-8 text; pass a YAML file") from None
+            raise ConfigError(f"config file {show(config_file)} is not UTF-8 text; pass a YAML file") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {config_file!r} must hold a YAML mapping of sections")
+            raise ConfigError(f"config file {show(config_file)} must hold a YAML mapping of sections")
     preset = preset or data.pop("preset", None)
     data.pop("preset", None)
     if preset:
@@ -252,7 +353,7 @@ def load(config_file: str | None = None, preset: str | None = None,
         cfg.resolved = []
     for ov in overrides or []:
         if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key.path=value, e.g. train.iterations=5")
+            raise ConfigError(f"override {show(ov)} must look like key.path=value, e.g. train.iterations=5")
         k, v = ov.split("=", 1)
         set_key(cfg, k.strip(), v)
     return validate(cfg)
@@ -271,7 +372,7 @@ def apply_preset(cfg: Config, name: str) -> Config:
     if name not in PRESETS:
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; available: {sorted(PRESETS)} (flowpo presets)")
+        raise ConfigError(f"unknown preset {show(name)}{hint}; available: {sorted(PRESETS)} (flowpo presets)")
     for k, v in PRESETS[name].overrides.items():
         set_key(cfg, k, v)
     cfg.preset = name

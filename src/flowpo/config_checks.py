@@ -4,7 +4,13 @@ Each failure is one ConfigError line: the key, the bad value, and what is allowe
 """
 from __future__ import annotations
 
-from flowpo.errors import ConfigError
+from flowpo.errors import ConfigError, show
+
+SEED_MAX = 2 ** 63 - 1
+"""Seeds are integers from 0 to 2**63 - 1 (torch.manual_seed's range, kept exact)."""
+
+THREADS_MAX = 1024
+"""train.threads' ceiling (torch's OpenMP pool would otherwise try to start that many threads)."""
 
 
 def _check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
@@ -16,18 +22,23 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
         lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
         hi_s = "" if hi is None else f"<= {hi}"
         allowed = " and ".join(s for s in (lo_s, hi_s) if s)
-        raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+        raise ConfigError(f"{key}={show(value)} is out of range; allowed: {allowed}")
 
 
 def _exclusive(key_a: str, a, key_b: str, b) -> None:
     if a is not None and b is not None:
-        raise ConfigError(f"{key_a}={a!r} and {key_b}={b!r} are both set; they are alternatives: set the one "
+        raise ConfigError(f"{key_a}={show(a)} and {key_b}={show(b)} are both set; they are alternatives: set the one "
                           f"you want and the other to null (e.g. {key_a}=null)")
 
 
 def check(cfg) -> None:
     """Range and cross-field checks of a whole config; raises ConfigError naming the key."""
-    s, p, t = cfg.sample, cfg.plan, cfg.train
+    s, p, t, m = cfg.sample, cfg.plan, cfg.train, cfg.model
+    _check_range("model.lora_rank", m.lora_rank, 1)
+    _check_range("model.lora_alpha", m.lora_alpha, 0, lo_open=True)
+    _check_range("model.resolution", m.resolution, 1)
+    _check_range("model.max_sequence_length", m.max_sequence_length, 1)
+    _check_range("model.num_frames", m.num_frames, 1)
     _check_range("sample.steps", s.steps, 2)
     _check_range("sample.shift", s.shift, 0, lo_open=True)
     _check_range("sample.guidance", s.guidance, 0)
@@ -39,7 +50,7 @@ def check(cfg) -> None:
 
     bad = [k for k in cfg.resolved if k not in RESOLVED_KEYS]
     if bad:
-        raise ConfigError(f"resolved={cfg.resolved!r}: {bad} cannot be run-resolved; allowed: {list(RESOLVED_KEYS)}")
+        raise ConfigError(f"resolved={show(cfg.resolved)}: {show(bad)} cannot be run-resolved; allowed: {list(RESOLVED_KEYS)}")
     if s.sigmas is not None:
         from flowpo.schedule import check_grid
 
@@ -49,6 +60,8 @@ def check(cfg) -> None:
             raise ConfigError(str(e)) from None
     _check_range("plan.train_fraction", p.train_fraction, 0, 1, lo_open=True)
     _check_range("plan.subset_fraction", p.subset_fraction, 0, 1, lo_open=True)
+    _check_range("plan.window_size", p.window_size, 1)
+    _check_range("plan.window_min", p.window_min, 1)
     if p.kind in ("sliding_window", "random_window"):  # the plans with a window (others ignore its size)
         _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
         _check_range("plan.window_min", p.window_min, 1, p.window_size)
@@ -64,14 +77,14 @@ def check(cfg) -> None:
         raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")
     if len(cfg.reward.weights) != len(cfg.reward.names):
         raise ConfigError(
-            f"reward.weights={cfg.reward.weights!r} has {len(cfg.reward.weights)} values for "
-            f"{len(cfg.reward.names)} rewards {cfg.reward.names!r}; give one weight per reward")
+            f"reward.weights={show(cfg.reward.weights)} has {len(cfg.reward.weights)} values for "
+            f"{len(cfg.reward.names)} rewards {show(cfg.reward.names)}; give one weight per reward")
     for name, opts in cfg.reward.options.items():
         if name not in cfg.reward.names:
-            raise ConfigError(f"reward.options.{name} is set but {name!r} is not in reward.names="
-                              f"{cfg.reward.names!r}; add it there or drop its options")
+            raise ConfigError(f"reward.options.{show(name)[1:-1]} is set but {show(name)} is not in reward.names="
+                              f"{show(cfg.reward.names)}; add it there or drop its options")
         if not isinstance(opts, dict):
-            raise ConfigError(f"reward.options.{name}={opts!r} is not a mapping; set reward.options.{name}.<key>=value")
+            raise ConfigError(f"reward.options.{name}={show(opts)} is not a mapping; set reward.options.{name}.<key>=value")
     _check_range("advantage.eps", cfg.advantage.eps, 0, lo_open=True)
     _check_range("advantage.clip", cfg.advantage.clip, 0, lo_open=True)
     _check_range("advantage.substeps", cfg.advantage.substeps, 1)
@@ -79,7 +92,9 @@ def check(cfg) -> None:
     _check_range("replay.k", r.k, 0, s.group_size - 1)
     _check_range("replay.capacity_per_prompt", r.capacity_per_prompt, 1)
     _check_range("replay.max_age", r.max_age, 1)
+    _check_range("replay.decay", r.decay, 0)
     _check_range("replay.is_cap", r.is_cap, 1)
+    _check_range("replay.is_sum_clip", r.is_sum_clip, 1)
     _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
     _check_range("replay.truncate_fraction", r.truncate_fraction, 0, 1)
     _exclusive("replay.truncate_sigma", r.truncate_sigma, "replay.truncate_fraction", r.truncate_fraction)
@@ -97,7 +112,16 @@ def check(cfg) -> None:
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)
+    _check_range("train.seed", t.seed, 0, SEED_MAX)
     _check_range("train.lr", t.lr, 0, lo_open=True)
+    _check_range("train.lr_final", t.lr_final, 0)
+    _check_range("train.adam_eps", t.adam_eps, 0)
+    _check_range("train.weight_decay", t.weight_decay, 0)
+    for i, beta in enumerate(t.betas):  # AdamW's own bounds, named here instead of in torch's words
+        if not 0 <= beta < 1:
+            raise ConfigError(f"train.betas[{i}]={show(beta)} is out of range; allowed: >= 0 and < 1 "
+                              "(e.g. train.betas=[0.9,0.999])")
+    _check_range("train.threads", t.threads, 0, THREADS_MAX)
     _check_range("train.lr_horizon", t.lr_horizon, 1)
     _check_range("train.minibatches", t.minibatches, 1, s.prompts_per_iteration * s.group_size)
     _check_range("train.inner_epochs", t.inner_epochs, 1)
@@ -107,9 +131,10 @@ def check(cfg) -> None:
     _check_range("train.keep_checkpoints", t.keep_checkpoints, 1)
     _check_range("eval.every", cfg.eval.every, 0)
     _check_range("eval.steps", cfg.eval.steps, 1)
+    _check_range("eval.guidance", cfg.eval.guidance, 0)
+    _check_range("eval.seed", cfg.eval.seed, 0, SEED_MAX)
     _check_range("eval.prompts", cfg.eval.prompts, 1)
     _check_range("eval.samples_per_prompt", cfg.eval.samples_per_prompt, 1)
-    _check_range("model.lora_rank", cfg.model.lora_rank, 1)
     if cfg.model.kind != "embedded" and not cfg.model.path:
         raise ConfigError(f"model.path is required for model.kind={cfg.model.kind!r}; "
                           "set model.path=/path/to/a/local/diffusers/folder")

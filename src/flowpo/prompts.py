@@ -53,7 +53,7 @@ def read_prompt_file(path: str, key: str) -> PromptSet:
     if not f.is_file():
         raise ConfigError(f"{key}={path!r} is a directory, not a file; give {fmt}")
     try:
-        text = f.read_text(encoding="utf-8")
+        text = f.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of a prompt
     except UnicodeDecodeError:
         raise ConfigError(f"{key}={path!r} is not UTF-8 text; give {fmt}") from None
     if f.suffix.lower() == ".jsonl":

@@ -240,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--seeds {','.join(args.seeds)}: give integers, e.g. --seeds 0,1,2")
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: give at least 1")
+    if args.iterations is not None and args.iterations < 0:
+        ap.error(f"--iterations {args.iterations}: give 0 or more")
+    if seeds is not None and any(not 0 <= s < 2 ** 63 for s in seeds):
+        ap.error(f"--seeds {','.join(args.seeds)}: give seeds from 0 to 2**63 - 1")
+    if not args.out.strip() or (out.exists() and not out.is_dir()):
+        ap.error(f"--out {args.out!r}: give a folder path (not empty, not an existing file)")
 
     if args.report_only:
         jobs = [j for j in discover(out) if (args.tasks is None or j.task in args.tasks)

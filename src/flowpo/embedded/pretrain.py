@@ -258,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=PretrainConfig.threads, help="torch CPU threads")
     ap.add_argument("--grid", default=None, help="also write a PNG sample grid (CFG 1 | CFG 4.5) here")
     a = ap.parse_args(argv)
+    for flag, value, lo, hi in (("--seed", a.seed, 0, 2 ** 32 - 1), ("--flow-steps", a.flow_steps, 1, 10 ** 7),
+                                ("--clf-steps", a.clf_steps, 1, 10 ** 7), ("--threads", a.threads, 1, 1024)):
+        if not lo <= value <= hi:
+            ap.error(f"{flag} {value} is out of range; give {lo} to {hi}")
+    if not a.out.strip() or (Path(a.out).exists() and not Path(a.out).is_dir()):
+        ap.error(f"--out {a.out!r}: give a folder path (not empty, not an existing file)")
+    if a.grid is not None and (not a.grid.strip() or Path(a.grid).is_dir()):
+        ap.error(f"--grid {a.grid!r}: give a PNG file path")
     metrics = pretrain(a.out, seed=a.seed, flow_steps=a.flow_steps, clf_steps=a.clf_steps, threads=a.threads)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {a.out}; train on them with model.path={Path(a.out) / 'flow.safetensors'}")

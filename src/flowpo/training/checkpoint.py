@@ -17,19 +17,28 @@ A save writes everything into `iter_XXXXXX.tmp`, fsyncs, then renames it into pl
 a save leaves the previous checkpoint intact and the partial one ignored (and removed next time).
 `latest_intact` verifies the manifest (and that every file parses) and falls back to the newest
 intact checkpoint, naming each one it skipped and why: a truncated, garbage or bit-flipped file
-never loads silently. A damaged checkpoint that a resumed run saves over is kept aside as
+never loads silently. `load_latest` goes one step further for the readers and resume: a checkpoint
+whose bytes match its manifest but whose tensors do not load (a malformed file, non-finite weights,
+a shape the caller rejects) is skipped the same way. Only regular files inside the run folder are
+opened (a FIFO, a device or a symlink out of the folder is damage, never read), and state.json's
+fields are range-checked. A damaged checkpoint that a resumed run saves over is kept aside as
 `iter_XXXXXX.damaged` (never loaded, never rotated away).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from flowpo.errors import CheckpointError
 
 PREFIX = "iter_"
 
@@ -73,7 +82,7 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
     tmp.mkdir()
     for fname, tdict in tensors.items():
         if tdict:
-            save_file({k: v.detach().contiguous() for k, v in tdict.items()}, str(tmp / f"{fname}.safetensors"))
+            _write({k: v.detach().contiguous() for k, v in tdict.items()}, tmp / f"{fname}.safetensors")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     manifest = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -82,6 +91,20 @@ def save(root: str | Path, iteration: int, *, tensors: dict[str, dict[str, torch
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     return _publish(ckdir, tmp, final, iteration, keep)
+
+
+def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """save_file, with a full disk raised as OSError(ENOSPC) naming the file (safetensors reports
+    it as a SafetensorError of its own)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type for I/O failures
+        text = str(e)
+        if "code: 28" in text or "StorageFull" in text or "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise
 
 
 def _publish(ckdir: Path, tmp: Path, final: Path, iteration: int, keep: int) -> Path:
@@ -107,41 +130,158 @@ def _publish(ckdir: Path, tmp: Path, final: Path, iteration: int, keep: int) -> 
 MANIFEST = "manifest.json"
 
 
+def _open_regular(path: Path):
+    """A binary reader of `path`, only if it is a regular file (a FIFO is opened non-blocking and
+    refused, so it can never hang a reader)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _read_json(path: Path, what: str):
+    try:
+        with _open_regular(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{what} is not UTF-8 text") from None
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{what} is not valid JSON ({str(e)[:80]})") from None
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(path: Path, root: Path) -> str | None:
+    """Why `path` may not be read as a checkpoint file (None: a regular file inside `root`, the run
+    folder, possibly through a symlink that stays inside it)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = path.resolve()
+            if not target.is_relative_to(root.resolve()):
+                return f"{path.name} is a symlink out of the run folder (to {str(target)[:120]})"
+            st = os.stat(target)
+    except (OSError, RuntimeError) as e:  # a dangling or looping link
+        return f"{path.name} cannot be read ({type(e).__name__})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        return f"{path.name} is {kind}, not a regular file"
+    return None
+
+
+_STATE_COUNTS = ("iteration", "nfe")
+
+
+def check_state(state, name: str | None = None) -> str | None:
+    """Why a checkpoint's state.json is out of range (None: fine). `iteration` is required (and
+    must match the folder name `name` when given); the other fields the trainer writes are checked
+    when present: iteration and nfe are non-negative integers, seed a 64-bit one, wall_s a finite number ≥ 0, torch_rng the CPU
+    generator's state (bytes), optimizer and plan mappings."""
+    if not isinstance(state, dict):
+        return "state.json is not a JSON mapping"
+    if "iteration" not in state:
+        return "state.json has no iteration"
+    for key in _STATE_COUNTS:
+        if key in state:
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
+                return f"state.json {key}={str(v)[:40]} is out of range (a count from 0 to 2**63 - 1)"
+    seed = state.get("seed", 0)  # (runs from before seeds were range-checked may hold a negative one)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 < seed < 2 ** 63:
+        return f"state.json seed={str(seed)[:40]} is not a 64-bit integer"
+    if name is not None and name.startswith(PREFIX) and name[len(PREFIX):].isdigit() \
+            and int(name[len(PREFIX):]) != state["iteration"]:
+        return f"state.json iteration={state['iteration']} does not match the folder {name}"
+    if "wall_s" in state:
+        w = state["wall_s"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            return f"state.json wall_s={str(w)[:40]} is out of range (seconds >= 0)"
+    if "torch_rng" in state:
+        rng = state["torch_rng"]
+        if not isinstance(rng, list) or len(rng) != _rng_size() or \
+                not all(type(b) is int and 0 <= b <= 255 for b in rng):
+            return "state.json torch_rng is not a CPU generator state (a list of bytes of the right length)"
+    for key in ("optimizer", "plan"):
+        if key in state and not isinstance(state[key], dict):
+            return f"state.json {key} is not a JSON mapping"
+    if isinstance(state.get("optimizer"), dict) and not isinstance(state["optimizer"].get("param_groups"), list):
+        return "state.json optimizer has no param_groups list"
+    return None
+
+
+def _rng_size() -> int:
+    return int(torch.get_rng_state().numel())
 
 
 def verify(path: str | Path) -> str | None:
     """None if the checkpoint folder is intact, else why not (one short phrase). Checks the manifest's
     sizes and sha256 sums; a folder without a manifest (written before manifests existed) is
     checked by parsing state.json and every safetensors file instead."""
-    path = Path(path)
+    try:
+        return _verify(Path(path))
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:  # e.g. removed while being read (a writer's rotation)
+        return f"it cannot be read ({type(e).__name__}: {str(e)[:120]})"
+
+
+def _verify(path: Path) -> str | None:
+    root = path.parent.parent  # the run folder
+    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+        return "the folder is a symlink out of the run folder"
     mf = path / MANIFEST
-    if mf.exists():
+    names = ["state.json", *sorted(p.name for p in path.glob("*.safetensors"))]
+    if os.path.lexists(mf):
+        why = _not_regular(mf, root)
+        if why:
+            return why
         try:
-            manifest = json.loads(mf.read_text())
-        except (OSError, ValueError) as e:
+            manifest = _read_json(mf, MANIFEST)
+        except CheckpointError as e:
             return f"{MANIFEST} is unreadable ({e})"
         if not isinstance(manifest, dict) or "state.json" not in manifest or \
                 not all(isinstance(r, dict) and {"sha256", "bytes"} <= set(r) for r in manifest.values()):
             return f"{MANIFEST} does not describe this checkpoint"
-        for name, rec in manifest.items():
+        for name in sorted(set(manifest) | set(names)):
             f = path / name
-            if not f.exists():
+            if not os.path.lexists(f):
                 return f"{name} is missing"
+            why = _not_regular(f, root)
+            if why:
+                return why
+            if name not in manifest:
+                return f"{name} is not in the manifest"
+            rec = manifest[name]
             if f.stat().st_size != rec["bytes"]:
                 return f"{name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated?)"
             if _sha256(f) != rec["sha256"]:
                 return f"{name} does not match its sha256 in the manifest (corrupted)"
-        return None  # the bytes are those written: no need to parse them twice (load will)
+        return check_state(_read_json(path / "state.json", "state.json"), path.name)
+    for name in names:
+        if not os.path.lexists(path / name):
+            return f"{name} is missing"
+        why = _not_regular(path / name, root)
+        if why:
+            return why
+    why = check_state(_read_json(path / "state.json", "state.json"), path.name)
+    if why:
+        return why
     try:
-        json.loads((path / "state.json").read_text())
-        for f in path.glob("*.safetensors"):
-            load_file(str(f))
+        for name in names[1:]:
+            load_file(str(path / name))
     except Exception as e:  # noqa: BLE001 - any parse failure means: not loadable
         return f"it does not parse ({type(e).__name__}: {str(e)[:120]})"
     return None
@@ -153,13 +293,48 @@ def latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[str, str]]]
     skipped: list[tuple[str, str]] = []
     if not ckdir.exists():
         return None, skipped
-    done = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name)
-    for p in reversed(done):
-        why = verify(p) if (p / "state.json").exists() else "state.json is missing"
+    for p in reversed(_finished(ckdir)):
+        why = verify(p) if os.path.lexists(p / "state.json") else "state.json is missing"
         if why is None:
             return p, skipped
         skipped.append((p.name, why))
     return None, skipped
+
+
+def _finished(ckdir: Path) -> list[Path]:
+    """The finished checkpoint folders (iter_XXXXXX; never a writer's .tmp or a .damaged one), oldest first."""
+    try:
+        entries = list(ckdir.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and p.is_dir())
+
+
+FINITE_GROUPS = ("trainable", "ema", "optimizer", "objective")
+"""Tensor groups whose values must be finite (weights and their optimizer state); the replay
+buffer may hold NaN (a scorer's missing detail fields)."""
+
+
+def load_latest(root: str | Path, accept=None) -> tuple[Path | None, tuple | None, list[tuple[str, str]]]:
+    """The newest checkpoint that verifies and loads: (path, (tensors, state), skipped), skipped
+    [(folder name, reason)] for each newer one passed over. `accept(tensors, state)` may raise
+    CheckpointError (e.g. a tensor shape the model does not have) to pass over one more."""
+    ckdir = Path(root) / "checkpoints"
+    skipped: list[tuple[str, str]] = []
+    for p in reversed(_finished(ckdir)):
+        why = verify(p) if os.path.lexists(p / "state.json") else "state.json is missing"
+        if why is None:
+            try:
+                loaded = load(p)
+                if accept is not None:
+                    accept(*loaded)
+                return p, loaded, skipped
+            except CheckpointError as e:
+                why = str(e)
+            except OSError as e:  # removed while being read (a writer's rotation)
+                why = f"it cannot be read ({type(e).__name__}: {str(e)[:120]})"
+        skipped.append((p.name, why))
+    return None, None, skipped
 
 
 def set_aside(path: str | Path) -> Path:
@@ -174,20 +349,36 @@ def set_aside(path: str | Path) -> Path:
 
 def latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint folder, or None. Partial (.tmp) folders are ignored."""
-    ckdir = Path(root) / "checkpoints"
-    if not ckdir.exists():
-        return None
-    done = sorted(p for p in ckdir.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name and (p / "state.json").exists())
+    done = [p for p in _finished(Path(root) / "checkpoints") if (p / "state.json").exists()]
     return done[-1] if done else None
 
 
 def load(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Every tensor of a checkpoint, full (sharded ones consolidated), and its state.json."""
+    """Every tensor of a checkpoint, full (sharded ones consolidated), and its state.json. Raises
+    CheckpointError naming the file when one does not parse, holds non-finite weights, or
+    state.json is out of range."""
     path = Path(path)
-    r = Reader(path)
-    tensors = {g: {k: r.full(g, k) for k in r.keys(g)} for g in r.groups()}
-    state = json.loads((path / "state.json").read_text())
+    state = _read_json(path / "state.json", "state.json")
+    why = check_state(state, path.name)
+    if why:
+        raise CheckpointError(why)
+    try:
+        r = Reader(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' parse errors have a type of their own
+        raise CheckpointError(f"a tensor file does not parse ({type(e).__name__}: {str(e)[:120]})") from None
+    tensors: dict = {}
+    for g in r.groups():
+        try:
+            tensors[g] = {k: r.full(g, k) for k in r.keys(g)}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{r.files(g)} does not load ({type(e).__name__}: {str(e)[:120]})") from None
+        if g in FINITE_GROUPS:
+            for k, t in tensors[g].items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise CheckpointError(f"{r.files(g)} holds non-finite values (NaN/inf) in {k[:60]}; such "
+                                          "weights are never loaded")
     return tensors, state
 
 
@@ -214,7 +405,11 @@ class Reader:
         self.path = Path(path)
         self._whole: dict[str, Path] = {}
         self._parts: dict[str, list[tuple[Path, dict]]] = {}   # group -> [(file, {key: [start, stop, *shape]})]
+        root = self.path.parent.parent
         for f in sorted(self.path.glob("*.safetensors")):
+            why = _not_regular(f, root)
+            if why:
+                raise CheckpointError(why)
             group, _, rest = f.name[: -len(".safetensors")].partition(".rank")
             if not rest:
                 self._whole[group] = f
@@ -222,6 +417,12 @@ class Reader:
             with safe_open(str(f), "pt") as h:
                 meta = json.loads((h.metadata() or {}).get(SHARD_META, "{}"))
             self._parts.setdefault(group, []).append((f, meta))
+
+    def files(self, group: str) -> str:
+        """The file name(s) holding `group` (for messages)."""
+        names = [f.name for f in ([self._whole[group]] if group in self._whole else [])]
+        names += [f.name for f, _ in self._parts.get(group, [])]
+        return ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
 
     def groups(self) -> list[str]:
         return sorted(set(self._whole) | set(self._parts))
@@ -317,11 +518,11 @@ def save_sharded(root: str | Path, iteration: int, *, tensors: dict[str, dict[st
                 plain[k] = v.detach().cpu().contiguous()
         if local:
             f = tmp / _sharded_name(group, rank, world)
-            save_file(local, str(f), metadata={SHARD_META: json.dumps(meta)})
+            _write(local, f, metadata={SHARD_META: json.dumps(meta)})
             mine.append(f)
         if plain and rank == 0:
             f = tmp / f"{group}.safetensors"
-            save_file(plain, str(f))
+            _write(plain, f)
             mine.append(f)
     for f in mine:
         os.chmod(f, 0o644)

@@ -7,8 +7,15 @@ import torch
 
 
 def build_optimizer(params: list[torch.nn.Parameter], t) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with train.lr, betas, adam_eps and weight_decay."""
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    """AdamW over the trainable parameters with train.lr, betas, adam_eps and weight_decay (a value
+    torch refuses is raised as a ConfigError naming the train.* keys, not in torch's words)."""
+    try:
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    except ValueError as e:
+        from flowpo.errors import ConfigError
+
+        raise ConfigError(f"the optimizer refuses train.lr={t.lr}, train.betas={list(t.betas)}, train.adam_eps="
+                          f"{t.adam_eps}, train.weight_decay={t.weight_decay} ({e}); fix the key it names") from None
 
 
 def lr_at(t, it: int) -> float:

@@ -58,13 +58,14 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def grid(self, images: torch.Tensor, name: str, nrow: int, labels: list[str] | None = None) -> Path | None:
+    def grid(self, images: torch.Tensor, name: str, nrow: int, labels: list[str] | None = None,
+             rewards: list[float] | None = None) -> Path | None:
         """Save images [N, C, H, W] in [0, 1] as one PNG grid (upsampled ×4 when small), each
-        tile captioned with its label (its prompt)."""
+        tile captioned with its label (its prompt) and, when given, its reward."""
         if not self.enabled:
             return None
         path = self.out / "samples" / f"{name}.png"
-        save_grid(images, path, nrow, labels=labels)
+        save_grid(images, path, nrow, labels=labels, rewards=rewards)
         return path
 
     def eval_records(self, step: int, records: list[dict]) -> Path | None:
@@ -87,9 +88,11 @@ class RunLog:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1,
-              labels: list[str] | None = None) -> None:
+              labels: list[str] | None = None, rewards: list[float] | None = None) -> None:
     """Images [N, C, H, W] in [0, 1] as one PNG grid, `nrow` per row (tiles under 64 px upsampled);
-    `labels`: one caption per tile under it (its prompt; the end kept when it does not fit)."""
+    `labels`: one caption per tile under it (its prompt, word-wrapped over up to CAPTION_LINES
+    lines, cut from the right past them, so a prompt's start and, for the embedded prompts, the
+    asked digit stay visible); `rewards`: each tile's reward, shown under its caption."""
     from PIL import Image
 
     x = images.detach().float().clamp(0, 1).cpu()
@@ -103,28 +106,72 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1,
     arr = (canvas * 255).round().byte().permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if c == 1 else arr)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if labels:
-        img = _captioned(img.convert("RGB"), labels, nrow, (h + pad) * scale, (w + pad) * scale, pad * scale)
+    if labels or rewards:
+        n_cap = len(labels or rewards or [])
+        labels = list(labels or [""] * n_cap)
+        img = _captioned(img.convert("RGB"), labels, nrow, (h + pad) * scale, (w + pad) * scale, pad * scale,
+                         rewards)
     img.save(path)
 
 
-def _captioned(img, labels: list[str], nrow: int, th: int, tw: int, pad: int):
-    """A caption strip under each row of tiles of `img` (tile pitch th × tw), one label per tile."""
+CAPTION_LINES = 4
+"""Most lines of a tile's caption (the embedded held-out prompts need up to 4 at 64 px)."""
+
+
+def _wrap(text: str, width: float, measure, lines: int) -> list[str]:
+    """`text` word-wrapped to `width` pixels (`measure(s)`: the width of s), at most `lines` lines;
+    what does not fit is cut from the right and marked with "…"."""
+    out: list[str] = []
+    words = text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while measure(line) > width and len(line) > 1:  # a word wider than the tile: break it
+            cut = len(line) - 1
+            while cut > 1 and measure(line[:cut]) > width:
+                cut -= 1
+            words.insert(0, line[cut:])
+            line = line[:cut]
+        while words and measure(line + " " + words[0]) <= width:
+            line += " " + words.pop(0)
+        out.append(line)
+    if words and out:  # more than fits: the last line ends in "…"
+        last = out[-1]
+        while last and measure(last + "…") > width:
+            last = last[:-1]
+        out[-1] = last + "…"
+    return out
+
+
+def _captioned(img, labels: list[str], nrow: int, th: int, tw: int, pad: int, rewards: list[float] | None = None):
+    """A caption strip under each row of tiles of `img` (tile pitch th × tw): each tile's label
+    (wrapped) and its reward where known."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    cap = 12
+    draw0 = ImageDraw.Draw(img)
+
+    def measure(s: str) -> float:
+        return draw0.textlength(s, font=font)
+
+    line_h = 11
+    texts = []
+    for i, label in enumerate(labels):
+        lines = _wrap(label, tw - pad - 3, measure, CAPTION_LINES)
+        if rewards is not None and i < len(rewards) and rewards[i] is not None and math.isfinite(float(rewards[i])):
+            lines.append(f"r={float(rewards[i]):.3f}")
+        texts.append(lines)
+    cap = line_h * max([len(t) for t in texts] + [1]) + 2
     rows = math.ceil(len(labels) / nrow)
     out = Image.new("RGB", (img.width, img.height + rows * cap), "white")
     draw = ImageDraw.Draw(out)
-    fits = max(3, (tw - 2) // 6)  # characters of the default 6-px font that fit a tile
     for r in range(rows):
         out.paste(img.crop((0, r * th, img.width, (r + 1) * th + pad)), (0, r * (th + cap)))
         for q in range(nrow):
             i = r * nrow + q
-            if i < len(labels):
-                text = labels[i] if len(labels[i]) <= fits else "…" + labels[i][-(fits - 1):]
-                draw.text((pad + q * tw, r * (th + cap) + th + pad - 1), text, fill="black", font=font)
+            if i < len(texts):
+                for k, line in enumerate(texts[i]):
+                    draw.text((pad + q * tw, r * (th + cap) + th + pad - 1 + k * line_h), line, fill="black",
+                              font=font)
     return out
 
 
@@ -134,7 +181,13 @@ def read_metrics(path: str | Path, *, notice: bool = False) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    if not p.is_file():  # a FIFO would block the read
+        raise ValueError(f"{p} is not a regular file; the run log is damaged (move it away)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p} is not UTF-8 text; the run log is damaged (restore it or remove the bad bytes)") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     out = []
     for i, line in enumerate(lines):
         try:

@@ -6,12 +6,14 @@ checkpoint and re-shards it. The file format is `flowpo.training.checkpoint`'s.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flowpo.errors import CheckpointError
 from flowpo.training import checkpoint
 from flowpo.training.runlog import truncate_metrics
 
@@ -79,6 +81,33 @@ class TrainState:
         self.progress.iteration, self.progress.nfe = meta["iteration"], meta["nfe"]
         self.progress.wall_offset = meta["wall_s"]
 
+    def check_loaded(self, tensors: dict, meta: dict) -> None:
+        """Raise CheckpointError when a loaded checkpoint does not fit this run: a state field or a
+        tensor group it needs is missing, or a tensor's name or shape differs from the live one
+        (checked before anything is loaded, so a misfit leaves the run untouched for the next one)."""
+        P = self.parts
+        missing = [k for k in ("iteration", "nfe", "wall_s", "optimizer", "plan", "torch_rng") if k not in meta]
+        if missing:
+            raise CheckpointError(f"state.json lacks {', '.join(missing)}")
+        _same_shapes("trainable.safetensors", tensors.get("trainable", {}), P.policy.trainable_state_dict())
+        if P.ema.shadow and "ema" in tensors:
+            _same_shapes("ema.safetensors", tensors["ema"], {str(i): t for i, t in enumerate(P.ema.shadow)})
+        params = [p for g in P.opt.param_groups for p in g["params"]]
+        groups = meta["optimizer"].get("param_groups", [])
+        if len(groups) != len(P.opt.param_groups) or \
+                [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups] != \
+                [len(g["params"]) for g in P.opt.param_groups]:
+            raise CheckpointError("state.json optimizer param_groups do not match this run's parameters")
+        for key, t in tensors.get("optimizer", {}).items():
+            pid, _, _name = key.partition(".")
+            if not pid.isdigit() or int(pid) >= len(params):
+                raise CheckpointError(f"optimizer.safetensors names parameter {key[:40]}, which this run lacks")
+            if t.dim() and tuple(t.shape) != tuple(params[int(pid)].shape):
+                raise CheckpointError(f"optimizer.safetensors {key[:40]} has shape {tuple(t.shape)}, the parameter "
+                                      f"{tuple(params[int(pid)].shape)}")
+        if "objective" in tensors:
+            _same_shapes("objective.safetensors", tensors["objective"], P.objective.state_dict())
+
     def _local_shards(self, reader: "checkpoint.Reader") -> dict:
         """FSDP2 resume: {group: {name: DTensor}} of this rank's rows, shaped like the live state
         (templates: the trainable weights, the parameters for the optimizer state, the EMA and
@@ -103,6 +132,17 @@ class TrainState:
         return out
 
 
+def _same_shapes(fname: str, got: dict, want: dict) -> None:
+    """CheckpointError unless `got` has exactly `want`'s tensor names, each with its shape."""
+    if set(got) != set(want):
+        extra, lack = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        raise CheckpointError(f"{fname} does not fit this model: " + "; ".join(
+            s for s in (f"unknown tensors {extra[:3]}" if extra else "", f"missing {lack[:3]}" if lack else "") if s))
+    for k, t in got.items():
+        if tuple(t.shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{fname} {k[:60]} has shape {tuple(t.shape)}, the model's is {tuple(want[k].shape)}")
+
+
 def save(st: TrainState, out: Path, keep: int) -> None:
     """Checkpoint `st` under `out`/checkpoints (every rank takes part; rank 0 writes, atomically)."""
     d = st.dist
@@ -122,7 +162,11 @@ def restore(st: TrainState, out: Path) -> None:
     # every rank loads the same checkpoint (the run folder must be visible to all of them)
     import sys
 
-    path, skipped = checkpoint.latest_intact(out)
+    if st.dist.fsdp is not None:  # each rank reads only its rows below
+        path, skipped = checkpoint.latest_intact(out)
+        loaded = None
+    else:  # a checkpoint whose tensors do not load or fit is passed over like a damaged one
+        path, loaded, skipped = checkpoint.load_latest(out, accept=st.check_loaded)
     found = st.dist.all_gather_objects(None if path is None else path.name)
     if st.dist.is_main:
         for name, why in skipped:
@@ -145,26 +189,47 @@ def restore(st: TrainState, out: Path) -> None:
 
         st.load_state_dict(checkpoint.Reader(path), json.loads((path / "state.json").read_text()))
     else:
-        st.load_state_dict(*checkpoint.load(path))
+        st.load_state_dict(*loaded)
     # drop metric lines written after the checkpoint (a run killed mid-way) so the log stays consistent
     if st.dist.is_main:
         truncate_metrics(out / "metrics.jsonl", st.progress.iteration)
 
 
-def load_policy(cfg, run: str | Path | None, ema: bool = True):
+def load_policy(cfg, run: str | Path | None, ema: bool = True, *, announce: str | None = None):
     """The policy of `cfg` with the newest checkpoint of run folder `run` loaded (its EMA weights
     when the run kept an EMA and `ema`: what the run evaluated), without building a trainer; a
-    sharded (FSDP2) checkpoint is consolidated. run=None: the base weights. Returns (policy, iteration)."""
+    sharded (FSDP2) checkpoint is consolidated. run=None: the base weights. Returns (policy, iteration).
+
+    A reader: it never takes the run's lock, never changes the folder, and ignores a concurrent
+    writer's partial (.tmp) checkpoints. A newer checkpoint that is damaged or does not load (bad
+    bytes, a FIFO or a symlink out of the folder, non-finite weights, the wrong shapes) is passed
+    over; `announce` (the option that named the run, e.g. "--run") says on stderr, in one line,
+    which checkpoint is used and why newer ones were skipped."""
+    import sys
+
     from flowpo.parts import build_policy
 
     policy = build_policy(cfg.model)
     if run is None:
         return policy, 0
-    path, _ = checkpoint.latest_intact(run)
+    want = policy.trainable_state_dict()
+    shapes = [tuple(p.shape) for p in policy.trainable_parameters()]
+
+    def fits(tensors, _state):
+        _same_shapes("trainable.safetensors", tensors.get("trainable", {}), want)
+        if "ema" in tensors and ema:
+            _same_shapes("ema.safetensors", tensors["ema"], {str(i): torch.empty(s) for i, s in enumerate(shapes)})
+
+    path, loaded, skipped = checkpoint.load_latest(run, accept=fits)
+    why = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3]) + (" …" if len(skipped) > 3 else "")
     if path is None:
-        raise FileNotFoundError(f"--run {run}: no intact checkpoint under {run}/checkpoints; give the --out "
-                                "folder of a training run that saved one")
-    tensors, state = checkpoint.load(path)
+        raise FileNotFoundError(f"{announce or '--run'} {run}: no intact checkpoint under {run}/checkpoints"
+                                + (f" (skipped {why})" if skipped else "")
+                                + "; give the --out folder of a training run that saved one")
+    if announce:
+        print(f"flowpo: {announce} {run}: using checkpoint {path.name}"
+              + (f" (skipped newer {why})" if skipped else " (the newest)"), file=sys.stderr)
+    tensors, state = loaded
     policy.load_trainable_state_dict(tensors["trainable"])
     if "ema" in tensors and ema:
         params = policy.trainable_parameters()
@@ -177,18 +242,28 @@ def load_policy(cfg, run: str | Path | None, ema: bool = True):
 def export(cfg, run: str | Path, directory: str | Path, ema: bool = True) -> int:
     """`flowpo export`: the newest checkpoint of `run` (a sharded one consolidated, in one
     process) written by the policy's own save path into `directory` (for a diffusers model in full
-    mode, `directory/transformer` is what `<Transformer>.from_pretrained` loads). Written into
-    `directory.tmp` and renamed, so a killed export leaves nothing half-written. Returns the iteration."""
+    mode, `directory/transformer` is what `<Transformer>.from_pretrained` loads). Written into a
+    uniquely named temporary folder beside it (tempfile.mkdtemp) and renamed, so a killed export
+    leaves nothing half-written under the target's name, and nothing this export did not create is
+    ever removed. Returns the iteration."""
     import shutil
+    import tempfile
 
     directory = Path(directory)
-    if directory.exists():
+    if os.path.lexists(directory):
         raise FileExistsError(f"--out {directory} exists; give a new folder")
-    policy, iteration = load_policy(cfg, run, ema=ema)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(str(tmp))
-    tmp.rename(directory)
+    policy, iteration = load_policy(cfg, run, ema=ema, announce="--run")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".export-tmp", dir=directory.parent))
+    try:
+        policy.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an exported model folder is like any other
+        if os.path.lexists(directory):  # appeared meanwhile: never replace it
+            raise FileExistsError(f"--out {directory} appeared while exporting; give a new folder")
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours (mkdtemp made it), nothing else
+        raise
     return iteration
 
 

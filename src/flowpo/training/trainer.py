@@ -222,7 +222,7 @@ class Trainer:
         if self.cfg.log.grids and self.dist.is_main:
             n_show = min(len(images), 8 * e.samples_per_prompt * 2)
             self.log.grid(images[:n_show], f"eval_{self.iteration:06d}", nrow=max(8, e.samples_per_prompt * 4),
-                          labels=[r["prompt"] for r in records[:n_show]])
+                          labels=[r["prompt"] for r in records[:n_show]], rewards=[r["reward"] for r in records[:n_show]])
         return rec
 
     def save_checkpoint(self) -> None:
