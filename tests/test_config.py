@@ -13,7 +13,7 @@ def test_defaults_and_overrides():
                                          "reward.weights=[1.0,0.5]", "plan.truncate_sigma=0.2", "train.lr=1e-5"])
     assert cfg.train.iterations == 7 and cfg.plan.kind == "sliding_window" and cfg.preset == "mix_grpo"
     assert cfg.reward.names == ["digit_alignment", "stroke_quality"] and cfg.reward.weights == [1.0, 0.5]
-    assert cfg.plan.truncate_sigma == 0.2 and cfg.train.lr == 1e-5
+    assert (cfg.plan.truncate, cfg.plan.truncate_at) == ("sigma", 0.2) and cfg.train.lr == 1e-5
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -239,7 +239,7 @@ def test_nft_samples_with_the_old_policy(tmp_path, tiny):
     ("diffusion_nft", ["advantage.kind=stepwise", "sample.shared_noise=true", "advantage.substeps=2"]),
     ("diffusion_nft", ["plan.kind=sliding_window", "plan.strategy=frozen", "plan.window_size=2", "solver.kind=dpm2m",
                        "solver.compression=0.5"]),
-    ("awm", ["replay.k=1", "replay.tail=regenerate", "replay.rule=always", "replay.truncate_sigma=0.5"]),
+    ("awm", ["replay.k=1", "replay.tail=regenerate", "replay.rule=always", "replay.truncate=sigma", "replay.truncate_at=0.5"]),
     ("awm", ["sample.kernel=flow_grpo"]),  # an SDE rollout under a final-sample objective
 ])
 def test_successors_combine_with_any_rollout_part(tmp_path, tiny, preset, extra):

@@ -47,7 +47,7 @@ def test_replayed_rows_join_the_update(tmp_path, tiny):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 7\n")  # one prompt: every group finds the buffer's entry
     cfg = config.load(None, "op_grpo", tiny + ["replay.rule=always", "train.minibatches=1", "train.iterations=3",
-                                               f"sample.prompts_file={prompts}", "replay.truncate_sigma=0.7",
+                                               f"sample.prompts_file={prompts}", "replay.truncate=sigma", "replay.truncate_at=0.7",
                                                "replay.capacity_per_prompt=2", "replay.store=best",
                                                "replay.fill=fixed", "replay.tail=drop"])
     tr = Trainer(cfg, tmp_path / "r")
@@ -87,7 +87,7 @@ def test_regenerated_tail_is_scored_with_the_current_policy(tmp_path, tiny):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten 7\n")
     cfg = config.load(None, "op_grpo", tiny + ["replay.rule=always", "train.minibatches=1", f"sample.prompts_file={prompts}",
-                                               "replay.truncate_sigma=0.8", "replay.tail=regenerate"])
+                                               "replay.truncate=sigma", "replay.truncate_at=0.8", "replay.tail=regenerate"])
     tr = Trainer(cfg, tmp_path / "r")
     tr.train_iteration(0)
     entry = tr.parts.replay.buffer.best("a handwritten 7", 1, 1)[0]

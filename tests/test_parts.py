@@ -66,7 +66,7 @@ def _op_replay(*overrides):
 
 
 def test_replay_selects_on_the_global_rows_and_the_update_takes_them():
-    cfg, rep = _op_replay("replay.rule=always", "replay.truncate_sigma=null", "replay.capacity_per_prompt=2",
+    cfg, rep = _op_replay("replay.rule=always", "replay.truncate=none", "replay.capacity_per_prompt=2",
                           "replay.store=best", "replay.tail=drop")
     old = _rows(seed=1)
     rep.observe(0, old)                        # iteration 0's rows enter the buffer
@@ -108,11 +108,18 @@ def test_replay_presets_admit_replayed_rows(tmp_path, tiny, preset):
 
 
 def test_exclusive_fields_are_one_line_errors():
-    with pytest.raises(ConfigError, match="replay.truncate_sigma=0.5 and replay.truncate_fraction=0.3 are both set"):
-        config.load(None, "op_grpo", ["replay.truncate_fraction=0.3"])
-    assert config.load(None, "op_grpo", ["replay.truncate_fraction=0.3", "replay.truncate_sigma=null"])
-    with pytest.raises(ConfigError, match="plan.truncate_sigma.*plan.truncate_fraction"):
-        config.load(None, None, ["plan.truncate_sigma=0.2", "plan.truncate_fraction=0.2"])
+    # truncation is one choice field (truncate + truncate_at); the old pair of keys still reads, the
+    # last one set wins, and a null turns off only the choice it names (an old config.yaml's pair)
+    r = config.load(None, "op_grpo", ["replay.truncate_fraction=0.3"]).replay
+    assert (r.truncate, r.truncate_at) == ("fraction", 0.3)
+    r = config.load(None, "op_grpo", ["replay.truncate_fraction=0.3", "replay.truncate=none"]).replay
+    assert (r.truncate, r.truncate_at) == ("fraction", 0.3)
+    r = config.load(None, "op_grpo", ["replay.truncate=none"]).replay
+    assert r.truncate == "none"
+    p = config.load(None, None, ["plan.truncate_sigma=0.2", "plan.truncate_fraction=0.25"]).plan
+    assert (p.truncate, p.truncate_at) == ("fraction", 0.25)
+    with pytest.raises(ConfigError, match="replay.truncate='sigmaa' is not allowed"):
+        config.load(None, None, ["replay.truncate=sigmaa"])
     with pytest.raises(ConfigError, match="replay.enabled was removed.*replay.k"):
         config.load(None, None, ["replay.enabled=true"])
 

@@ -94,7 +94,7 @@ def test_metadata_reaches_rewards_buffer_and_eval_records(tmp_path, tiny, meta_s
     prompts = _digit_prompts(tmp_path)
     args = tiny + ["reward.names=[meta_reward:tagged]", f"sample.prompts_file={prompts}",
                    f"eval.prompts_file={prompts}", "replay.rule=always", "replay.tail=regenerate",
-                   "replay.truncate_sigma=0.7", "train.iterations=3"]
+                   "replay.truncate=sigma", "replay.truncate_at=0.7", "train.iterations=3"]
     tr = Trainer(config.load(None, "op_grpo", args), tmp_path / "r")
     tr.run()
     seen = meta_scorer.SEEN

@@ -223,6 +223,21 @@ _REMOVED = {"replay.enabled": "replay.enabled was removed: replay is on when rep
                                "to turn it on, replay.k=0 to turn it off)"}
 
 
+_LEGACY_TRUNCATION = {"truncate_sigma": "sigma", "truncate_fraction": "fraction"}
+"""Keys of plan.* and replay.* before truncation was one choice field (truncate + truncate_at):
+still read (old run folders' config.yaml, users' YAML files), each setting the choice it names;
+a null turns truncation off only if it was that choice (so the old pair reads as it meant)."""
+
+
+def _legacy_truncation(obj: Any, name: str, value: Any) -> None:
+    kind = _LEGACY_TRUNCATION[name]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if obj.truncate == kind:
+            obj.truncate = "none"
+        return
+    obj.truncate, obj.truncate_at = kind, value
+
+
 def _unknown_key(prefix: str, name: str, allowed: list[str]) -> ConfigError:
     if f"{prefix}{name}" in _REMOVED:
         return ConfigError(_REMOVED[f"{prefix}{name}"])
@@ -237,6 +252,9 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = _hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for k, v in data.items():
+        if k in _LEGACY_TRUNCATION and "truncate" in names:
+            _legacy_truncation(obj, k, v)
+            k, v = "truncate_at", obj.truncate_at  # (coerced and checked below like any value)
         if k not in names:
             raise _unknown_key(prefix, str(k), names)
         cur = getattr(obj, k)

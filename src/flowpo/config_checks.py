@@ -25,12 +25,6 @@ def _check_range(key: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"{key}={show(value)} is out of range; allowed: {allowed}")
 
 
-def _exclusive(key_a: str, a, key_b: str, b) -> None:
-    if a is not None and b is not None:
-        raise ConfigError(f"{key_a}={show(a)} and {key_b}={show(b)} are both set; they are alternatives: set the one "
-                          f"you want and the other to null (e.g. {key_a}=null)")
-
-
 def check(cfg) -> None:
     """Range and cross-field checks of a whole config; raises ConfigError naming the key."""
     s, p, t, m = cfg.sample, cfg.plan, cfg.train, cfg.model
@@ -70,8 +64,7 @@ def check(cfg) -> None:
     _check_range("plan.stride", p.stride, 1)
     _check_range("plan.tau_decay", p.tau_decay, 0, 1, lo_open=True)
     _check_range("plan.tau_min", p.tau_min, 1)
-    _check_range("plan.truncate_sigma", p.truncate_sigma, 0, 1)
-    _check_range("plan.truncate_fraction", p.truncate_fraction, 0, 1)
+    _check_range("plan.truncate_at", p.truncate_at, 0, 1)
     _check_range("solver.compression", cfg.solver.compression, 0, 1, lo_open=True)
     if len(cfg.reward.names) == 0:
         raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")
@@ -95,10 +88,7 @@ def check(cfg) -> None:
     _check_range("replay.decay", r.decay, 0)
     _check_range("replay.is_cap", r.is_cap, 1)
     _check_range("replay.is_sum_clip", r.is_sum_clip, 1)
-    _check_range("replay.truncate_sigma", r.truncate_sigma, 0, 1)
-    _check_range("replay.truncate_fraction", r.truncate_fraction, 0, 1)
-    _exclusive("replay.truncate_sigma", r.truncate_sigma, "replay.truncate_fraction", r.truncate_fraction)
-    _exclusive("plan.truncate_sigma", p.truncate_sigma, "plan.truncate_fraction", p.truncate_fraction)
+    _check_range("replay.truncate_at", r.truncate_at, 0, 1)
     _check_range("advantage.estimate_batch_size", cfg.advantage.estimate_batch_size, 1)
     o = cfg.objective
     _check_range("objective.nft_beta", o.nft_beta, 0, lo_open=True)

@@ -105,10 +105,11 @@ class PlanConfig:
     """sliding_window progressive_decay: τ_l = max(tau_min, round(τ·tau_decay^l))."""
     tau_min: int = 1
     """sliding_window progressive_decay: smallest τ."""
-    truncate_sigma: Optional[float] = None
-    """Late-step truncation: do not train steps whose σ_t is below this (OP-GRPO)."""
-    truncate_fraction: Optional[float] = None
-    """Late-step truncation: do not train the last fraction of the steps."""
+    truncate: Literal["none", "sigma", "fraction"] = "none"
+    """Late-step truncation (OP-GRPO): none, or do not train the steps whose σ_t is below
+    truncate_at (sigma), or the last truncate_at fraction of the steps (fraction)."""
+    truncate_at: float = 0.5
+    """plan.truncate's threshold: a σ in [0, 1] (sigma) or a fraction in [0, 1) (fraction)."""
 
 
 @dataclass
@@ -207,14 +208,15 @@ class ReplayConfig:
     up front (bit-identical to earlier versions). The per-step forms never need a pass of their own.
     Ignored under sharded full fine-tuning (FSDP2), whose ranks must make the same backward calls,
     and with loss.forward_rows=trained (the forward's rows differ from the pass's)."""
-    truncate_fraction: Optional[float] = None
-    """Drop the last fraction of the steps from replayed trajectories (instead of truncate_sigma:
-    set truncate_sigma=null with it)."""
     tail: Literal["drop", "regenerate"] = "drop"
     """After truncation: drop the replayed tail, or regenerate it with the current policy (ODE) and
     use the regenerated image's reward for this iteration's advantage."""
-    truncate_sigma: Optional[float] = 0.5
-    """Drop replayed steps whose σ_t is below this (late-step truncation of off-policy terms)."""
+    truncate: Literal["none", "sigma", "fraction"] = "sigma"
+    """Late-step truncation of replayed trajectories (their off-policy ratios are ill-conditioned
+    there): none, drop the steps whose σ_t is below truncate_at (sigma), or the last truncate_at
+    fraction of the steps (fraction)."""
+    truncate_at: float = 0.5
+    """replay.truncate's threshold: a σ in [0, 1] (sigma) or a fraction in [0, 1) (fraction)."""
 
 
 @dataclass

@@ -89,7 +89,8 @@ def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
         window_range=(0, max(p.window_size, min(T - 1, math.ceil(T * p.window_range)))),
         window_size=p.window_size, strategy=p.strategy, stride=p.stride, interval=p.tau,
         decay=p.tau_decay, min_interval=p.tau_min,
-        truncate_sigma_min=p.truncate_sigma, truncate_fraction=p.truncate_fraction)
+        truncate_sigma_min=p.truncate_at if p.truncate == "sigma" else None,
+        truncate_fraction=p.truncate_at if p.truncate == "fraction" else None)
 
 
 def train_prompt_pool(cfg: Config) -> PromptSet:

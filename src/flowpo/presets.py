@@ -58,7 +58,7 @@ PRESETS: dict[str, Preset] = {
          "replay.rule": "always",
          "replay.age_unit": "visits", "replay.max_age": 8, "replay.decay": 0.05,
          "replay.is_correction": "sequence", "replay.is_form": "geomean", "replay.is_cap": 2.0,
-         "replay.truncate_sigma": 0.5, "replay.tail": "regenerate"}),
+         "replay.truncate": "sigma", "replay.truncate_at": 0.5, "replay.tail": "regenerate"}),
     "stepwise_grpo": Preset(
         "Stepwise-Flow-GRPO: DDIM-inspired SDE, per-step gain advantages from Tweedie rewards (T'=5)",
         "arXiv 2603.28718",
@@ -97,7 +97,7 @@ _OP = PRESETS["op_grpo"].overrides
 # the replay settings flowpo's combinations were tuned and benchmarked with (the op_grpo preset
 # before it followed the paper's description: docs/methods.md), kept so their results stand
 _OP_REPLAY_V1 = {"replay.k": 1, "replay.is_correction": "sequence", "replay.is_form": "geomean", "replay.is_cap": 2.0,
-                 "replay.truncate_sigma": 0.5, "replay.rule": "beats_best_or_no_spread"}
+                 "replay.truncate": "sigma", "replay.truncate_at": 0.5, "replay.rule": "beats_best_or_no_spread"}
 _SW = PRESETS["stepwise_grpo"].overrides
 PRESETS["flowpo_best"] = Preset(
     "flowpo's combination: Stepwise credit (DDIM SDE, T'=3 Tweedie rewards) + OP-GRPO replay (k=1, "
@@ -155,7 +155,7 @@ PRESETS.update({
     "op_grpo_per_step_is": Preset("OP-GRPO ablation: per-step instead of sequence-level importance weights", "ablation",
                                   {**_OP, "replay.is_correction": "per_step"}, "op_grpo"),
     "op_grpo_no_trunc": Preset("OP-GRPO ablation: no late-step truncation of replayed steps", "ablation",
-                               {**_OP, "replay.truncate_sigma": None}, "op_grpo"),
+                               {**_OP, "replay.truncate": "none"}, "op_grpo"),
     "op_grpo_adaptive": Preset("OP-GRPO ablation: the adaptive rule (replay only if it beats the group's best "
                                "or the group has no spread) instead of always", "ablation",
                                {**_OP, "replay.rule": "beats_best_or_no_spread"}, "op_grpo"),

@@ -62,11 +62,10 @@ class OPReplay:
         self.fill_all_misses = r.fill == "on_hit"          # a group whose prompt has no entry: G fresh
         self.store_above_mean = r.store == "above_mean"    # only rows above their group's mean are stored
         self.regenerate = r.tail == "regenerate"           # truncated tails re-run with the current policy
-        cut = r.truncate_sigma is not None or r.truncate_fraction is not None
+        cut = {"sigma": (r.truncate_at, None), "fraction": (None, r.truncate_at)}.get(r.truncate)
         self.buffer = ReplayBuffer(sigmas, capacity_per_prompt=r.capacity_per_prompt, max_age=r.max_age,
                                    decay=r.decay, age_unit=r.age_unit,
-                                   truncation=truncation_keep(sigmas, r.truncate_sigma, r.truncate_fraction)
-                                   if cut else None)
+                                   truncation=None if cut is None else truncation_keep(sigmas, *cut))
         dims = 1
         for d in getattr(policy, "latent_shape", ()) or ():
             dims *= int(d)
