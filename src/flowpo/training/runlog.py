@@ -262,3 +262,25 @@ def write_report(out: str | Path, title: str = "flowpo run") -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+class _NoBar:
+    """The progress bar when there is none (log.progress=false, ranks but the first)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(show: bool, total: int, initial: int):
+    """A tqdm bar over the iterations, or a null one."""
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="flowpo", dynamic_ncols=True)

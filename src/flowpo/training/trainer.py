@@ -30,7 +30,7 @@ from flowpo.training import state as train_state
 from flowpo.training.distributed import Dist
 from flowpo.training.evaluate import evaluate_policy
 from flowpo.training.optim import check_grad_norm, lr_at, set_lr
-from flowpo.training.runlog import RunLog, write_report
+from flowpo.training.runlog import RunLog, progress_bar, write_report
 
 
 class Trainer:
@@ -75,11 +75,7 @@ class Trainer:
         last_eval: dict = {}
         if self.iteration == 0:
             last_eval = self.evaluate()
-        bar = None
-        if cfg.log.progress and self.dist.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc="flowpo", dynamic_ncols=True)
+        bar = progress_bar(cfg.log.progress and self.dist.is_main, cfg.train.iterations, self.iteration)
         while self.iteration < cfg.train.iterations:
             rec = self.train_iteration(self.iteration)
             self.iteration += 1
@@ -89,14 +85,10 @@ class Trainer:
                 last_eval = self.evaluate()
             if done or (cfg.train.checkpoint_every and self.iteration % cfg.train.checkpoint_every == 0):
                 self.save_checkpoint()
-            if bar is not None:
-                bar.update(1)
-                post = {"reward": f"{rec['reward_mean']:.3f}"}
-                if last_eval:
-                    post["eval"] = f"{last_eval['eval_reward_mean']:.3f}"
-                bar.set_postfix(post)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix({"reward": f"{rec['reward_mean']:.3f}",
+                             **({"eval": f"{last_eval['eval_reward_mean']:.3f}"} if last_eval else {})})
+        bar.close()
         self.parts.scoring.close()
         if self.dist.is_main:
             write_report(self.out, title=f"flowpo run: {cfg.preset or 'the defaults (= flow_grpo)'}")
