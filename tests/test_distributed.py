@@ -81,7 +81,12 @@ def test_two_processes_match_one_process_lora(tmp_path, tiny):
     _compare(tmp_path / "one", tmp_path / "two", atol=2e-5)
     # only rank 0 wrote: one line per record, one checkpoint folder per save, no stray files
     assert len(_train_lines(tmp_path / "two")) == len(_train_lines(tmp_path / "one"))
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    # (plus the run folder's lock, which `flowpo train` takes once for all ranks and leaves empty)
+    from flowpo.training.runlock import LOCK_NAME
+
+    assert (tmp_path / "two" / LOCK_NAME).read_text() == ""
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != LOCK_NAME) == \
+        sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
 @pytest.mark.slow
