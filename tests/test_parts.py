@@ -112,9 +112,9 @@ def test_exclusive_fields_are_one_line_errors():
     # last one set wins, and a null turns off only the choice it names (an old config.yaml's pair)
     r = config.load(None, "op_grpo", ["replay.truncate_fraction=0.3"]).replay
     assert (r.truncate, r.truncate_at) == ("fraction", 0.3)
-    r = config.load(None, "op_grpo", ["replay.truncate_fraction=0.3", "replay.truncate=none"]).replay
+    r = config.load(None, "op_grpo", ["replay.truncate_fraction=0.3", "replay.truncate_sigma=null"]).replay
     assert (r.truncate, r.truncate_at) == ("fraction", 0.3)
-    r = config.load(None, "op_grpo", ["replay.truncate=none"]).replay
+    r = config.load(None, "op_grpo", ["replay.truncate_sigma=null"]).replay
     assert r.truncate == "none"
     p = config.load(None, None, ["plan.truncate_sigma=0.2", "plan.truncate_fraction=0.25"]).plan
     assert (p.truncate, p.truncate_at) == ("fraction", 0.25)

@@ -174,7 +174,7 @@ class ReplayBuffer:
         keep[steps] = True
         index = torch.unique(torch.cat([steps, steps + 1]))                      # [S'] sorted
         kept = {f: getattr(rows, f)[i:i + 1].detach().cpu().clone() for f in _STORED
-                if isinstance(getattr(rows, f), torch.Tensor)}
+                if isinstance(getattr(rows, f), torch.Tensor) and getattr(rows, f).numel()}  # (not [N, 0])
         kept["log_probs"] = torch.where(keep, kept["log_probs"][0], torch.zeros(()))[None]
         kept["train"] = keep[None]
         states = rows.states[i:i + 1, index.to(rows.states.device)].detach().cpu()   # [1, S', *D]
