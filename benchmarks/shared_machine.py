@@ -9,11 +9,12 @@ setting below runs the embedded default (flow_grpo) as a subprocess, alone and w
 `while True: pass` process beside it; the table gives the median s / iteration (metrics.jsonl's
 time/iteration_s, the first iteration dropped). Settings, all in one script, interleaved:
 
-    libgomp default   train.threads=0, OMP_WAIT_POLICY="" (an empty value: libgomp keeps its
-                      default, spinning a while before it sleeps): flowpo before issue 33
-    flowpo default    train.threads=0, OMP_WAIT_POLICY unset: the command line sets PASSIVE
-                      (waiting threads sleep at once) before torch starts
-    one thread        train.threads=1
+    2 threads, libgomp default   train.threads=2: torch's default on 2 cores (flowpo before issue
+                                 33's default); libgomp spins a while before a waiting thread sleeps
+    2 threads, passive           OMP_WAIT_POLICY=PASSIVE: waiting threads sleep at once
+    2 threads, spin 10k / 1M     GOMP_SPINCOUNT: how long a waiting thread spins
+    1 thread                     train.threads=1: the default on 2 cores since issue 33 (every
+                                 usable core but one, flowpo.parts.resolve_threads)
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ import tempfile
 from pathlib import Path
 
 SETTINGS = {
-    "libgomp default (before)": ({"OMP_WAIT_POLICY": ""}, ["train.threads=0"]),
-    "flowpo default (passive)": ({"OMP_WAIT_POLICY": None}, ["train.threads=0"]),
-    "one thread": ({"OMP_WAIT_POLICY": None}, ["train.threads=1"]),
+    "2 threads, libgomp default": ({}, ["train.threads=2"]),
+    "2 threads, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["train.threads=2"]),
+    "2 threads, spin 10k": ({"GOMP_SPINCOUNT": "10000"}, ["train.threads=2"]),
+    "2 threads, spin 1M": ({"GOMP_SPINCOUNT": "1000000"}, ["train.threads=2"]),
+    "1 thread (default on 2 cores)": ({}, ["train.threads=0"]),
 }
 
 

@@ -400,12 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch starts: OpenMP threads that wait sleep instead of spinning, so a run beside
-    # another busy process slows in proportion instead of crawling (benchmarks/shared_machine.py);
-    # a value the user set is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from flowpo.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     if argv and argv[0] in ("pretrain", "bench"):

@@ -301,7 +301,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many checkpoints to keep."""
     threads: int = 0
-    """torch threads (0: leave torch's default)."""
+    """torch threads; 0: every usable core but one, at least 1 (a run beside another busy process
+    then slows in proportion instead of crawling: flowpo.parts.resolve_threads)."""
 
 
 @dataclass

@@ -21,6 +21,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_threads(threads: int) -> int:
+    """`train.threads`: 0 → every usable core but one (at least 1). torch's OpenMP threads wait for
+    each other at every parallel region, so a thread that shares its core with another busy process
+    (a second run, a reward service, a test suite) stalls them all: on 2 cores, 2 threads beside one
+    busy process measured 3–49× slower per iteration, 1 thread 1.02× (benchmarks/shared_machine.py).
+    Leaving a core free trades some speed on an idle machine (2 cores: 1.5×) for that."""
+    if threads:
+        return threads
+    import os
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable - 1)
+
+
 ATTENTION_BACKENDS = ("math", "flash", "efficient", "cudnn")
 
 

@@ -23,6 +23,7 @@ from flowpo.build import build
 from flowpo.config import Config
 from flowpo.errors import ConfigError
 from flowpo.groups import flat_share
+from flowpo.parts import resolve_threads
 from flowpo.rewards import RewardError
 from flowpo.stats import merge
 from flowpo.trajectory import gather, minibatch_of, update_rows
@@ -41,8 +42,7 @@ class Trainer:
             from flowpo.schedule import sigmas as shifted
 
             cfg.sample.sigmas = [float(x) for x in shifted(cfg.sample.steps, cfg.sample.shift)]
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        torch.set_num_threads(resolve_threads(cfg.train.threads))
         torch.manual_seed(cfg.train.seed)
         self.parts = P = build(cfg, self.dist)
         self.policy, self.device, self.params, self.opt, self.ema = P.policy, P.device, P.params, P.opt, P.ema
