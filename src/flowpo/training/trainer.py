@@ -181,6 +181,7 @@ class Trainer:
                 check_grad_norm(norms[-1], self.iteration, cfg.model)
                 self.opt.step()
                 self.ema.update()
+                b = b.replace(uncond=None)  # the weights moved: CFG's rollout outputs are stale (flowpo.guided)
         out = {**merge(obj.Stats, stats, dist), **obj.end(self.iteration), "train/lr": lr,
                "train/optimizer_steps": float(len(norms))}
         self.policy.module.eval()
