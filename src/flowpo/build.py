@@ -79,6 +79,10 @@ def build(cfg: Config, dist) -> Parts:
     # (params become DTensors), and lock-step the model calls of all ranks — distributed.py
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",
               frozen=[getattr(policy, "reference_module", None)])
+    if cfg.model.compile:  # after the wrap: FSDP2's hooks sit on the blocks, the compiled code inside them
+        from flowpo.regional import compile_blocks
+
+        compile_blocks(policy.module)
     if dist.lockstep:
         from flowpo.lockstep import LockstepPolicy
 

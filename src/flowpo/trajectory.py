@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flowpo.importance import WeightRule
+from flowpo.lockstep import agreed_steps
 from flowpo.policy.base import Cond, cat_cond, select_cond
 
 
@@ -32,6 +33,7 @@ class Chunks:
     ids: list[int]                # global index of each chunk
     total: int                    # global chunks over all ranks
     fresh: int | None = None      # the first `fresh` chunks are the rollout's own (None: all of them)
+    steps: list[list[int]] | None = None  # the steps each chunk trains (any rank's, under lock-step): host copy
 
 
 @dataclass
@@ -164,6 +166,16 @@ def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, 
     layout = Chunks(c.rows + [r + mine.n for r in chunks], c.ids + [c.total + i for i in ids], c.total + len(g_chunks),
                     fresh=len(c.rows))
     return to_device(cat([mine, rep]), dev).replace(chunks=layout)
+
+
+def trained_steps(b: Trajectory, idx: torch.Tensor, policy) -> list[int]:
+    """The steps chunk `idx` (one of b.chunks.rows) trains, on any rank under lock-step: the host
+    copy the update made for all chunks at once (Chunks.steps), else read from the mask (a sync)."""
+    if b.chunks is not None and b.chunks.steps is not None:
+        for c, steps in zip(b.chunks.rows, b.chunks.steps):
+            if c is idx:
+                return steps
+    return agreed_steps(policy, b.train[idx].any(0))
 
 
 def minibatch_of(chunk_id: int, n_chunks: int, minibatches: int) -> int:

@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from flowpo.lockstep import agreed_steps, is_lockstep
+from flowpo.trajectory import trained_steps
 from flowpo.loss import LossStats, clipped_surrogate, mean_kl
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
@@ -89,7 +90,7 @@ class ClippedSurrogate:
             for j in agreed_steps(self.ctx.policy, needed):
                 idx = chunks[j]
                 cond = select_cond(b.cond, idx)
-                for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+                for t in trained_steps(b, idx, self.ctx.policy):
                     st = self.rescore(b.states, idx, t, cond)
                     b.old_log_probs[idx, t] = torch.where(rest[idx, t], st.log_prob, b.old_log_probs[idx, t])
         rep = self.replayed
@@ -110,7 +111,7 @@ class ClippedSurrogate:
         reuse = b.uncond is not None and id(idx) in self.rollout_chunks
         # sequence weights whose π_old this chunk's forwards give: keep the step losses, backward once known
         held = [] if taking and not b.rule.step_local else None
-        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+        for t in trained_steps(b, idx, self.ctx.policy):
             rows = b.train[idx, t]                                               # [n_c]
             if lc.forward_rows == "trained" and not bool(rows.all()):
                 ids = idx[rows.cpu()]
