@@ -168,10 +168,10 @@ class Trainer:
         # trained rows per (chunk, step): the update's one device→host copy before its loop
         mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
         every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
-        on = (every if is_lockstep(self.policy) else mine) > 0                    # steps whose calls this rank makes
-        b = b.replace(chunks=dataclasses.replace(b.chunks, steps=[torch.nonzero(m).flatten().tolist() for m in on]))
-        trained = every.sum(1).tolist()                                           # [chunks]
-        counts = [float(sum(n for n, m in zip(trained, mb_of) if m == i)) for i in range(mbs)]
+        mine, every = torch.stack([mine, every]).tolist()
+        calls = every if is_lockstep(self.policy) else mine                       # steps whose calls this rank makes
+        b = b.replace(chunks=dataclasses.replace(b.chunks, steps=[[t for t, n in enumerate(c) if n] for c in calls]))
+        counts = [float(sum(sum(c) for c, m in zip(every, mb_of) if m == i)) for i in range(mbs)]
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
         for _ in range(cfg.train.inner_epochs):
