@@ -4,7 +4,7 @@
 # 1 thread, on (1) the embedded default (no CFG), (2) the embedded model with CFG 4.5, (3) the tiny
 # SD3 pipeline with CFG 4.5 (2 prompts × 4, T 10, LoRA r 8, one optimizer step per iteration),
 # (4) SD3.5-M width (1 of 24 blocks, 128 px, T5 16 tokens) with CFG 4.5, same batch.
-#   bash benchmarks/cfg_reuse_ab.sh [OUT=runs/ab32] [BEFORE=42afb90]
+#   [AFTER=tree] bash benchmarks/cfg_reuse_ab.sh [OUT=runs/ab32] [BEFORE=42afb90]   (AFTER: default this tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/ab32}; BEFORE=${2:-42afb90}
@@ -23,7 +23,8 @@ if not (out / "tiny_sd3").exists():
 if not (out / "sd35m_w").exists():
     save_tiny(build_pipeline("sd3", 1, (1, 2)), out / "sd35m_w")
 PYEOF
-AB="$PY benchmarks/ab_trees.py --a /tmp/ab32_before --b . --presets $PRESETS"
+AFTER=${AFTER:-.}
+AB="$PY benchmarks/ab_trees.py --a /tmp/ab32_before --b $AFTER --presets $PRESETS"
 COMMON="train.minibatches=1 sample.prompts_per_iteration=2 sample.group_size=4 sample.batch_size=8 sample.steps=10"
 echo "== embedded default"; $AB --pairs 3 --rounds 3 --out "$OUT/embedded" | tee "$OUT/embedded.md"
 echo "== embedded, CFG 4.5"; $AB --pairs 3 --rounds 3 --out "$OUT/embedded_cfg" sample.guidance=4.5 | tee "$OUT/embedded_cfg.md"
