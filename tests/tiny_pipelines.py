@@ -318,3 +318,27 @@ def tiny_qwen_image_pipeline(seed: int = 0):
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
     )
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """FluxKontextPipeline: the tiny FLUX components (guidance embedding) under the Kontext pipeline."""
+    from diffusers import FluxKontextPipeline
+
+    flux = tiny_flux_pipeline(seed=seed, guidance_embeds=True)
+    return FluxKontextPipeline(**{k: getattr(flux, k) for k in (
+        "transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+
+
+def write_source_images(directory: str | Path, n: int = 2, size: tuple[int, int] = (16, 16), seed: int = 0) -> list[str]:
+    """n random RGB PNGs of size (height, width) under `directory`; returns their file names."""
+    import numpy as np
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(directory / f"src{i}.png")
+        names.append(f"src{i}.png")
+    return names

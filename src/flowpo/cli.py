@@ -179,6 +179,7 @@ def _cmd_config(args, rest) -> int:
 def _cmd_sample(args, rest) -> int:
     import torch
 
+    from flowpo.policy.edit import encode_rows
     from flowpo.rollout import ode_sample, row_noise
     from flowpo.training.runlog import save_grid
     from flowpo.training.state import load_policy
@@ -193,7 +194,7 @@ def _cmd_sample(args, rest) -> int:
     x = row_noise(list(range(args.seed, args.seed + args.n)), policy.latent_shape)
     g = cfg.eval.guidance if cfg.eval.guidance is not None else cfg.sample.guidance
     with torch.no_grad():
-        x0, _ = ode_sample(policy, policy.encode_prompts(prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
+        x0, _ = ode_sample(policy, encode_rows(policy, prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
                            cfg.sample.batch_size)
         images = policy.decode(x0)
     out.parent.mkdir(parents=True, exist_ok=True)
