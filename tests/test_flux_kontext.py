@@ -186,3 +186,46 @@ def test_empty_lockstep_rows_and_errors(folder, sources):
         make(folder, image_resolution=10)
     auto = make(folder, image_resolution=None)
     assert isinstance(auto, FluxKontextPolicy) and auto.image_hw is None
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_kontext_edit_config_trains_a_tiny_pipeline(folder, tmp_path):
+    """configs/flux1_kontext_edit.yaml with the tiny folder, a tiny CLIP for both rewards and a tiny
+    budget: one iteration on .jsonl edit rows; first ratio 1, the LoRA moves, eval records keep the sources."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from flowpo import config
+    from flowpo.training.trainer import Trainer
+    from tiny_rewards import tiny_clip_folder
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "flux1_kontext_edit.yaml").read_text())
+    assert raw["model"]["kind"] == "flux_kontext" and raw["reward"]["names"] == ["pickscore", "image_consistency"]
+    assert raw["sample"]["steps"] == 6 and raw["sample"]["guidance"] == 2.5 and raw["model"]["max_area"] == 512**2
+    clip = tiny_clip_folder(tmp_path / "clip")
+    raw["reward"]["options"] = {"pickscore": {"path": clip, "device": "cpu"},
+                                "image_consistency": {"path": clip, "device": "cpu"}}
+    names = write_source_images(tmp_path / "data" / "img", n=2, size=(RES, RES))
+    edits = tmp_path / "data" / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"prompt": p, "image": f"img/{n}"}) + "\n" for p, n in zip(PROMPTS, names)))
+    (tmp_path / "kontext.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config.load(str(tmp_path / "kontext.yaml"), None, [
+        f"model.path={folder}", "model.lora_rank=4", "model.lora_alpha=8", f"model.resolution={RES}",
+        f"model.max_area={RES * RES}", f"model.image_resolution={RES}", f"model.max_sequence_length={T5_LENGTH}",
+        "model.gradient_checkpointing=false", "model.dtype=fp32", "model.device=cpu", "train.iterations=1",
+        "sample.steps=3", "sample.prompts_per_iteration=2", "sample.group_size=2", "sample.batch_size=4",
+        f"sample.prompts_file={edits}", f"eval.prompts_file={edits}", "eval.prompts=2", "eval.samples_per_prompt=1", "eval.steps=2",
+        "eval.every=1", "train.minibatches=1", "log.progress=false", "log.tensorboard=false"])
+    tr = Trainer(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.policy.trainable_state_dict().items()}
+    tr.run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward_mean" in r]
+    assert train and train[0]["stats/ratio_mean"] == 1.0 and "reward/image_consistency" in train[0]
+    after = tr.policy.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "evals" / "000001.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(Path(r["metadata"]["images"][0]).name in names for r in recs)
