@@ -19,6 +19,7 @@ POLICY_KINDS: dict[str, tuple[str, str]] = {
     "wan": ("flowpo.policy.wan", "WanPolicy"),
     "qwen_image": ("flowpo.policy.qwen_image", "QwenImagePolicy"),
     "flux_kontext": ("flowpo.policy.flux_kontext", "FluxKontextPolicy"),
+    "qwen_image_edit": ("flowpo.policy.qwen_image_edit", "QwenImageEditPolicy"),
 }
 
 
