@@ -12,7 +12,7 @@ fp32, atol 1e-5), with one and two source images and the 2511 layout; LoRA save 
 configs/qwen_image_edit_2511.yaml trains one iteration (ci).
 
 The pipeline's source areas (CONDITION_IMAGE_SIZE 384², VAE_IMAGE_SIZE 1024²) are module constants;
-the tests set them to 32² px in the pipeline and pass the same as the policy's vl_area / vae_area.
+the tests set them to 32² px in the pipeline and give the policy the same (vl_area, image_resolution 32).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def make(folder, **options):
     options.setdefault("resolution", RES)
     options.setdefault("max_sequence_length", SEQ)
     options.setdefault("vl_area", AREA)
-    options.setdefault("vae_area", AREA)
+    options.setdefault("image_resolution", 32)
     return build_policy("qwen_image_edit", folder, **options)
 
 
@@ -238,13 +238,12 @@ def test_qwen_image_edit_2511_config_trains_a_tiny_pipeline(folders, sources, tm
     (tmp_path / "edit.yaml").write_text(yaml.safe_dump(raw))
     cfg = config.load(str(tmp_path / "edit.yaml"), None, [
         f"model.path={folders['2511']}", "model.lora_rank=4", "model.lora_alpha=8", f"model.resolution={RES}",
-        f"model.max_sequence_length={SEQ}", "model.gradient_checkpointing=false", "model.dtype=fp32",
+        "model.max_sequence_length=400", "model.image_resolution=32", "model.gradient_checkpointing=false", "model.dtype=fp32",
         "model.device=cpu", "train.iterations=1", "sample.steps=3", "sample.prompts_per_iteration=2",
         "sample.group_size=2", "sample.batch_size=4", f"sample.prompts_file={edits}", f"eval.prompts_file={edits}", "eval.every=0",
         "train.minibatches=1", "log.progress=false", "log.tensorboard=false"])
     assert cfg.sample.guidance == raw["sample"]["guidance"] > 1
     tr = Trainer(cfg, tmp_path / "run")
-    tr.policy.vl_area = tr.policy.vae_area = AREA  # the tiny sizes (the config keeps the pipeline's)
     before = {k: v.clone() for k, v in tr.policy.trainable_state_dict().items()}
     rec = tr.train_iteration(0)
     assert rec["stats/ratio_mean"] == 1.0 and "reward/image_consistency" in rec

@@ -45,9 +45,9 @@ class ModelConfig:
     max_area: Optional[int] = None
     """flux_kontext: output pixels h·w at the aspect ratio of `resolution` (the pipeline's max_area); None = 1024²."""
     image_resolution: Optional[int] = None
-    """flux_kontext: the side in px the source images are resized to; None = the pipeline's rule (the
-    Kontext training size nearest the source's aspect). qwen_image_edit follows its pipeline (~384² px
-    for the VL encoder, ~1024² px for the VAE, at the source's aspect)."""
+    """Editing models, the source images' size for the VAE: flux_kontext resizes them to this side in px
+    (None = the pipeline's rule: the Kontext training size nearest the source's aspect);
+    qwen_image_edit to about this side² px at the source's aspect (None = the pipeline's 1024²)."""
     cfg_grad: Literal["conditional", "both"] = "conditional"
     """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
     branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.

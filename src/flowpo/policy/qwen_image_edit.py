@@ -54,7 +54,9 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     Args: QwenImagePolicy's (max_sequence_length: the longest encoded text, vision tokens
     included, default 1024), and
-        vl_area, vae_area: source pixels for the VL encoder and the VAE (the pipeline's 384², 1024²).
+        image_resolution: the VAE sources' area as a side s (s² px at the source's aspect); None =
+            the pipeline's 1024² (each 1024² source adds 4096 tokens to the transformer's sequence).
+        vl_area: source pixels for the VL encoder (the pipeline's 384²).
         vl_image_config: Qwen2-VL's image preprocessing (read from the folder's
             processor/preprocessor_config.json by `from_pretrained`).
     """
@@ -80,8 +82,8 @@ class QwenImageEditPolicy(QwenImagePolicy):
         cfg_grad: str = "conditional",
         negative_prompt: str = " ",
         cfg_norm_rescale: bool = True,
+        image_resolution: int | None = None,
         vl_area: int = VL_AREA,
-        vae_area: int = VAE_AREA,
         vl_image_config: VLImageConfig | None = None,
     ):
         super().__init__(pipe, dtype=dtype, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha,
@@ -89,7 +91,10 @@ class QwenImageEditPolicy(QwenImagePolicy):
                          gradient_checkpointing=gradient_checkpointing, device=device,
                          max_sequence_length=max_sequence_length, prompt_cache_size=prompt_cache_size,
                          cfg_grad=cfg_grad, negative_prompt=negative_prompt, cfg_norm_rescale=cfg_norm_rescale)
-        self.vl_area, self.vae_area = int(vl_area), int(vae_area)
+        if image_resolution is not None and image_resolution < 32:
+            raise ValueError(f"model.image_resolution={image_resolution}: the sources' side must be at least 32 px")
+        self.vl_area = int(vl_area)
+        self.vae_area = VAE_AREA if image_resolution is None else int(image_resolution) ** 2
         self.vl = vl_image_config or VLImageConfig()
         self.sizes: tuple | None = None  # per source: ((vl_w, vl_h), (vae_w, vae_h)), fixed by the first row
 
