@@ -152,7 +152,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
         scale = self.pipe.vae_scale_factor
         shapes = [(1, h // 2, w // 2)] + [(1, vh // scale // 2, vw // scale // 2) for _, (vw, vh) in self.sizes]
         mask = mask.bool()
-        length = int(mask.sum(dim=1).max())
+        length = max(1, int(mask.sum(dim=1).max()))  # ≥ 1: a lock-step dummy row has no text
         embeds, mask = embeds[:, :length], mask[:, :length]
         with autocast(self.device, self.dtype):
             return self._trainable.active(
