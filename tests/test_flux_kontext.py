@@ -229,3 +229,13 @@ def test_kontext_edit_config_trains_a_tiny_pipeline(folder, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     recs = [json.loads(x) for x in (tmp_path / "run" / "evals" / "000001.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(Path(r["metadata"]["images"][0]).name in names for r in recs)
+    # the trained run samples edits of a source given on the command line, and says when none is given
+    from flowpo.cli import main
+
+    src = str(tmp_path / "data" / "img" / names[0])
+    assert main(["sample", "--run", str(tmp_path / "run"), "--prompt", "a red cat", "--image", src, "--n", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0 and (tmp_path / "s.png").is_file()
+    assert main(["sample", "--run", str(tmp_path / "run"), "--prompt", "a red cat", "--n", "2",
+                 "--out", str(tmp_path / "t.png")]) == 2
+    assert main(["sample", "--run", str(tmp_path / "run"), "--prompt", "a red cat", "--image", str(edits),
+                 "--out", str(tmp_path / "t.png")]) == 2

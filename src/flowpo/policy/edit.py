@@ -31,7 +31,7 @@ def row_images(metadata: list[dict] | None, n: int, kind: str) -> list[tuple[str
     if missing:
         raise ConfigError(f"model.kind={kind!r} edits images, but {len(missing)} of {n} prompt rows name no source "
                           "image; give a .jsonl prompts file whose rows have 'image' (a path) or 'images' "
-                          "(a list of paths), relative to the file")
+                          "(a list of paths), relative to the file (flowpo sample: --image PATH)")
     return out
 
 
