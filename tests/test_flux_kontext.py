@@ -174,7 +174,7 @@ def test_lora_save_then_pipeline_load_lora_weights_reproduces_policy(folder, sou
     torch.testing.assert_close(pipe_vs[0], trained, atol=1e-5, rtol=1e-5)
 
 
-def test_empty_lockstep_rows_and_errors(folder, sources):
+def test_empty_lockstep_rows_and_errors(folder, sources, tmp_path):
     policy = make(folder)
     empty = encode_rows(policy, [], [])
     assert empty["image_tokens"].shape == (0, 16, 16)
@@ -182,6 +182,15 @@ def test_empty_lockstep_rows_and_errors(folder, sources):
         encode_rows(policy, PROMPTS, [{}, {"images": list(sources[0])}])
     with pytest.raises(ConfigError, match="one source image per prompt"):
         encode_rows(policy, PROMPTS[:1], [{"images": [sources[0][0], sources[1][0]]}])
+    from flowpo import config
+    from flowpo.training.trainer import Trainer
+
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(f'{{"prompt": "a red cat", "image": "{sources[0][0]}"}}\n')
+    for key, given in (("sample.prompts_file", []), ("eval.prompts_file", [f"sample.prompts_file={edits}"])):
+        with pytest.raises(ConfigError, match=f"{key}: model.kind='flux_kontext' edits images, but .* name no source"):
+            Trainer(config.load(None, "flow_grpo", ["model.kind=flux_kontext", f"model.path={folder}", *given]),
+                    tmp_path / key)
     with pytest.raises(ValueError, match="multiples of 4"):
         make(folder, image_resolution=10)
     auto = make(folder, image_resolution=None)
@@ -239,3 +248,34 @@ def test_kontext_edit_config_trains_a_tiny_pipeline(folder, tmp_path):
                  "--out", str(tmp_path / "t.png")]) == 2
     assert main(["sample", "--run", str(tmp_path / "run"), "--prompt", "a red cat", "--image", str(edits),
                  "--out", str(tmp_path / "t.png")]) == 2
+
+
+@pytest.mark.slow
+def test_replayed_edit_rows_are_encoded_with_their_sources(folder, sources, tmp_path):
+    """op_grpo with regenerated tails: replayed rows are re-encoded (update, tail) with their own
+    source images; every encoding the policy makes is of a (prompt, source) pair of the prompt file."""
+    import json
+
+    from flowpo import config
+    from flowpo.training.trainer import Trainer
+
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"prompt": p, "image": s[0]}) + "\n" for p, s in zip(PROMPTS, sources)))
+    cfg = config.load(None, "op_grpo", [
+        "model.kind=flux_kontext", f"model.path={folder}", "model.lora_rank=4", "model.lora_alpha=8",
+        f"model.resolution={RES}", f"model.max_area={RES * RES}", f"model.image_resolution={RES}",
+        f"model.max_sequence_length={T5_LENGTH}", "model.device=cpu", "train.iterations=3", "sample.steps=3",
+        "sample.prompts_per_iteration=2", "sample.group_size=2", "sample.batch_size=4", "sample.guidance=2.5",
+        f"sample.prompts_file={edits}", f"eval.prompts_file={edits}", "eval.prompts=2", "replay.rule=always", "replay.tail=regenerate", "replay.truncate=sigma",
+        "replay.truncate_at=0.7", "eval.every=0", "reward.names=[tiny_pipelines:brightness_reward]",
+        "log.progress=false", "log.tensorboard=false"])
+    tr = Trainer(cfg, tmp_path / "run")
+    seen = []
+    encode = tr.policy._prompts._encode
+    tr.policy._prompts._encode = lambda keys: (seen.extend(keys), encode(keys))[1]
+    tr.policy._prompts._rows.clear()
+    tr.run()
+    pairs = {(p, (s[0],)) for p, s in zip(PROMPTS, sources)}
+    assert seen and set(seen) <= pairs
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("replay/admitted", 0) > 0 and r.get("replay/regenerate_nfe", 0) > 0 for r in rows)

@@ -23,13 +23,32 @@ def edits(policy) -> bool:
     return bool(getattr(policy, "edits", False))
 
 
-def row_images(metadata: list[dict] | None, n: int, kind: str) -> list[tuple[str, ...]]:
+def kind_edits(kind: str) -> bool:
+    """Whether `model.kind` is an editing policy (its class, imported without loading a model)."""
+    import importlib
+
+    from flowpo.policy.registry import POLICY_KINDS
+
+    if kind not in POLICY_KINDS:
+        return False
+    module, name = POLICY_KINDS[kind]
+    return bool(getattr(getattr(importlib.import_module(module), name), "edits", False))
+
+
+def check_sources(kind: str, prompts, key: str) -> None:
+    """Before the model loads: every row of `prompts` (a PromptSet from `key`) names a source
+    image when `model.kind` edits, else one line naming the key."""
+    if kind_edits(kind):
+        row_images(prompts.meta, len(prompts), kind, f"{key}: " if key else "")
+
+
+def row_images(metadata: list[dict] | None, n: int, kind: str, where: str = "") -> list[tuple[str, ...]]:
     """Each row's source image paths (a tuple), or one line saying the rows have none."""
     metadata = metadata if metadata is not None else [{}] * n
     out = [tuple(m.get("images") or ()) for m in metadata]
     missing = [i for i, imgs in enumerate(out) if not imgs]
     if missing:
-        raise ConfigError(f"model.kind={kind!r} edits images, but {len(missing)} of {n} prompt rows name no source "
+        raise ConfigError(f"{where}model.kind={kind!r} edits images, but {len(missing)} of {n} prompt rows name no source "
                           "image; give a .jsonl prompts file whose rows have 'image' (a path) or 'images' "
                           "(a list of paths), relative to the file (flowpo sample: --image PATH)")
     return out
