@@ -16,7 +16,7 @@ from flowpo.errors import ConfigError
 from flowpo.policy.edit import encode_rows, row_images
 from flowpo.prompts import read_prompt_file
 from flowpo.rewards import RewardSet, get_scorer
-from tiny_pipelines import write_source_images
+from tiny_edit_pipelines import write_source_images
 from tiny_rewards import tiny_clip_folder
 
 

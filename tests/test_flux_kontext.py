@@ -1,4 +1,4 @@
-"""FluxKontextPolicy on a tiny random-weight FluxKontextPipeline (tests/tiny_pipelines.py), CPU, offline.
+"""FluxKontextPolicy on a tiny random-weight FluxKontextPipeline (tests/tiny_edit_pipelines.py), CPU, offline.
 
 What is checked: the output size from `max_area`; source-image encoding = the pipeline's (resize,
 normalise, VAE mode, shift/scale, packing) and cached per (prompt, image); parity with the
@@ -16,7 +16,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tiny_pipelines import T5_LENGTH, save_tiny, tiny_flux_kontext_pipeline, write_source_images  # noqa: E402
+from tiny_edit_pipelines import tiny_flux_kontext_pipeline, write_source_images  # noqa: E402
+from tiny_pipelines import T5_LENGTH, save_tiny  # noqa: E402
 
 from flowpo.errors import ConfigError  # noqa: E402
 from flowpo.policy.edit import encode_rows  # noqa: E402

@@ -320,11 +320,12 @@ def test_a_rank_sigkilled_during_a_sharded_save_leaves_the_previous_checkpoint_a
 @pytest.mark.parametrize("kind", ["flux_kontext", "qwen_image_edit"])
 def test_fsdp2_tiny_editing_full_two_ranks_equal_one(tmp_path, kind):
     pytest.importorskip("diffusers")
-    import tiny_pipelines as tp
+    import tiny_edit_pipelines as tp
+    import tiny_pipelines
 
     if kind == "flux_kontext":
-        folder = tp.save_tiny(tp.tiny_flux_kontext_pipeline(seed=0), tmp_path / "kontext")
-        extra = [f"model.max_sequence_length={tp.T5_LENGTH}", "model.max_area=256", "model.image_resolution=16",
+        folder = tiny_pipelines.save_tiny(tp.tiny_flux_kontext_pipeline(seed=0), tmp_path / "kontext")
+        extra = [f"model.max_sequence_length={tiny_pipelines.T5_LENGTH}", "model.max_area=256", "model.image_resolution=16",
                  "sample.guidance=2.5"]
     else:
         folder = tp.save_tiny_qwen_edit(tp.tiny_qwen_image_edit_pipeline(seed=0, zero_cond_t=True), tmp_path / "qe")

@@ -1,5 +1,5 @@
-"""QwenImageEditPolicy on tiny random-weight QwenImageEditPlusPipelines (tests/tiny_pipelines.py:
-the 2509 layout and the 2511 one, zero_cond_t), CPU, offline.
+"""QwenImageEditPolicy on tiny random-weight QwenImageEditPlusPipelines (
+tests/tiny_edit_pipelines.py: the 2509 layout and the 2511 one, zero_cond_t), CPU, offline.
 
 What is checked: Qwen2-VL's image inputs prepared on tensors equal transformers'
 Qwen2VLImageProcessor (PIL backend) exactly, and the image-pad expansion equals Qwen2VLProcessor's
@@ -27,7 +27,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tiny_pipelines import (  # noqa: E402
+from tiny_edit_pipelines import (  # noqa: E402
     QWEN_EDIT_PROCESSOR, qwen_vl_processor, save_tiny_qwen_edit, tiny_qwen_image_edit_pipeline, write_source_images,
 )
 
