@@ -318,4 +318,3 @@ def tiny_qwen_image_pipeline(seed: int = 0):
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
     )
-
