@@ -176,11 +176,11 @@ class QwenImageEditPolicy(QwenImagePolicy):
     @torch.no_grad()
     def _encode_key(self, prompt: str, paths: tuple[str, ...]) -> Cond:
         blank = all(p == BLANK for p in paths)
-        if blank and self.sizes is not None:
-            imgs = [open_source(BLANK, vae) for _, vae in self.sizes]
+        if blank and self.sizes is not None:  # a shape-only row: the sizes of the rows before it
+            imgs, sizes = [open_source(BLANK, vae) for _, vae in self.sizes], self.sizes
         else:
             imgs = [open_source(p) for p in paths]
-        sizes = self._source_sizes(imgs)
+            sizes = self._source_sizes(imgs)
         proc = self.pipe.image_processor
         vl_images = [proc.resize(im, vl_h, vl_w) for im, ((vl_w, vl_h), _) in zip(imgs, sizes)]
         pos, pos_mask = self._vl_encode(prompt, vl_images)
