@@ -280,3 +280,11 @@ def test_replayed_edit_rows_are_encoded_with_their_sources(folder, sources, tmp_
     assert seen and set(seen) <= pairs
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("replay/admitted", 0) > 0 and r.get("replay/regenerate_nfe", 0) > 0 for r in rows)
+
+
+def test_bf16_returns_fp32(folder, sources):
+    policy = make(folder, dtype="bf16")
+    cond = policy.encode_prompts(PROMPTS, sources)
+    v = policy.velocity(torch.randn(2, *policy.latent_shape), torch.tensor([0.3, 0.9]), cond, 2.5)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    assert policy.decode(v).dtype == torch.float32

@@ -249,3 +249,12 @@ def test_qwen_image_edit_2511_config_trains_a_tiny_pipeline(folders, sources, tm
     assert rec["stats/ratio_mean"] == 1.0 and "reward/image_consistency" in rec
     after = tr.policy.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_returns_fp32(folders, sources):
+    policy = make(folders["2511"], dtype="bf16")
+    cond = policy.encode_prompts([PROMPT], [tuple(sources)])
+    assert cond["image_tokens"].shape == (1, 128, 16)
+    for g in (1.0, 4.0):
+        v = policy.velocity(torch.randn(1, *policy.latent_shape), torch.tensor([0.5]), cond, g)
+        assert v.dtype == torch.float32 and torch.isfinite(v).all()
