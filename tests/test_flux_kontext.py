@@ -196,6 +196,9 @@ def test_empty_lockstep_rows_and_errors(folder, sources, tmp_path):
         make(folder, image_resolution=10)
     auto = make(folder, image_resolution=None)
     assert isinstance(auto, FluxKontextPolicy) and auto.image_hw is None
+    assert auto.source_layout(sources[0]) == "a 1024×1024 px source"  # the pipeline's rule for a square
+    assert policy.source_layout(sources[0]) == "a 16×16 px source"
+    assert policy.source_layout((sources[0][0], sources[1][0])) == "2 sources (Kontext takes one)"
 
 
 @pytest.mark.slow

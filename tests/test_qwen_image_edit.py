@@ -212,6 +212,17 @@ def test_cache_empty_rows_and_errors(folders, sources, tmp_path):
     Image.new("RGB", (96, 32)).save(wide)  # 3:1 → a 64×32 px VAE source, not 32×32
     with pytest.raises(ConfigError, match="same number of source images with the same aspect ratios"):
         policy.encode_prompts([PROMPT], [(str(wide),)])
+    assert policy.source_layout((sources[0],)) == "1 source(s) of 32×32 px"
+    assert policy.source_layout((str(wide), sources[0])) == "2 source(s) of 64×32, 32×32 px"
+    from flowpo.policy.edit import check_layouts
+    from flowpo.prompts import PromptSet
+
+    rows = PromptSet(["a", "b"], [{"images": [sources[0]]}, {"images": [sources[1]]}])
+    check_layouts(policy, [("sample.prompts_file", rows)])  # same layout: fine
+    bad = PromptSet(["c"], [{"images": [str(wide)]}])
+    with pytest.raises(ConfigError, match=r"eval.prompts_file: the sources of 'c' give the model 1 source\(s\) of "
+                                          r"64×32 px, but those of 'a' \(sample.prompts_file\) give"):
+        check_layouts(policy, [("sample.prompts_file", rows), ("eval.prompts_file", bad)])
     with pytest.raises(ConfigError, match="more than model.max_sequence_length=40"):
         make(folders["2511"], max_sequence_length=40).encode_prompts([PROMPT], [(sources[0],)])
     with pytest.raises(ConfigError, match="name no source image"):

@@ -58,7 +58,7 @@ def build(cfg: Config, dist) -> Parts:
     from flowpo.advantages import ESTIMATORS
     from flowpo.objectives import Context, build_objective
     from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
-    from flowpo.policy.edit import check_sources
+    from flowpo.policy.edit import check_layouts, check_sources
     from flowpo.replay import build_replay
     from flowpo.rewards import RewardSet
     from flowpo.rewards.overlap import build_scoring
@@ -77,6 +77,7 @@ def build(cfg: Config, dist) -> Parts:
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     policy = build_policy(cfg.model)
     device = resolve_device(cfg.model.device)
+    check_layouts(policy, [("sample.prompts_file", pool), ("eval.prompts_file", held_out)])
     # LoRA: broadcast rank 0's weights; full: FSDP2-shard block by block, the frozen reference too
     # (params become DTensors), and lock-step the model calls of all ranks — distributed.py
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",

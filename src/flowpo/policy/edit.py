@@ -70,3 +70,22 @@ def open_source(path: str, size: tuple[int, int] | None = None):
         return Image.new("RGB", size or (64, 64), (128, 128, 128))
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def check_layouts(policy, sets: list[tuple[str, object]]) -> None:
+    """After the model loads, before training: every row of the prompt sets [(key, PromptSet)]
+    gives the editing policy's `source_layout` (its sources' sizes, from the image headers) of the
+    first row, since rows of one call are stacked; else one line naming both prompts."""
+    if not edits(policy):
+        return
+    first = None
+    for key, prompts in sets:
+        for text, meta in zip(prompts.texts, prompts.meta):
+            layout = policy.source_layout(tuple(meta.get("images") or ()))
+            if first is None:
+                first = (layout, key, text)
+            elif layout != first[0]:
+                raise ConfigError(f"{key}: the sources of {text!r} give the model {layout}, but those of "
+                                  f"{first[2]!r} ({first[1]}) give {first[0]}: rows are batched together, so every "
+                                  "row needs the same number of sources with the same aspect ratio "
+                                  "(resize them beforehand, or set model.image_resolution)")

@@ -141,6 +141,19 @@ class FluxKontextPolicy(FluxPolicy):
             )[0]
         return unpack_latents(out[:, :noise.shape[1]].float(), h, w)
 
+    def source_layout(self, paths: tuple[str, ...]) -> str:
+        """The condition size (h × w px) the source at `paths` gets, read from its header."""
+        from PIL import Image
+
+        if len(paths) != 1:
+            return f"{len(paths)} sources (Kontext takes one)"
+        if self._fixed_size:
+            h, w = self.image_hw
+        else:
+            with Image.open(paths[0]) as im:
+                h, w = auto_image_size(im.height, im.width, 2 * self.pipe.vae_scale_factor)
+        return f"a {h}×{w} px source"
+
     # -- internals ----------------------------------------------------------------------------
 
     def _condition_size(self, img) -> tuple[int, int]:

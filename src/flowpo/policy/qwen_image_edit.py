@@ -145,6 +145,16 @@ class QwenImageEditPolicy(QwenImagePolicy):
             v_u = v_u.detach()
         return unpack_latents(rescaled_cfg(v_u, v_c, guidance, self.cfg_norm_rescale), h, w)
 
+    def source_layout(self, paths: tuple[str, ...]) -> str:
+        """The VAE sizes (w × h px) the sources at `paths` get, read from their headers."""
+        from PIL import Image
+
+        sizes = []
+        for p in paths:
+            with Image.open(p) as im:
+                sizes.append("%d×%d" % calculate_dimensions(self.vae_area, im.width / im.height))
+        return f"{len(paths)} source(s) of {', '.join(sizes)} px"
+
     # -- internals ----------------------------------------------------------------------------
 
     def _edit_call(self, tokens, sigma, embeds, mask, h: int, w: int) -> torch.Tensor:
