@@ -59,6 +59,7 @@ def build(cfg: Config, dist) -> Parts:
     from flowpo.guided import GuidedVelocity
     from flowpo.objectives import Context, build_objective
     from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
+    from flowpo.policy.edit import check_layouts, check_sources
     from flowpo.replay import build_replay
     from flowpo.rewards import RewardSet
     from flowpo.rewards.overlap import build_scoring
@@ -72,9 +73,12 @@ def build(cfg: Config, dist) -> Parts:
     s = cfg.sample
     # inputs first (prompt files, reward options and models): a bad path fails before the policy loads
     pool, held_out = train_prompt_pool(cfg), eval_prompts(cfg)
+    check_sources(cfg.model.kind, pool, "sample.prompts_file")   # an editing model needs source images
+    check_sources(cfg.model.kind, held_out, "eval.prompts_file")
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     policy = build_policy(cfg.model)
     device = resolve_device(cfg.model.device)
+    check_layouts(policy, [("sample.prompts_file", pool), ("eval.prompts_file", held_out)])
     # LoRA: broadcast rank 0's weights; full: FSDP2-shard block by block, the frozen reference too
     # (params become DTensors), and lock-step the model calls of all ranks — distributed.py
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",

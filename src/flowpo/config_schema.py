@@ -17,7 +17,7 @@ RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1 or Qwen-Image (qwen_image) folder."""
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1, Qwen-Image (qwen_image) folder, or an editing model (flux_kontext, qwen_image_edit) whose prompt rows name source images."""
     path: Optional[str] = None
     """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
     mode: Literal["lora", "full"] = "lora"
@@ -42,6 +42,12 @@ class ModelConfig:
     """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Qwen-Image/Wan 512)."""
     num_frames: int = 81
     """Frames per video (wan only)."""
+    max_area: Optional[int] = None
+    """flux_kontext: output pixels h·w at the aspect ratio of `resolution` (the pipeline's max_area); None = 1024²."""
+    image_resolution: Optional[int] = None
+    """Editing models, the source images' size for the VAE: flux_kontext resizes them to this side in px
+    (None = the pipeline's rule: the Kontext training size nearest the source's aspect);
+    qwen_image_edit to about this side² px at the source's aspect (None = the pipeline's 1024²)."""
     cfg_grad: Literal["conditional", "both"] = "conditional"
     """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
     branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.

@@ -20,8 +20,8 @@ for row, the output the rollout already computed at the same state x_t. The mode
   exactly (tests/test_guided.py). After an optimizer step, and for replayed rows, v_u is
   recomputed. With cfg_grad=both (gradient through v_u) nothing is reused.
 
-A policy takes part in the split modes when it has `negative(n) -> Cond` (the unconditional
-rows' conditioning) and `guide(v_u, v_c, guidance) -> v`, and its `velocity(x, σ, c, 1.0)` is one
+A policy takes part in the split modes when it has `negative(cond) -> Cond` (the conditioning
+of the unconditional rows of these rows: the negative prompt, with an editing model's sources) and `guide(v_u, v_c, guidance) -> v`, and its `velocity(x, σ, c, 1.0)` is one
 branch's raw output; others (FLUX's guidance embedding: one branch) always run `velocity` as it is.
 """
 from __future__ import annotations
@@ -59,6 +59,6 @@ class GuidedVelocity:
             return p.velocity(x, sigma, cond, g), None
         if uncond is None:
             with torch.no_grad() if self.detach else contextlib.nullcontext():
-                uncond = p.velocity(x, sigma, p.negative(x.shape[0]), 1.0)
+                uncond = p.velocity(x, sigma, p.negative(cond), 1.0)
         v_c = p.velocity(x, sigma, cond, 1.0)
         return p.guide(uncond, v_c, g), uncond

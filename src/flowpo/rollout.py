@@ -24,6 +24,7 @@ import torch
 
 from flowpo.lockstep import agreed_count, agreed_steps
 from flowpo.policy.base import Cond, Policy, select_cond
+from flowpo.policy.edit import encode_rows
 from flowpo.sde import ode_step
 from flowpo.solvers import solve
 from flowpo.trajectory import Chunks, Trajectory, make_chunks
@@ -190,7 +191,7 @@ class Rollout:
                       for g, i in zip(rows.group_ids.tolist(), ids)]
         x_init = row_noise(init_seeds, dims).to(dev)                                        # [n, *D]
         step_noise = row_noise([stream_seed(self.seed, it, 4, i) for i in ids], (T, *dims)).to(dev)  # [n, T, *D]
-        cond = self.policy.encode_prompts(rows.prompts)
+        cond = encode_rows(self.policy, rows.prompts, rows.metadata)
         self.policy.module.eval()
         with self.sampling():
             out, nfe = sample(self.policy, cond, self.sigmas, self.spec, x_init=x_init, step_noise=step_noise,

@@ -149,8 +149,8 @@ def to_device(traj: Trajectory, device) -> Trajectory:
 def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, batch_size: int) -> Trajectory:
     """This rank's rows for the update, on the model's device: its fresh rows `mine` (with their
     advantages from `rows`, the global rows), then its contiguous share [r·R/W, (r+1)·R/W) of the R
-    replayed rows of `rows`, in chunks of their own after the fresh ones. `encode`: the policy's
-    encode_prompts; `dist`: flowpo.training.distributed.Dist."""
+    replayed rows of `rows`, in chunks of their own after the fresh ones. `encode(prompts, metadata)`:
+    the rows' conditioning (flowpo.policy.edit.encode_rows); `dist`: flowpo.training.distributed.Dist."""
     dev = mine.states.device
     mine = mine.replace(adv=rows.adv[mine.row_ids])
     R = rows.n - n_fresh
@@ -158,7 +158,7 @@ def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, 
         return to_device(mine, dev)
     share = slice(dist.rank * R // dist.world, (dist.rank + 1) * R // dist.world)
     rep = select(rows, n_fresh + torch.arange(R)[share])
-    cond = encode(rep.prompts) if rep.n else {k: v[:0] for k, v in mine.cond.items()}
+    cond = encode(rep.prompts, rep.metadata) if rep.n else {k: v[:0] for k, v in mine.cond.items()}
     rep = to_device(rep, dev).replace(cond=cond, sde=None)
     g_chunks = make_chunks(R, batch_size, None)
     chunks, ids = dist.local_chunks(g_chunks, share)

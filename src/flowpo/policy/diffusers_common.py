@@ -286,8 +286,10 @@ class DiffusersPolicy:
             v_u = v_u.detach()
         return v_u + guidance * (v_c - v_u)
 
-    def negative(self, n: int) -> Cond:
-        """The unconditional rows of true CFG (flowpo.guided): `negative_prompt`'s conditioning, n times."""
+    def negative(self, cond: Cond) -> Cond:
+        """The unconditional rows of true CFG for the rows of `cond` (flowpo.guided):
+        `negative_prompt`'s conditioning, once per row."""
+        n = next(iter(cond.values())).shape[0]
         return {k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in self._negative_cond().items()}
 
     def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from flowpo.errors import ConfigError
 from flowpo.groups import flat_share
 from flowpo.lockstep import is_lockstep
 from flowpo.parts import resolve_threads
+from flowpo.policy.edit import encode_rows
 from flowpo.rewards import RewardError
 from flowpo.stats import merge
 from flowpo.trajectory import gather, minibatch_of, update_rows
@@ -114,7 +116,8 @@ class Trainer:
         rows, rrec, nfe_replay = P.replay.extend(it, fresh)                        # + replayed rows [N+R]
         adv, arec = P.advantage.estimate(rows)                                     # [N+R, T]
         rows = rows.replace(adv=adv)
-        batch = update_rows(mine, rows, fresh.n, dist, self.policy.encode_prompts, self.cfg.sample.batch_size)
+        batch = update_rows(mine, rows, fresh.n, dist, partial(encode_rows, self.policy),
+                             self.cfg.sample.batch_size)
         t_adv = time.time()
         rec.update({**srec, **rrec, **arec, **self._update(batch), **P.replay.observe(it, fresh)})
         nfe_all = float(dist.all_reduce_sum(torch.tensor([float(nfe + nfe_steps + nfe_replay)])))
