@@ -269,3 +269,22 @@ def test_bf16_returns_fp32(folders, sources):
     for g in (1.0, 4.0):
         v = policy.velocity(torch.randn(1, *policy.latent_shape), torch.tensor([0.5]), cond, g)
         assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("layout", ["2509", "2511"])
+def test_split_cfg_equals_the_joint_velocity(folders, sources, layout):
+    """flowpo.guided's two forwards (the negative with each row's own sources) give the policy's
+    joint CFG velocity: the update's reuse of the rollout's unconditional outputs is the same math."""
+    from flowpo.guided import GuidedVelocity
+
+    p = make(folders[layout])
+    x = torch.randn(2, *p.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond = p.encode_prompts([PROMPT, "make it blue"], [(sources[0],), (sources[1],)])
+    sig = torch.tensor([0.7, 0.4])
+    with torch.no_grad():
+        joint = p.velocity(x, sig, cond, 4.0)
+        split, v_u = GuidedVelocity(p, 4.0, "reuse")(x, sig, cond)
+        plain_negative = p.velocity(x, sig, {**cond, "prompt_embeds": cond["negative_embeds"],
+                                             "prompt_mask": cond["negative_mask"]}, 1.0)
+    assert torch.allclose(split, joint, atol=1e-5)
+    assert torch.equal(v_u, plain_negative)
