@@ -50,6 +50,12 @@ class Context:
     params: list                # the trainable parameters (objectives with an old-policy copy)
     guided: Callable | None = None  # flowpo.guided.GuidedVelocity: CFG's branches as model.cfg_uncond says
 
+    def __post_init__(self):
+        if self.guided is None:  # the policy's own (joint) velocity
+            from flowpo.guided import GuidedVelocity
+
+            self.guided = GuidedVelocity(self.policy, self.guidance, "joint")
+
 
 def build_objective(name: str, ctx: Context, cfg):
     """The objective `name` (objective.kind) for the run config `cfg`."""
