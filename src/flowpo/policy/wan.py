@@ -46,6 +46,7 @@ class WanPolicy(DiffusersPolicy):
     model_kind = "wan"
     default_lora_targets = WAN_LORA_TARGETS
     frozen_components = ("text_encoder", "vae")
+    config_fields = ("num_frames",)
 
     def __init__(
         self,
