@@ -199,32 +199,57 @@ class Wan22Policy(WanPolicy):
         return self.timesteps(sigma) >= self.boundary_ratio * 1000.0
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        """Each row on its expert. When the experts are sharded by FSDP2, every call runs both
+        experts in the same order on every rank (an expert without rows here runs one dummy row,
+        its output joined to the result with weight 0): FSDP2's all-gathers and reduce-scatters
+        pair up by order, and another rank may hold rows of the other expert."""
         n = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(n)  # [N]
         high = self.experts_of(sigma)
-        out = None
-        for expert, rows in ((0, high.nonzero().flatten()), (1, (~high).nonzero().flatten())):
-            if rows.numel() == 0:
+        pair = self._active_pair()
+        collective = _is_sharded(pair) and n > 0
+        parts = []
+        for expert, mask in ((0, high), (1, ~high)):
+            rows = mask.nonzero().flatten()
+            if rows.numel() == 0 and not collective:
                 continue
+            take = rows if rows.numel() else rows.new_zeros(1)  # the dummy row: row 0
             g = guidance if (expert == 0 or self.guidance_2 is None or guidance == 1.0) else self.guidance_2
-            v = self._guided_expert(expert, x[rows], sigma[rows], cond["prompt_embeds"][rows], g)
-            if rows.numel() == n:
-                return v
-            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if out is None else out
-            out = out.index_put((rows,), v)
+            parts.append((rows, self._guided_expert(pair, expert, x[take], sigma[take],
+                                                    cond["prompt_embeds"][take], g)))
+        if len(parts) == 1 and parts[0][0].numel() == n:
+            return parts[0][1]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for rows, v in parts:
+            if rows.numel():
+                out = out.index_put((rows,), v)
+        if collective:  # the same graph on every rank: both experts' backward runs everywhere
+            out = out + sum(0.0 * v.sum() for _, v in parts)
         return out
 
-    def _guided_expert(self, expert: int, x, sigma, embeds, guidance: float) -> torch.Tensor:
+    def _active_pair(self) -> nn.Module:
+        """The frozen reference pair inside `disable_adapter()` in full mode, else the trained one."""
+        return self._reference_pair if (self._experts[0]._disabled and self._reference_pair is not None) else self._pair
+
+    def _guided_expert(self, pair, expert: int, x, sigma, embeds, guidance: float) -> torch.Tensor:
         m = x.shape[0]
         if guidance == 1.0:
-            return self._call(expert, x, sigma, embeds).float()
+            return self._call(pair, expert, x, sigma, embeds).float()
         neg = self._negative_cond()["prompt_embeds"].to(embeds.device).expand(m, -1, -1)
-        out = self._call(expert, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg, embeds]))
+        out = self._call(pair, expert, torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([neg, embeds]))
         v_u, v_c = out.float().chunk(2)
         return self._guided(v_u, v_c, guidance)
 
-    def _call(self, expert: int, x, sigma, embeds) -> torch.Tensor:
-        pair = self._reference_pair if (self._experts[0]._disabled and self._reference_pair is not None) else self._pair
+    def _call(self, pair, expert: int, x, sigma, embeds) -> torch.Tensor:
         with autocast(self.device, self.dtype):
             return pair(expert, hidden_states=x.to(self.dtype), timestep=self.timesteps(sigma),
                         encoder_hidden_states=embeds.to(self.dtype), return_dict=False)[0]
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 sharded `module` (`fully_shard` makes its class an FSDPModule)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
