@@ -150,6 +150,30 @@ def test_full_mode_both_experts_train_and_reference_is_frozen(folder, tmp_path):
     assert (tmp_path / "full" / "transformer_2" / "config.json").is_file()
 
 
+def test_when_sharded_every_call_runs_both_experts_in_order(folder, monkeypatch):
+    """Under FSDP2 each expert's forward/backward is a collective paired by order across ranks, and
+    another rank may hold rows of the other expert (or a lock-step dummy row at σ = 0.5): a sharded
+    pair must run both experts on every call, with unchanged values and gradients."""
+    import flowpo.policy.wan22 as wan22
+
+    policy = make(folder, mode="full")
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(7))
+    sigma, cond = torch.tensor([0.95, 0.9]), policy.encode_prompts(PROMPTS)  # both rows on the high expert
+    ran = []
+    for name in ("transformer", "transformer_2"):
+        getattr(policy.module, name).register_forward_hook(lambda *a, name=name: ran.append(name))
+    plain = policy.velocity(x, sigma, cond, 3.0)
+    assert ran == ["transformer"]
+    monkeypatch.setattr(wan22, "_is_sharded", lambda module: True)
+    ran.clear()
+    v = policy.velocity(x, sigma, cond, 3.0)
+    assert ran == ["transformer", "transformer_2"]
+    torch.testing.assert_close(v, plain)
+    v.sum().backward()  # the dummy expert is in the graph (zero gradient), as on a rank with its rows
+    low = [p for k, p in zip(policy.trainable_state_dict(), policy.trainable_parameters()) if k.startswith("transformer_2.")]
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in low)
+
+
 def test_errors_name_the_fix(folder, tmp_path):
     from tiny_pipelines import tiny_wan_pipeline
 
