@@ -48,7 +48,14 @@ def folders(tmp_path_factory):
     meta["tokenizer"] = ["transformers", "PixtralProcessor"]
     index.write_text(json.dumps(meta))
     return {"klein": save_tiny(tiny_flux2_klein_pipeline(seed=0), root / "klein"), "dev": dev,
-            "distilled": save_tiny(tiny_flux2_klein_pipeline(seed=0, is_distilled=True), root / "distilled")}
+            "distilled": save_tiny(tiny_flux2_klein_pipeline(seed=0, is_distilled=True), root / "distilled"),
+            "wrong": _wrong_folder(root / "wrong")}
+
+
+def _wrong_folder(path: Path) -> str:
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    return str(path)
 
 
 def make(folder, **options):
@@ -137,7 +144,8 @@ def test_dev_text_inputs_are_the_processors_without_torchvision(folders):
             messages, add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
             padding="max_length", truncation=True, max_length=SEQ)
         ours = mistral_inputs(tok, PROMPTS, policy.pipe.system_message, SEQ)
-        assert torch.equal(ours["input_ids"], theirs["input_ids"]) and (ours["input_ids"][:, 0] == tok.bos_token_id).all()
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert (ours["input_ids"][:, 0] == tok.bos_token_id).all()
         assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
     import importlib.util
 
@@ -182,6 +190,8 @@ def test_full_mode_distilled_and_errors(folders):
     assert distilled.velocity(x, sigma, cond, 1.0).shape == x.shape
     with pytest.raises(ValueError, match="step-distilled"):
         distilled.velocity(x, sigma, cond, 4.0)
+    with pytest.raises(ValueError, match="expects a Flux2Pipeline or Flux2KleinPipeline folder"):
+        build_policy("flux2", folders["wrong"])
     with pytest.raises(ValueError, match="text encoder has 3 layers"):
         build_policy("flux2", folders["klein"], resolution=RES)  # the real (9, 18, 27)
 

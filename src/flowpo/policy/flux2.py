@@ -142,8 +142,11 @@ class Flux2Policy(DiffusersPolicy):
         folder = Path(path).expanduser()
         found = json.loads((folder / "model_index.json").read_text()).get("_class_name") \
             if (folder / "model_index.json").is_file() else None
+        if found is not None and found not in PIPELINES:
+            raise ValueError(f"model.kind='flux2' expects a Flux2Pipeline or Flux2KleinPipeline folder, but "
+                             f"{folder / 'model_index.json'} declares {found!r}; set model.kind to the matching kind")
         name = found if found in PIPELINES else PIPELINES[1]
-        check_pipeline_folder(path, name, cls.model_kind)  # errors name the fix (missing, wrong class)
+        check_pipeline_folder(path, name, cls.model_kind)  # errors name the fix (missing, not a pipeline)
         diffusers, transformers = require("diffusers"), require("transformers")
         dtype = resolve_dtype(options.get("dtype", "fp32"))
         extra = {}
