@@ -196,6 +196,19 @@ def test_full_mode_distilled_and_errors(folders):
         build_policy("flux2", folders["klein"], resolution=RES)  # the real (9, 18, 27)
 
 
+def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folders):
+    policy = make(folders["klein"], dtype="bf16", gradient_checkpointing=True)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(8))
+    v = policy.velocity(x, torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS), 3.0)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    images = policy.decode(x)
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_flux2_klein_pickscore_config_trains_a_tiny_pipeline(folders, tmp_path):
