@@ -50,6 +50,17 @@ class ModelConfig:
     """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
     branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.
     Values are the same; only the gradient differs. FLUX (guidance embedding) has one branch."""
+    compile: bool = False
+    """Regional torch.compile of the transformer's repeated blocks for rollout and update
+    (flowpo.regional): dynamic shapes, nothing recompiles after the first iteration; outputs equal
+    eager up to rounding. Off by default: on a CPU compiling takes minutes; try it on a GPU."""
+    cfg_uncond: Literal["joint", "recompute", "reuse"] = "reuse"
+    """How true CFG's two branches run (flowpo.guided): 'joint' one forward of 2N rows (the
+    pipelines' batching; the update back-propagates through all of them); 'recompute' two
+    forwards of N rows, the unconditional one without a graph; 'reuse' as recompute, but the update
+    takes the rollout's unconditional outputs where the weights are still the rollout's (before
+    the iteration's first optimizer step): trained weights bit-identical to 'recompute'. One
+    latent per row and stochastic step is kept for it. Only with cfg_grad=conditional."""
 
 
 @dataclass

@@ -48,6 +48,7 @@ class Context:
     reduction: str
     seed: int
     params: list                # the trainable parameters (objectives with an old-policy copy)
+    guided: Callable | None = None  # flowpo.guided.GuidedVelocity: CFG's branches as model.cfg_uncond says
 
 
 def build_objective(name: str, ctx: Context, cfg):

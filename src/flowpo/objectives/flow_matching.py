@@ -25,7 +25,7 @@ import torch
 
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
-from flowpo.lockstep import agreed_steps
+from flowpo.trajectory import trained_steps
 from flowpo.ema import EMA, NoEMA
 
 
@@ -58,7 +58,7 @@ class FinalSampleObjective:
 
         T = b.train.shape[1]
         dims = tuple(b.final.shape[1:])
-        seeds = [stream_seed(self.ctx.seed, iteration, 6, int(r)) for r in b.row_ids]
+        seeds = [stream_seed(self.ctx.seed, iteration, 6, r) for r in b.row_ids.tolist()]  # (ids live on the host)
         self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
         self.refs.clear()
         first = sorted(set(first))
@@ -71,7 +71,7 @@ class FinalSampleObjective:
         out = []
         first = id(idx) in self._fresh  # minibatch 0's first pass, before any optimizer step
         self._fresh.discard(id(idx))
-        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+        for t in trained_steps(b, idx, self.ctx.policy):
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
@@ -120,7 +120,7 @@ class FinalSampleObjective:
             if j in skip:
                 continue
             cond = select_cond(b.cond, idx)
-            for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+            for t in trained_steps(b, idx, self.ctx.policy):
                 sig, x, u = self._noised(b, idx, t)
                 yield idx, t, b.train[idx, t], sig, x, u, cond
 

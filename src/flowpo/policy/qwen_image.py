@@ -187,6 +187,14 @@ class QwenImagePolicy(DiffusersPolicy):
             v_u = v_u.detach()
         return unpack_latents(rescaled_cfg(v_u, v_c, guidance, self.cfg_norm_rescale), h, w)
 
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The guided velocity from the branches' latents [N, C, h, w]: the renormalised CFG on
+        packed tokens, as `velocity` applies it."""
+        h, w = v_u.shape[-2:]
+        if self.cfg_grad == "conditional":
+            v_u = v_u.detach()
+        return unpack_latents(rescaled_cfg(pack_latents(v_u), pack_latents(v_c), guidance, self.cfg_norm_rescale), h, w)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] → images [N, 3, H, W] fp32 in [0, 1]. The VAE decodes one frame of
         z = x·std + mean per channel (the pipeline's latents / (1/std) + mean)."""

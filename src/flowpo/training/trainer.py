@@ -12,6 +12,7 @@ Shapes: B prompts, G per group, N rows, T steps, D latent dims, K rewards.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from flowpo.build import build
 from flowpo.config import Config
 from flowpo.errors import ConfigError
 from flowpo.groups import flat_share
+from flowpo.lockstep import is_lockstep
 from flowpo.parts import resolve_threads
 from flowpo.rewards import RewardError
 from flowpo.stats import merge
@@ -163,9 +165,13 @@ class Trainer:
         mbs = self._minibatches(b.chunks.total)
         mb_of = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in b.chunks.ids]
         groups = [[c for c, m in zip(b.chunks.rows, mb_of) if m == i] for i in range(mbs)]
-        trained = torch.stack([b.train[c].sum() for c in b.chunks.rows]).float().cpu()   # [chunks], one sync
-        counts = torch.stack([trained[[j for j, m in enumerate(mb_of) if m == i]].sum() for i in range(mbs)])
-        counts = dist.all_reduce_sum(counts).tolist()                             # trained (row, step) pairs
+        # trained rows per (chunk, step): the update's one device→host copy before its loop
+        mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
+        every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
+        on = (every if is_lockstep(self.policy) else mine) > 0                    # steps whose calls this rank makes
+        b = b.replace(chunks=dataclasses.replace(b.chunks, steps=[torch.nonzero(m).flatten().tolist() for m in on]))
+        trained = every.sum(1).tolist()                                           # [chunks]
+        counts = [float(sum(n for n, m in zip(trained, mb_of) if m == i)) for i in range(mbs)]
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
         for _ in range(cfg.train.inner_epochs):
@@ -181,6 +187,7 @@ class Trainer:
                 check_grad_norm(norms[-1], self.iteration, cfg.model)
                 self.opt.step()
                 self.ema.update()
+                b = b.replace(uncond=None)  # the weights moved: CFG's rollout outputs are stale (flowpo.guided)
         out = {**merge(obj.Stats, stats, dist), **obj.end(self.iteration), "train/lr": lr,
                "train/optimizer_steps": float(len(norms))}
         self.policy.module.eval()
