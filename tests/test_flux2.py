@@ -209,6 +209,20 @@ def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folders):
     assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
 
 
+def test_split_cfg_equals_the_joint_call_or_is_not_used(folders):
+    from flowpo.guided import GuidedVelocity
+
+    policy = make(folders["klein"])
+    perturb_trainable(policy, scale=0.05)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(9))
+    sigma, cond = torch.tensor([0.8, 0.4]), policy.encode_prompts(PROMPTS)
+    guided = GuidedVelocity(policy, 4.0, "recompute")
+    assert guided.split
+    torch.testing.assert_close(guided(x, sigma, cond)[0], policy.velocity(x, sigma, cond, 4.0), **TOL)
+    for variant in ("dev", "distilled"):  # guidance embedding / no CFG: one branch
+        assert not GuidedVelocity(make(folders[variant]), 4.0, "recompute").split
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_flux2_klein_pickscore_config_trains_a_tiny_pipeline(folders, tmp_path):

@@ -200,6 +200,21 @@ def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folder):
     assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
 
 
+def test_split_cfg_equals_the_joint_call_or_opts_out(folder):
+    """With one guidance for both experts split CFG is the joint call; with guidance_2 (per expert,
+    which `guide` cannot see) the policy opts out."""
+    from flowpo.guided import GuidedVelocity
+
+    policy = make(folder, lora_rank=4, lora_alpha=8)
+    perturb_trainable(policy, scale=0.1)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(9))
+    sigma, cond = torch.tensor([0.95, 0.2]), policy.encode_prompts(PROMPTS)  # one row per expert
+    guided = GuidedVelocity(policy, 3.0, "recompute")
+    assert guided.split
+    torch.testing.assert_close(guided(x, sigma, cond)[0], policy.velocity(x, sigma, cond, 3.0), **TOL)
+    assert not GuidedVelocity(make(folder, guidance_2=2.0), 3.0, "recompute").split
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_wan22_hps_config_trains_a_tiny_pipeline(folder, tmp_path):

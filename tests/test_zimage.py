@@ -171,6 +171,21 @@ def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folder):
     assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
 
 
+def test_split_cfg_equals_the_joint_call_or_opts_out(folder):
+    """flowpo.guided's recompute/reuse modes call velocity(·, 1.0) twice and `guide`: the same velocity
+    (with cfg_normalization); with cfg_truncation < 1 (σ-dependent) the policy opts out."""
+    from flowpo.guided import GuidedVelocity
+
+    policy = make(folder, cfg_normalization=1.02)
+    perturb_trainable(policy, scale=0.05)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(9))
+    sigma, cond = torch.tensor([0.8, 0.4]), policy.encode_prompts(PROMPTS)
+    guided = GuidedVelocity(policy, 4.0, "recompute")
+    assert guided.split
+    torch.testing.assert_close(guided(x, sigma, cond)[0], policy.velocity(x, sigma, cond, 4.0), **TOL)
+    assert not GuidedVelocity(make(folder, cfg_truncation=0.5), 4.0, "recompute").split
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_zimage_ocr_config_trains_a_tiny_pipeline(folder, tmp_path):

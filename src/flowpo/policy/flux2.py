@@ -168,7 +168,9 @@ class Flux2Policy(DiffusersPolicy):
         return self._prompts.get(prompts)
 
     def evals_per_row(self, guidance: float) -> int:
-        return 1 if (guidance == 1.0 or self.variant == "dev") else 2
+        """2 with [klein]'s true CFG at g ≠ 1; 1 for [dev] (guidance embedding) and the distilled
+        [klein] (no CFG: `velocity` refuses g ≠ 1, and flowpo.guided never splits it)."""
+        return 1 if (guidance == 1.0 or self.variant == "dev" or self.is_distilled) else 2
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
         n = x.shape[0]

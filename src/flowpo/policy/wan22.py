@@ -21,7 +21,9 @@ makes integer timesteps, else 1000·σ.
 
 Guidance: v = v_u + g·(v_c − v_u) with g = `guidance` on the high-noise expert and
 `guidance_2` (None = the same g, the pipeline's default) on the low-noise one; as in the
-pipeline, guidance == 1 turns CFG off for both experts.
+pipeline, guidance == 1 turns CFG off for both experts. Split CFG (`model.cfg_uncond`,
+flowpo.guided) applies one g through `guide`, which is not told σ: with `guidance_2` set the
+policy opts out of it (`negative` is None) and runs the joint 2N-row call.
 
 LoRA: one adapter per expert (the experts are different networks; a LoRA shared between them
 would tie two unrelated weight sets), both trained. `module` is `ExpertPair`, one nn.Module
@@ -121,6 +123,8 @@ class Wan22Policy(WanPolicy):
         self.max_sequence_length = max_sequence_length
         self.boundary_ratio = float(boundary)
         self.guidance_2 = None if guidance_2 is None else float(guidance_2)
+        if self.guidance_2 is not None:
+            self.negative = None  # the guidance differs per expert, which `guide` (no σ) cannot tell: no split CFG
         place_frozen(pipe, self.frozen_components, self.device, self.dtype)
         experts = []
         for t in (pipe.transformer, pipe.transformer_2):

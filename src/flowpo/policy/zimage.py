@@ -25,7 +25,9 @@ The negative prompt is "" (the pipeline's default). Options, as the pipeline's:
 - `cfg_normalization` k > 0: the guided output's norm (over the whole sample) is capped at
   k·‖f_c‖; 0 (default) = off.
 `evals_per_row` counts 2 at g ≠ 1 even where truncation drops the unconditional branch (one
-batch of 2N rows is always run; the overcount is in `nfe` only).
+batch of 2N rows is always run; the overcount is in `nfe` only). Split CFG (`model.cfg_uncond`
+recompute / reuse, flowpo.guided) uses `guide`, which has no σ: with cfg_truncation < 1 the policy
+opts out of it (its `negative` is None) and every call is the joint one.
 
 Text. Each prompt is wrapped in the tokenizer's chat template (user turn, generation prompt,
 `enable_thinking=True`), padded to `max_sequence_length`, and the Qwen3 encoder's second-to-last
@@ -105,6 +107,8 @@ class ZImagePolicy(DiffusersPolicy):
         self.negative_prompt = negative_prompt
         self.cfg_truncation = float(cfg_truncation)
         self.cfg_normalization = float(cfg_normalization)
+        if self.cfg_truncation < 1.0:
+            self.negative = None  # truncation depends on σ, which `guide` is not given: no split CFG (flowpo.guided)
         scale = pipe.vae_scale_factor
         self.height, self.width = image_size(pipe, resolution or DEFAULT_SIDE, 2 * scale)
         self.latent_shape = (pipe.transformer.config.in_channels, self.height // scale, self.width // scale)
@@ -125,17 +129,21 @@ class ZImagePolicy(DiffusersPolicy):
         neg = self._negative_cond()
         feats_u = _unpad(neg["prompt_embeds"], neg["prompt_mask"]) * n
         f_c, f_u = self._transformer(torch.cat([x, x]), torch.cat([sigma, sigma]), feats + feats_u).chunk(2)
-        if self.cfg_grad == "conditional":
-            f_u = f_u.detach()
-        f = f_u + guidance * (f_c - f_u)  # [N, C, h, w] = f_c + (g − 1)·(f_c − f_u)
-        if self.cfg_normalization > 0:
-            shape = (-1, *[1] * (f.dim() - 1))
-            cap = (f_c.flatten(1).norm(dim=1) * self.cfg_normalization).view(shape)
-            norm = f.flatten(1).norm(dim=1).view(shape)
-            f = torch.where(norm > cap, f * cap / norm, f)
+        v = self.guide(-f_u, -f_c, guidance)
         keep = (1.0 - sigma) > self.cfg_truncation  # [N]: truncated rows take the conditional output
-        f = torch.where(keep.view(-1, *[1] * (f.dim() - 1)), f_c, f)
-        return -f
+        return torch.where(keep.view(-1, *[1] * (v.dim() - 1)), -f_c, v)
+
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """v_u + g·(v_c − v_u) from the two branches' velocities, then (cfg_normalization k > 0) its
+        norm per sample capped at k·‖v_c‖, as the pipeline caps f (flowpo.guided's split CFG calls it;
+        `velocity` too). With cfg_grad='conditional' no gradient flows through v_u."""
+        v = self._guided(v_u, v_c, guidance)  # [N, C, h, w]
+        if self.cfg_normalization > 0:
+            shape = (-1, *[1] * (v.dim() - 1))
+            cap = (v_c.flatten(1).norm(dim=1) * self.cfg_normalization).view(shape)
+            norm = v.flatten(1).norm(dim=1).view(shape)
+            v = torch.where(norm > cap, v * cap / norm, v)
+        return v
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] → images [N, 3, H, W] fp32 in [0, 1] (z = x / scaling + shift)."""
