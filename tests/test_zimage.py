@@ -93,6 +93,14 @@ def test_parity_with_the_pipelines_own_call(folder, guidance, kw):
     torch.testing.assert_close(ours, images.float(), **TOL)
 
 
+def test_a_row_without_caption_tokens_runs(folder):
+    """flowpo.lockstep's dummy row (a rank without rows under FSDP2) has an all-zero conditioning."""
+    policy = make(folder)
+    cond = {k: torch.zeros_like(v[:1]) for k, v in policy.encode_prompts(PROMPTS[:1]).items()}
+    v = policy.velocity(torch.zeros(1, *policy.latent_shape), torch.full((1,), 0.5), cond, 3.0)
+    assert v.shape == (1, *policy.latent_shape) and torch.isfinite(v).all()
+
+
 def test_truncation_and_normalization_act(folder):
     policy = make(folder)
     perturb_trainable(policy, scale=0.05)

@@ -183,5 +183,6 @@ class ZImagePolicy(DiffusersPolicy):
 
 
 def _unpad(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Rows [N, L, D] with masks [N, L] → N tensors [L_i, D] of the real tokens."""
-    return [e[m.bool()] for e, m in zip(embeds, mask)]
+    """Rows [N, L, D] with masks [N, L] → N tensors [L_i, D] of the real tokens. A row without any
+    (the all-zero dummy row of flowpo.lockstep) keeps its first position: the transformer needs one."""
+    return [e[m.bool()] if bool(m.any()) else e[:1] for e, m in zip(embeds, mask)]
