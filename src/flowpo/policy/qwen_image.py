@@ -237,7 +237,7 @@ class QwenImagePolicy(DiffusersPolicy):
         """The transformer on packed tokens [M, S, 4C], text trimmed to the batch's longest prompt
         (mask None when no row is padded, as the pipeline); returns packed tokens [M, S, 4C]."""
         mask = mask.bool()
-        length = int(mask.sum(dim=1).max())
+        length = max(1, int(mask.sum(dim=1).max()))  # ≥ 1: flowpo.lockstep's dummy row has no text tokens
         embeds, mask = embeds[:, :length], mask[:, :length]
         with autocast(self.device, self.dtype):
             return self._trainable.active(
