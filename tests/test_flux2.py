@@ -147,6 +147,16 @@ def test_dev_text_inputs_are_the_processors_without_torchvision(folders):
         assert torch.equal(ours["input_ids"], theirs["input_ids"])
         assert (ours["input_ids"][:, 0] == tok.bos_token_id).all()
         assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    import shutil
+
+    bare = Path(folders["dev"]).parent / "dev_no_template"
+    shutil.copytree(folders["dev"], bare)
+    for f in bare.glob("tokenizer/chat_template*"):
+        f.unlink()
+    config = bare / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
+    with pytest.raises(ValueError, match="has no chat template"):
+        make(str(bare))
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:  # why the detour: the processor needs torchvision
