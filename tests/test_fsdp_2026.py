@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_fsdp import SRC, final_weights, max_diff, one_process, torchrun
 
