@@ -46,7 +46,7 @@ import torch
 
 from flowpo.policy.base import Cond
 from flowpo.policy.diffusers_common import (
-    DiffusersPolicy, Mode, autocast, check_pipeline_folder, image_size, require, resolve_dtype,
+    DiffusersPolicy, Mode, autocast, check_pipeline_folder, image_size, load_pipeline, require, resolve_dtype,
 )
 
 # Double blocks: attention on both streams and both feed-forwards; single blocks: the fused qkv+MLP input.
@@ -140,25 +140,24 @@ class Flux2Policy(DiffusersPolicy):
 
         inspect.signature(cls).bind(None, **options)  # TypeError on an unknown option, before loading
         folder = Path(path).expanduser()
-        found = json.loads((folder / "model_index.json").read_text()).get("_class_name") \
-            if (folder / "model_index.json").is_file() else None
+        try:
+            found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            found = None  # check_pipeline_folder names what is wrong with the folder
         if found is not None and found not in PIPELINES:
             raise ValueError(f"model.kind='flux2' expects a Flux2Pipeline or Flux2KleinPipeline folder, but "
                              f"{folder / 'model_index.json'} declares {found!r}; set model.kind to the matching kind")
         name = found if found in PIPELINES else PIPELINES[1]
         check_pipeline_folder(path, name, cls.model_kind)  # errors name the fix (missing, not a pipeline)
-        diffusers, transformers = require("diffusers"), require("transformers")
         dtype = resolve_dtype(options.get("dtype", "fp32"))
-        extra = {}
-        if name == "Flux2Pipeline":
-            tok = transformers.AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-            if not tok.chat_template:
-                raise ValueError(f"{folder / 'tokenizer'} has no chat template (chat_template.jinja or "
-                                 "tokenizer_config.json's chat_template); copy the one of the FLUX.2 [dev] folder")
-            extra["tokenizer"] = None  # skipped by the loader (a processor class it cannot import)
-        pipe = getattr(diffusers, name).from_pretrained(str(folder), local_files_only=True, dtype=dtype, **extra)
-        if name == "Flux2Pipeline":
-            pipe.register_modules(tokenizer=tok)
+        if name != "Flux2Pipeline":
+            return cls(load_pipeline(name, folder, cls.model_kind, dtype), **options)
+        tok = require("transformers").AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+        if not tok.chat_template:
+            raise ValueError(f"{folder / 'tokenizer'} has no chat template (chat_template.jinja or "
+                             "tokenizer_config.json's chat_template); copy the one of the FLUX.2 [dev] folder")
+        pipe = load_pipeline(name, folder, cls.model_kind, dtype, tokenizer=None)  # None: the processor is skipped
+        pipe.register_modules(tokenizer=tok)
         return cls(pipe, **options)
 
     # -- Policy interface ---------------------------------------------------------------------
