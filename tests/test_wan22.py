@@ -175,6 +175,19 @@ def test_when_sharded_every_call_runs_both_experts_in_order(folder, monkeypatch)
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in low)
 
 
+def test_eval_grids_of_videos_show_first_frames(tmp_path):
+    """The trainer's eval grid gets the policy's decoded videos [N, 3, F, H, W] (it crashed on them)."""
+    import numpy as np
+    from PIL import Image
+
+    from flowpo.training.runlog import save_grid
+
+    videos = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_grid(videos, tmp_path / "v.png", nrow=2)
+    save_grid(videos[:, :, 0], tmp_path / "f.png", nrow=2)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "v.png")), np.asarray(Image.open(tmp_path / "f.png")))
+
+
 def test_errors_name_the_fix(folder, tmp_path):
     from tiny_pipelines import tiny_wan_pipeline
 
