@@ -198,6 +198,8 @@ def test_errors_name_the_fix(folder, tmp_path):
         build_policy("wan", folder, resolution=RES, num_frames=FRAMES)
     with pytest.raises(ValueError, match="boundary_ratio=1.5"):
         make(folder, boundary_ratio=1.5)
+    with pytest.raises(ValueError, match="model.options.guidance_2='abc' must be a number"):
+        make(folder, guidance_2="abc")
 
 
 def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folder):

@@ -29,6 +29,13 @@ from flowpo.policy.pipeline_io import (  # noqa: F401 - re-exported for the adap
 P = TypeVar("P", bound="DiffusersPolicy")
 
 
+def option_number(name: str, value) -> float:
+    """A numeric `model.options.<name>` as float, or one line naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"model.options.{name}={value!r} must be a number")
+    return float(value)
+
+
 class TrainableTransformer:
     """The trained part of a diffusers pipeline: a LoRA on the transformer, or all of it.
 

@@ -118,7 +118,8 @@ class Flux2Policy(DiffusersPolicy):
         self.text_encoder_out_layers = tuple(text_encoder_out_layers or ((10, 20, 30) if self.variant == "dev"
                                                                           else (9, 18, 27)))
         layers = pipe.text_encoder.config.get_text_config().num_hidden_layers
-        if max(self.text_encoder_out_layers) > layers:
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in self.text_encoder_out_layers) \
+                or max(self.text_encoder_out_layers) > layers:
             raise ValueError(f"model.options.text_encoder_out_layers={list(self.text_encoder_out_layers)}: the text "
                              f"encoder has {layers} layers (hidden states 0..{layers})")
         super().__init__(

@@ -52,7 +52,9 @@ import torch
 from torch import nn
 
 from flowpo.policy.base import Cond
-from flowpo.policy.diffusers_common import PromptCache, TrainableTransformer, autocast, place_frozen, resolve_dtype
+from flowpo.policy.diffusers_common import (
+    PromptCache, TrainableTransformer, autocast, option_number, place_frozen, resolve_dtype,
+)
 from flowpo.policy.wan import DEFAULT_SIZE, WAN_LORA_TARGETS, WanPolicy
 
 
@@ -108,7 +110,8 @@ class Wan22Policy(WanPolicy):
         guidance_2: float | None = None,
         boundary_ratio: float | None = None,
     ):
-        boundary = pipe.config.get("boundary_ratio") if boundary_ratio is None else boundary_ratio
+        boundary = pipe.config.get("boundary_ratio") if boundary_ratio is None else option_number(
+            "boundary_ratio", boundary_ratio)
         if getattr(pipe, "transformer_2", None) is None or pipe.transformer is None or boundary is None:
             raise ValueError("model.kind='wan22' needs a two-expert Wan2.2 pipeline (transformer, transformer_2 and "
                              "boundary_ratio in model_index.json); for a one-transformer folder use model.kind='wan'")
@@ -122,7 +125,7 @@ class Wan22Policy(WanPolicy):
         self.device, self.dtype = torch.device(device), resolve_dtype(dtype)
         self.max_sequence_length = max_sequence_length
         self.boundary_ratio = float(boundary)
-        self.guidance_2 = None if guidance_2 is None else float(guidance_2)
+        self.guidance_2 = None if guidance_2 is None else option_number("guidance_2", guidance_2)
         if self.guidance_2 is not None:
             self.negative = None  # the guidance differs per expert, which `guide` (no σ) cannot tell: no split CFG
         place_frozen(pipe, self.frozen_components, self.device, self.dtype)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from flowpo.policy.base import Cond
-from flowpo.policy.diffusers_common import DiffusersPolicy, Mode, autocast, image_size, vae_decode
+from flowpo.policy.diffusers_common import DiffusersPolicy, Mode, autocast, image_size, option_number, vae_decode
 
 # Attention q/k/v/out and the SwiGLU feed-forward of every block (main, noise and context refiners).
 ZIMAGE_LORA_TARGETS = (
@@ -95,6 +95,8 @@ class ZImagePolicy(DiffusersPolicy):
         cfg_truncation: float = 1.0,
         cfg_normalization: float = 0.0,
     ):
+        cfg_truncation = option_number("cfg_truncation", cfg_truncation)
+        cfg_normalization = option_number("cfg_normalization", cfg_normalization)
         if not cfg_truncation <= 1.0:
             raise ValueError(f"model.options.cfg_truncation={cfg_truncation}: must be at most 1 (1 = never truncate)")
         if cfg_normalization < 0:
