@@ -324,6 +324,15 @@ def test_trainable_state_dict_round_trip_and_full_mode(folder, tmp_path):
     assert (tmp_path / "full" / "transformer" / "config.json").is_file()
 
 
+def test_a_row_without_text_tokens_runs(folder):
+    """flowpo.lockstep's dummy row (a rank without rows under FSDP2) has an all-zero conditioning; at
+    guidance 1 (and in split CFG's branch calls) no row of the batch has a text token."""
+    policy = make(folder)
+    cond = {k: torch.zeros_like(v[:1]) for k, v in policy.encode_prompts(PROMPTS[:1]).items()}
+    v = policy.velocity(torch.zeros(1, *policy.latent_shape), torch.full((1,), 0.5), cond, 1.0)
+    assert v.shape == (1, *policy.latent_shape) and torch.isfinite(v).all()
+
+
 def test_bf16_returns_fp32(folder):
     policy = make(folder, dtype="bf16")
     x, sigma, cond = inputs(policy)

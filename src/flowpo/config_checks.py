@@ -127,6 +127,9 @@ def check(cfg) -> None:
     _check_range("eval.seed", cfg.eval.seed, 0, SEED_MAX)
     _check_range("eval.prompts", cfg.eval.prompts, 1)
     _check_range("eval.samples_per_prompt", cfg.eval.samples_per_prompt, 1)
+    if cfg.model.kind == "embedded" and cfg.model.options:
+        raise ConfigError(f"model.options={show(cfg.model.options)} is set but model.kind='embedded' takes none; "
+                          "remove model.options (they are a diffusers model kind's own arguments)")
     if cfg.model.kind != "embedded" and not cfg.model.path:
         raise ConfigError(f"model.path is required for model.kind={cfg.model.kind!r}; "
                           "set model.path=/path/to/a/local/diffusers/folder")

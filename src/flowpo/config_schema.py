@@ -17,7 +17,7 @@ RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1, Qwen-Image (qwen_image) folder, or an editing model (flux_kontext, qwen_image_edit) whose prompt rows name source images."""
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1 (wan), Qwen-Image (qwen_image), Z-Image (zimage), FLUX.2 [dev]/[klein] (flux2) or Wan2.2 A14B (wan22) folder, or an editing model (flux_kontext, qwen_image_edit) whose prompt rows name source images."""
     path: Optional[str] = None
     """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
     mode: Literal["lora", "full"] = "lora"
@@ -48,6 +48,10 @@ class ModelConfig:
     """Editing models, the source images' size for the VAE: flux_kontext resizes them to this side in px
     (None = the pipeline's rule: the Kontext training size nearest the source's aspect);
     qwen_image_edit to about this side² px at the source's aspect (None = the pipeline's 1024²)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """This model.kind's own keyword arguments, model.options.<key>=value (zimage: cfg_truncation,
+    cfg_normalization, negative_prompt; flux2: text_encoder_out_layers; wan22: guidance_2,
+    boundary_ratio, train_experts); an unknown key fails naming the allowed ones."""
     cfg_grad: Literal["conditional", "both"] = "conditional"
     """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
     branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.

@@ -6,6 +6,7 @@ import math
 import torch
 
 from flowpo.config import Config
+from flowpo.errors import ConfigError
 from flowpo.plans import Plan, build_plan as _build_plan
 from flowpo.prompts import PromptSet, read_prompt_file
 
@@ -84,20 +85,15 @@ def build_policy(m):
         if getattr(policy, "_ref", None) is not None:
             policy._ref.to(device)
         return policy
-    from flowpo.policy.registry import build_policy as build_real
+    from flowpo.policy.registry import policy_class
 
-    extra = {} if m.max_sequence_length is None else {"max_sequence_length": m.max_sequence_length}
-    if m.kind == "wan":
-        extra["num_frames"] = m.num_frames
+    if not m.path:
+        raise ValueError(f"model.kind={m.kind!r} needs model.path: a local diffusers pipeline folder "
+                         "(the one holding model_index.json)")
     for key, kinds in (("max_area", ("flux_kontext",)), ("image_resolution", ("flux_kontext", "qwen_image_edit"))):
-        if getattr(m, key) is not None:
-            if m.kind not in kinds:
-                raise ConfigError(f"model.{key} applies to model.kind in {list(kinds)}, not {m.kind!r}; remove it")
-            extra[key] = getattr(m, key)
-    return build_real(m.kind, m.path, mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype,
-                      cfg_grad=m.cfg_grad,
-                      resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing, device=str(device),
-                      **extra)
+        if getattr(m, key) is not None and m.kind not in kinds:
+            raise ConfigError(f"model.{key} applies to model.kind in {list(kinds)}, not {m.kind!r}; remove it")
+    return policy_class(m.kind).from_config(m, device=str(device))  # DiffusersPolicy.from_config
 
 
 def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:

@@ -26,6 +26,9 @@ BLOCKS = {
     "FluxTransformer2DModel": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
     "QwenImageTransformer2DModel": ("QwenImageTransformerBlock",),
     "WanTransformer3DModel": ("WanTransformerBlock",),
+    "ExpertPair": ("WanTransformerBlock",),  # Wan2.2's two experts (flowpo.policy.wan22)
+    "ZImageTransformer2DModel": ("ZImageTransformerBlock",),
+    "Flux2Transformer2DModel": ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
 }
 
 

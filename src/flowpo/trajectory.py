@@ -168,6 +168,17 @@ def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, 
     return to_device(cat([mine, rep]), dev).replace(chunks=layout)
 
 
+def host_steps(b: Trajectory, dist, lockstep: bool) -> tuple[Trajectory, list[list[int]]]:
+    """One device→host copy of the trained rows per (chunk, step) → (b with `Chunks.steps`: the
+    steps each chunk's calls run, any rank's under lock-step; all ranks' trained rows [chunks][T])."""
+    mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
+    every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
+    mine, every = torch.stack([mine, every]).tolist()
+    calls = every if lockstep else mine
+    steps = [[t for t, n in enumerate(c) if n] for c in calls]
+    return b.replace(chunks=dataclasses.replace(b.chunks, steps=steps)), every
+
+
 def trained_steps(b: Trajectory, idx: torch.Tensor, policy) -> list[int]:
     """The steps chunk `idx` (one of b.chunks.rows) trains, on any rank under lock-step: the host
     copy the update made for all chunks at once (Chunks.steps), else read from the mask (a sync)."""

@@ -29,6 +29,13 @@ from flowpo.policy.pipeline_io import (  # noqa: F401 - re-exported for the adap
 P = TypeVar("P", bound="DiffusersPolicy")
 
 
+def option_number(name: str, value) -> float:
+    """A numeric `model.options.<name>` as float, or one line naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"model.options.{name}={value!r} must be a number")
+    return float(value)
+
+
 class TrainableTransformer:
     """The trained part of a diffusers pipeline: a LoRA on the transformer, or all of it.
 
@@ -225,6 +232,26 @@ class DiffusersPolicy:
         bound.apply_defaults()
         dtype = resolve_dtype(bound.arguments["dtype"])
         return cls(load_pipeline(cls.pipeline_class_name, path, cls.model_kind, dtype), **options)
+
+    config_fields: ClassVar[tuple[str, ...]] = ()  # ModelConfig fields passed on besides the common ones
+
+    @classmethod
+    def from_config(cls: type[P], m, device: str) -> P:
+        """Build from a `ModelConfig` `m`: the common keys, the class's `config_fields` (wan:
+        num_frames), max_sequence_length when set, and `model.options` (this kind's own keyword
+        arguments, e.g. zimage's cfg_truncation; an unknown one fails naming the allowed ones)."""
+        options = dict(mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype, cfg_grad=m.cfg_grad,
+                       resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing, device=device)
+        if m.max_sequence_length is not None:
+            options["max_sequence_length"] = m.max_sequence_length
+        options.update({name: getattr(m, name) for name in cls.config_fields if getattr(m, name) is not None})
+        extra = dict(getattr(m, "options", None) or {})
+        allowed = sorted(set(inspect.signature(cls).parameters) - set(options) - {"pipe"})
+        unknown = sorted(set(extra) - set(allowed))
+        if unknown:
+            raise ValueError(f"model.options.{unknown[0]} is not an option of model.kind={cls.model_kind!r}; "
+                             f"allowed: {allowed or 'none'}")
+        return cls.from_pretrained(m.path, **options, **extra)
 
     # -- Policy interface -------------------------------------------------------------------
 

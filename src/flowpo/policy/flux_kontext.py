@@ -62,6 +62,7 @@ class FluxKontextPolicy(FluxPolicy):
 
     pipeline_class_name = "FluxKontextPipeline"
     model_kind = "flux_kontext"
+    config_fields = ("max_area", "image_resolution")
     edits = True
 
     def __init__(

@@ -87,8 +87,8 @@ def check_pipeline_folder(path: str | Path, expected_class: str, kind: str) -> P
 
 
 def load_pipeline(pipeline_class_name: str, path: str | Path, kind: str, dtype: torch.dtype, **components):
-    """`<PipelineClass>.from_pretrained(path)` from local files only, weights in `dtype`;
-    `components` replace (or, as None, skip) the pipeline's own, e.g. processor=None."""
+    """`<PipelineClass>.from_pretrained(path)` from local files only, weights in `dtype`; `components`
+    replace (or, as None, skip) the pipeline's own, e.g. processor=None (Qwen-Image-Edit), a tokenizer (FLUX.2 [dev])."""
     folder = check_pipeline_folder(path, pipeline_class_name, kind)
     diffusers = require("diffusers")
     require("transformers")

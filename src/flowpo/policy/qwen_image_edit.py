@@ -64,6 +64,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     pipeline_class_name = "QwenImageEditPlusPipeline"
     model_kind = "qwen_image_edit"
+    config_fields = ("image_resolution",)
     edits = True
 
     def __init__(

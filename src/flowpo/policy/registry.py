@@ -20,7 +20,18 @@ POLICY_KINDS: dict[str, tuple[str, str]] = {
     "qwen_image": ("flowpo.policy.qwen_image", "QwenImagePolicy"),
     "flux_kontext": ("flowpo.policy.flux_kontext", "FluxKontextPolicy"),
     "qwen_image_edit": ("flowpo.policy.qwen_image_edit", "QwenImageEditPolicy"),
+    "zimage": ("flowpo.policy.zimage", "ZImagePolicy"),
+    "flux2": ("flowpo.policy.flux2", "Flux2Policy"),
+    "wan22": ("flowpo.policy.wan22", "Wan22Policy"),
 }
+
+
+def policy_class(kind: str) -> type:
+    """The class behind `model.kind` (imported on demand)."""
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"model.kind={kind!r} is unknown; allowed: {', '.join(sorted(POLICY_KINDS))}")
+    module_name, class_name = POLICY_KINDS[kind]
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def build_policy(kind: str, path: str | None = None, **options: Any) -> Policy:
@@ -29,10 +40,7 @@ def build_policy(kind: str, path: str | None = None, **options: Any) -> Policy:
     sd3 / flux / qwen_image / wan: `<Class>.from_pretrained(path, **options)`, path a local diffusers folder.
     embedded: `EmbeddedPolicy(weights=path, **options)` (path None = the shipped weights).
     """
-    if kind not in POLICY_KINDS:
-        raise ValueError(f"model.kind={kind!r} is unknown; allowed: {', '.join(sorted(POLICY_KINDS))}")
-    module_name, class_name = POLICY_KINDS[kind]
-    policy_cls = getattr(importlib.import_module(module_name), class_name)
+    policy_cls = policy_class(kind)
     if kind == "embedded":
         return policy_cls(weights=path, **options)
     if not path:

@@ -11,8 +11,8 @@ With g ≠ 1 the prompt and the negative prompt run in one batch of 2N rows: v =
 
 `decode` returns videos [N, 3, F_px, H, W] in [0, 1]: the image contract's [N, 3, H, W] with a
 frame axis inserted; rewards must accept that axis (e.g. score frames and average).
-Wan2.2's two-expert pipelines (transformer_2 with boundary_ratio) are rejected: which expert to
-train and how the reference splits is a design question, not an adapter detail.
+Wan2.2's two-expert pipelines (transformer_2 with boundary_ratio) are `Wan22Policy`'s
+(model.kind='wan22', policy/wan22.py).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class WanPolicy(DiffusersPolicy):
     model_kind = "wan"
     default_lora_targets = WAN_LORA_TARGETS
     frozen_components = ("text_encoder", "vae")
+    config_fields = ("num_frames",)
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class WanPolicy(DiffusersPolicy):
         if getattr(pipe, "transformer_2", None) is not None or pipe.transformer is None:
             raise ValueError(
                 "WanPolicy supports single-transformer Wan2.1 pipelines; this folder is a two-expert "
-                "Wan2.2 pipeline (transformer_2) or has no transformer"
+                "Wan2.2 pipeline (transformer_2: use model.kind='wan22') or has no transformer"
             )
         if getattr(pipe.config, "expand_timesteps", False):
             raise ValueError("WanPolicy does not support expand_timesteps pipelines (Wan2.2 TI2V)")
@@ -86,10 +87,12 @@ class WanPolicy(DiffusersPolicy):
             prompt_cache_size=prompt_cache_size,
             cfg_grad=cfg_grad,
         )
+        self._set_video_shape(pipe, DEFAULT_SIZE if resolution is None else resolution, num_frames)
+
+    def _set_video_shape(self, pipe, resolution: int | tuple[int, int], num_frames: int) -> None:
+        """Check the frame size and length; set height, width, num_frames and latent_shape."""
         s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         _, p_h, p_w = pipe.transformer.config.patch_size
-        if resolution is None:
-            resolution = DEFAULT_SIZE
         height, width = (resolution, resolution) if isinstance(resolution, int) else map(int, resolution)
         if height % (s * p_h) or width % (s * p_w) or height <= 0 or width <= 0:
             raise ValueError(

@@ -295,15 +295,21 @@ class Dist:
 
 
 # ---------------------------------------------------------------------- FSDP2 units and lock-step
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")  # diffusers' block lists
+# diffusers' block lists (Z-Image: the main `layers` and its noise / caption refiners)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "noise_refiner",
+               "context_refiner")
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The blocks FSDP2 shards one by one (each all-gathered only while it runs): the elements of
+    """The blocks FSDP2 shards one by one (each all-gathered only while it runs): the module's own
+    `fsdp_units()` where it has one (Wan2.2's two experts: both experts' blocks), else the elements of
     the module's block lists (diffusers transformers: `transformer_blocks`, FLUX's
-    `single_transformer_blocks`, Wan's `blocks`), else its direct children that are themselves
-    containers of parameterised layers (the embedded FlowNet's residual blocks). What is left
+    `single_transformer_blocks`, Wan's `blocks`, Z-Image's `layers` and refiners), else its direct
+    children that are themselves containers of parameterised layers (the embedded FlowNet's residual blocks). What is left
     (embedders, final layers) belongs to the root unit."""
+    own = getattr(module, "fsdp_units", None)  # a policy module of several networks (Wan2.2's ExpertPair)
+    if callable(own):
+        return list(own())
     units = [b for name in BLOCK_LISTS if isinstance(getattr(module, name, None), nn.ModuleList)
              for b in getattr(module, name)]
     if units:

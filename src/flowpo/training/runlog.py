@@ -89,13 +89,16 @@ class RunLog:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 1,
               labels: list[str] | None = None, rewards: list[float] | None = None) -> None:
-    """Images [N, C, H, W] in [0, 1] as one PNG grid, `nrow` per row (tiles under 64 px upsampled);
+    """Images [N, C, H, W] in [0, 1] (videos [N, C, F, H, W]: their first frames) as one PNG grid,
+    `nrow` per row (tiles under 64 px upsampled);
     `labels`: one caption per tile under it (its prompt, word-wrapped over up to CAPTION_LINES
     lines, cut from the right past them, so a prompt's start and, for the embedded prompts, the
     asked digit stay visible); `rewards`: each tile's reward, shown under its caption."""
     from PIL import Image
 
     x = images.detach().float().clamp(0, 1).cpu()
+    if x.dim() == 5:  # videos [N, C, F, H, W] (Wan): each tile is the first frame
+        x = x[:, :, 0]
     n, c, h, w = x.shape
     scale = max(1, 64 // max(h, w))
     ncol = math.ceil(n / nrow)

@@ -12,7 +12,6 @@ Shapes: B prompts, G per group, N rows, T steps, D latent dims, K rewards.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from functools import partial
@@ -30,7 +29,7 @@ from flowpo.parts import resolve_threads
 from flowpo.policy.edit import encode_rows
 from flowpo.rewards import RewardError
 from flowpo.stats import merge
-from flowpo.trajectory import gather, minibatch_of, update_rows
+from flowpo.trajectory import gather, host_steps, minibatch_of, update_rows
 from flowpo.training import state as train_state
 from flowpo.training.distributed import Dist
 from flowpo.training.evaluate import evaluate_policy
@@ -168,12 +167,7 @@ class Trainer:
         mbs = self._minibatches(b.chunks.total)
         mb_of = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in b.chunks.ids]
         groups = [[c for c, m in zip(b.chunks.rows, mb_of) if m == i] for i in range(mbs)]
-        # trained rows per (chunk, step): the update's one device→host copy before its loop
-        mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
-        every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
-        mine, every = torch.stack([mine, every]).tolist()
-        calls = every if is_lockstep(self.policy) else mine                       # steps whose calls this rank makes
-        b = b.replace(chunks=dataclasses.replace(b.chunks, steps=[[t for t, n in enumerate(c) if n] for c in calls]))
+        b, every = host_steps(b, dist, is_lockstep(self.policy))                  # the loop's one device→host copy
         counts = [float(sum(sum(c) for c, m in zip(every, mb_of) if m == i)) for i in range(mbs)]
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
