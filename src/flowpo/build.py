@@ -88,7 +88,8 @@ def build(cfg: Config, dist) -> Parts:
     sigmas = schedule.resolve(s.sigmas, policy, s.steps, s.shift)   # sample.sigmas, else the policy's own
     kernel = KERNELS[s.kernel]
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
-                       tail=TAILS[cfg.solver.kind](cfg))
+                       tail=TAILS[cfg.solver.kind](cfg), grid=cfg.solver.grid,
+                       history=cfg.solver.grid == "dpm2m" or (cfg.solver.warm_start and cfg.solver.kind == "dpm2m"))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
                   reduction=s.reduction, seed=cfg.train.seed, params=params)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
