@@ -75,7 +75,6 @@ def check(cfg) -> None:
 
         hi = min(math.floor(p.train_fraction * s.steps + 1e-9), s.steps - 1)
         _check_range("plan.strata_first", p.strata_first, 0, hi - 1)
-        _check_range("plan.strata", p.strata, 1, hi - p.strata_first)
     _check_range("solver.compression", cfg.solver.compression, 0, 1, lo_open=True)
     if len(cfg.reward.names) == 0:
         raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")

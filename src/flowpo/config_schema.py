@@ -112,7 +112,8 @@ class PlanConfig:
     """plan.truncate's threshold: a σ in [0, 1] (sigma) or a fraction in [0, 1) (fraction)."""
     strata: int = 6
     """stratified: k training steps per iteration, one from each of k strata of the steps
-    first … ⌊train_fraction·T⌋ − 1 (AWM's authors: 6 of a 14-step grid)."""
+    first … ⌊train_fraction·T⌋ − 1 (AWM's authors: 6 of a 14-step grid); capped at the number of
+    those steps."""
     strata_first: int = 1
     """stratified: the first step a stratum may hold (1: never σ = 1, AWM's GenEval/OCR configs;
     0: their PickScore config)."""

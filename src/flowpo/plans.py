@@ -261,7 +261,8 @@ class Stratified(Plan):
     ⌊b_j⌋ + ⌊u_j·(⌊b_{j+1}⌋ − ⌊b_j⌋)⌋ with u_j ~ U[0, 1), one draw per iteration shared by every
     row (the authors share it across a micro-batch). AWM's SD3.5-M configs: T = 14, f = 0.9, k = 6,
     first = 1, so the steps come from 1–11 and σ = 1 (step 0, whose input holds nothing of x0) is
-    never trained.
+    never trained. k is capped at hi − first (then every step first … hi − 1 trains), so a preset's
+    k stays valid on a short grid.
     """
 
     def __init__(self, sigmas: Tensor, count: int = 6, first: int = 1, fraction: float = 0.9) -> None:
@@ -271,9 +272,10 @@ class Stratified(Plan):
         self.hi = min(math.floor(fraction * self.T + 1e-9), self.T - 1)
         if not 0 <= first < self.hi:
             _fail("strata_first", first, f"an int in [0, {self.hi - 1}] (the strata end at step {self.hi})")
-        if not 1 <= count <= self.hi - first:
-            _fail("strata", count, f"an int in [1, {self.hi - first}] (steps {first} … {self.hi - 1}, one per stratum)")
-        b = torch.linspace(first, self.hi, count + 1).floor().long()  # [k + 1]
+        if count < 1:
+            _fail("strata", count, "an int >= 1")
+        self.count = min(count, self.hi - first)  # a short grid: every usable step, one per stratum
+        b = torch.linspace(first, self.hi, self.count + 1).floor().long()  # [k + 1]
         self.lower, self.width = b[:-1], b[1:] - b[:-1]  # [k], [k]
 
     def _masks(self, iteration, n, group_ids, generator):
