@@ -29,8 +29,8 @@ TASKS: dict[str, Task] = {
                   ("reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]")),
     "sparse": Task("binary success: the prompted digit in bold strokes (~10% of base samples; GenEval-like)",
                    ("reward.names=[digit_bold]",)),
-    "heavy": Task("the prompted digit in heavy strokes: p_clf(digit) times a one-sided penalty on ink below 0.40 "
-                  "(dense, but ≈ 0.15 at base and far from the ceiling 1 at the budget; issue 29)",
+    "heavy": Task("the prompted digit in heavy strokes: p_clf(digit) times a one-sided penalty on ink below 0.42 "
+                  "(dense, but 0.03 at base and far from the ceiling 1 at the budget; issue 29)",
                   ("reward.names=[digit_heavy]",)),
 }
 
