@@ -227,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         print("# then the held-out runs at each (task, preset)'s chosen point (flowpo tune without --dry-run)")
         return 0
 
+    try:
+        return _run(ap, args, out, cmdline, tasks, presets, grids, by_point, tune_seeds, seeds)
+    except KeyboardInterrupt:
+        print("tune: interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+        return 130
+
+
+def _run(ap, args, out, cmdline, tasks, presets, grids, by_point, tune_seeds, seeds) -> int:
+    """The three phases (grid, choice, held-out race); each resumes what a previous call left."""
     failed = 0
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
