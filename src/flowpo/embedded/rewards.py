@@ -139,7 +139,8 @@ def digit_heavy(images: torch.Tensor, prompts: list[str], ink: float = 0.42, wid
     and 1 needs strokes bolder than any base sample while the classifier still reads the digit:
     every group has spread (unlike `digit_bold`), but the way to the ceiling is long. With
     ink = 0.40, width = 0.04 the base scores 0.15 and Flow-GRPO at lr 3e-3 reaches 0.92 in 40
-    iterations; at these defaults it peaks at 0.83 and falls back (BENCHMARKS.md §15).
+    iterations; at these defaults it reaches 0.83 (lr 3e-3, then falls back) or 0.89 (lr 1e-3,
+    still rising) at 60 (one seed; BENCHMARKS.md §15).
     """
     g = _grey16(images)
     labels = torch.tensor([prompt_digit(p) for p in prompts], device=images.device)
