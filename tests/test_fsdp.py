@@ -79,7 +79,8 @@ def test_the_settings_leave_a_rank_without_rows_in_some_chunk(tiny):
                                           # ℓ_old from the update's forward on minibatch 0's chunks (uniform:
                                           # ghuber's p = 0.25 amplifies the ranks' rounding to 1.8e-5); one
                                           # minibatch: no pass at all, and a rank's empty part of a chunk
-                                          ("awm", ["objective.old_ramp=0.3", "objective.awm_weighting=uniform"]),
+                                          ("awm", ["objective.old_ramp=0.3", "objective.awm_weighting=uniform",
+                                                   "train.minibatches=2"]),
                                           ("awm", ["objective.old_ramp=0.3", "objective.awm_weighting=uniform",
                                                    "train.minibatches=1"])])
 def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, preset, extra):

@@ -20,7 +20,7 @@ CI_PRESETS = ["flow_grpo", "op_grpo", "mix_grpo_flash", "stepwise_grpo"]
 def train(preset, mode, extra=(), iterations=3, base=TINY):
     cfg = config.load(None, preset, list(base) + FIT + [
         f"train.iterations={iterations}", "eval.every=0", "train.checkpoint_every=0", "sample.guidance=4.5",
-        "reward.names=[stroke_quality]", f"model.cfg_uncond={mode}", *extra])
+        "reward.names=[stroke_quality]", f"model.cfg_uncond={mode}", "objective.allow_cfg=true", *extra])
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, d)
         for i in range(iterations):
@@ -57,7 +57,7 @@ def update_rows(mode, *extra):
     of 4, 3 trained steps), CFG 4.5, no KL reference."""
     cfg = config.load(None, "flow_grpo", TINY + ["eval.every=0", "train.checkpoint_every=0", "sample.guidance=4.5",
                                                  "reward.names=[stroke_quality]", "loss.kl_beta=0",
-                                                 f"model.cfg_uncond={mode}", *extra])
+                                                 f"model.cfg_uncond={mode}", "objective.allow_cfg=true", *extra])
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, d)
         tr.train_iteration(0)

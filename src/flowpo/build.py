@@ -98,7 +98,8 @@ def build(cfg: Config, dist) -> Parts:
     kernel = KERNELS[s.kernel]
     guided = GuidedVelocity(policy, s.guidance, cfg.model.cfg_uncond, cfg.model.cfg_grad)
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
-                       tail=TAILS[cfg.solver.kind](cfg), guided=guided)
+                       tail=TAILS[cfg.solver.kind](cfg), guided=guided, grid=cfg.solver.grid,
+                       history=cfg.solver.grid == "dpm2m" or (cfg.solver.warm_start and cfg.solver.kind == "dpm2m"))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
                   reduction=s.reduction, seed=cfg.train.seed, params=params, guided=guided)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)

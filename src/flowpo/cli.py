@@ -1,4 +1,4 @@
-"""Command line: flowpo train | eval | sample | export | pretrain | bench | serve-reward | presets | config.
+"""Command line: flowpo train | eval | sample | export | pretrain | bench | tune | serve-reward | presets | config.
 
     flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
     flowpo eval --run DIR [key.path=value ...]
@@ -6,6 +6,7 @@
     flowpo export --run DIR --out DIR [--no-ema]   (a run's weights as one model folder)
     flowpo pretrain [--out DIR] [--seed N]
     flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
+    flowpo tune [--out DIR] [...]           (see `flowpo tune --help`)
     flowpo serve-reward --reward NAME [--reward LABEL=TARGET ...] [--host 127.0.0.1] [--port 8765]
     flowpo presets
     flowpo config [--preset NAME] [key.path=value ...]   (every key: type, value, allowed, help)
@@ -279,6 +280,12 @@ def _cmd_bench(_args, rest) -> int:
     return main(rest) or 0
 
 
+def _cmd_tune(_args, rest) -> int:
+    from flowpo.bench.tune import main
+
+    return main(rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flowpo", description="GRPO-family RL post-training for flow-matching models")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -319,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "when the run kept one, i.e. what it evaluated)")
     sub.add_parser("pretrain", add_help=False, help="retrain the embedded model and its classifier (flowpo pretrain --help)")
     sub.add_parser("bench", add_help=False, help="presets × seeds × tasks benchmark (flowpo bench --help)")
+    sub.add_parser("tune", add_help=False, help="tune every preset alike on tuning seeds, then race on held-out "
+                                                "seeds (flowpo tune --help)")
     sp = sub.add_parser("serve-reward", help="serve reward scorers over HTTP for remote training processes",
                         description="Serve registered or dotted-path reward scorers over HTTP (protocol 1: "
                                     "safetensors or PNG in, JSON out, no pickle; docs/reward_services.md). "
@@ -347,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
-    if argv and argv[0] in ("pretrain", "bench"):
+    if argv and argv[0] in ("pretrain", "bench", "tune"):
         args, rest = argparse.Namespace(verb=argv[0]), argv[1:]
     else:
         args, rest = ap.parse_known_args(argv)
@@ -355,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key.path=value)")
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "export": _cmd_export,
-                "pretrain": _cmd_pretrain, "bench": _cmd_bench, "presets": _cmd_presets, "config": _cmd_config,
+                "pretrain": _cmd_pretrain, "bench": _cmd_bench, "tune": _cmd_tune, "presets": _cmd_presets,
+                "config": _cmd_config,
                 "serve-reward": _cmd_serve_reward}
     if getattr(args, "help_config", False):
         args.verb = "config"

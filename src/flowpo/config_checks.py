@@ -9,6 +9,9 @@ from flowpo.errors import ConfigError, show
 SEED_MAX = 2 ** 63 - 1
 """Seeds are integers from 0 to 2**63 - 1 (torch.manual_seed's range, kept exact)."""
 
+CFG_FREE_OBJECTIVES = ("diffusion_nft", "awm")
+"""Objectives whose authors train without CFG (guidance 1): a guidance ≠ 1 needs objective.allow_cfg."""
+
 THREADS_MAX = 1024
 """train.threads' ceiling (torch's OpenMP pool would otherwise try to start that many threads)."""
 
@@ -67,6 +70,13 @@ def check(cfg) -> None:
     _check_range("plan.tau_decay", p.tau_decay, 0, 1, lo_open=True)
     _check_range("plan.tau_min", p.tau_min, 1)
     _check_range("plan.truncate_at", p.truncate_at, 0, 1)
+    _check_range("plan.strata", p.strata, 1)
+    _check_range("plan.strata_first", p.strata_first, 0)
+    if p.kind == "stratified":  # the strata split steps first … hi − 1 (flowpo.plans.Stratified)
+        import math
+
+        hi = min(math.floor(p.train_fraction * s.steps + 1e-9), s.steps - 1)
+        _check_range("plan.strata_first", p.strata_first, 0, hi - 1)
     _check_range("solver.compression", cfg.solver.compression, 0, 1, lo_open=True)
     if len(cfg.reward.names) == 0:
         raise ConfigError("reward.names=[] is empty; give at least one reward, e.g. reward.names=[digit_alignment]")
@@ -101,6 +111,9 @@ def check(cfg) -> None:
     _check_range("objective.anchor_beta", o.anchor_beta, 0)
     _check_range("objective.awm_p", o.awm_p, 0, 1, lo_open=True)
     _check_range("objective.awm_clip", o.awm_clip, 0, lo_open=True)
+    if o.kind in CFG_FREE_OBJECTIVES and s.guidance != 1 and not o.allow_cfg:
+        raise ConfigError(f"sample.guidance={show(s.guidance)} turns CFG on for objective.kind={o.kind}, a CFG-free "
+                          "method; set sample.guidance=1, or objective.allow_cfg=true to train with CFG anyway")
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)

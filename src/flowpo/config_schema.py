@@ -131,6 +131,13 @@ class PlanConfig:
     truncate_at (sigma), or the last truncate_at fraction of the steps (fraction)."""
     truncate_at: float = 0.5
     """plan.truncate's threshold: a σ in [0, 1] (sigma) or a fraction in [0, 1) (fraction)."""
+    strata: int = 6
+    """stratified: k training steps per iteration, one from each of k strata of the steps
+    first … ⌊train_fraction·T⌋ − 1 (AWM's authors: 6 of a 14-step grid); capped at the number of
+    those steps."""
+    strata_first: int = 1
+    """stratified: the first step a stratum may hold (1: never σ = 1, AWM's GenEval/OCR configs;
+    0: their PickScore config)."""
 
 
 @dataclass
@@ -139,7 +146,17 @@ class SolverConfig:
     """Deterministic solver for the ODE steps after the last SDE step (dpm2m: MixGRPO-Flash;
     flowpo.solvers.TAILS)."""
     compression: float = 1.0
-    """r̃: the post-window segment uses ceil((T − l − w)·r̃) steps (dpm2m only)."""
+    """r̃: the post-window segment's step count from the n = T − l − w remaining steps (dpm2m only;
+    solver.step_rule)."""
+    step_rule: Literal["ceil", "mixgrpo"] = "ceil"
+    """dpm2m tail: ⌈n·r̃⌉ post-window steps ('ceil'), or int((n + 1)·r̃) − 1 as MixGRPO's public
+    code takes ('mixgrpo'); at least 1 either way (flowpo.solvers.compressed_steps)."""
+    warm_start: bool = False
+    """dpm2m tail: continue the DPM-Solver++ 2M history of the grid steps before it, so its first
+    step is second order (MixGRPO's public code); false restarts it at first order."""
+    grid: Literal["euler", "dpm2m"] = "euler"
+    """How the rollout's deterministic grid steps (sample.kernel=ode, or a plan's ODE steps) are
+    taken: Euler, or DPM-Solver++ 2M with its history along the grid (DiffusionNFT's rollout)."""
 
 
 @dataclass
@@ -278,6 +295,9 @@ class ObjectiveConfig:
     """awm: the ghuber exponent p."""
     awm_clip: float = 1.0
     """awm: clip range ε of the ratio exp(ℓ_θ − ℓ_old) (the paper's configs: 1)."""
+    allow_cfg: bool = False
+    """diffusion_nft, awm: allow sample.guidance ≠ 1 (CFG on). Both are CFG-free methods; a config
+    that turns CFG on for them is refused unless this is true."""
 
 
 @dataclass

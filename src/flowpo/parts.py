@@ -105,7 +105,8 @@ def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
         window_size=p.window_size, strategy=p.strategy, stride=p.stride, interval=p.tau,
         decay=p.tau_decay, min_interval=p.tau_min,
         truncate_sigma_min=p.truncate_at if p.truncate == "sigma" else None,
-        truncate_fraction=p.truncate_at if p.truncate == "fraction" else None)
+        truncate_fraction=p.truncate_at if p.truncate == "fraction" else None,
+        strata=p.strata, strata_first=p.strata_first)
 
 
 def train_prompt_pool(cfg: Config) -> PromptSet:

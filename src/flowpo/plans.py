@@ -17,6 +17,7 @@ call (iteration, window) for logging and checkpoints; `load_state_dict()` restor
 | RandomSubset | all | per sample round(f·(T−1)) random usable steps | DanceGRPO (2505.07818) |
 | RandomWindow | window | window of random size in [w_min, w_max] in a range | Flow-GRPO fast configs |
 | SlidingWindow | window | w consecutive steps at l (frozen/random/progressive/decay) | MixGRPO (2507.21802) |
+| Stratified | all | one step from each of k strata of [first, ⌊f·T⌋), shared by all rows | AWM (2509.25050) code |
 | Truncate | inner's | inner's minus the late steps (σ_t < σ_min, or last fraction) | OP-GRPO (2604.04142) |
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "RandomSubset",
     "RandomWindow",
     "SlidingWindow",
+    "Stratified",
     "Truncate",
     "truncation_keep",
     "build_plan",
@@ -250,6 +252,40 @@ class SlidingWindow(Plan):
         return self._full(n, row), self._full(n, row), (start, start + self.size)
 
 
+class Stratified(Plan):
+    """AWM's timestep plan (scxue/advantage_weighted_matching, `time_type` discrete_wo_init, and
+    discrete with first = 0): every step SDE; k steps trained, one per stratum.
+
+    The strata split [first, hi) with hi = min(⌊f·T⌋, T − 1) at the points b_j = first +
+    j·(hi − first)/k (j = 0 … k); stratum j holds the integers ⌊b_j⌋ … ⌊b_{j+1}⌋ − 1 and its step is
+    ⌊b_j⌋ + ⌊u_j·(⌊b_{j+1}⌋ − ⌊b_j⌋)⌋ with u_j ~ U[0, 1), one draw per iteration shared by every
+    row (the authors share it across a micro-batch). AWM's SD3.5-M configs: T = 14, f = 0.9, k = 6,
+    first = 1, so the steps come from 1–11 and σ = 1 (step 0, whose input holds nothing of x0) is
+    never trained. k is capped at hi − first (then every step first … hi − 1 trains), so a preset's
+    k stays valid on a short grid.
+    """
+
+    def __init__(self, sigmas: Tensor, count: int = 6, first: int = 1, fraction: float = 0.9) -> None:
+        super().__init__(sigmas)
+        if not 0 < fraction <= 1:
+            _fail("train_fraction", fraction, "a float in (0, 1]")
+        self.hi = min(math.floor(fraction * self.T + 1e-9), self.T - 1)
+        if not 0 <= first < self.hi:
+            _fail("strata_first", first, f"an int in [0, {self.hi - 1}] (the strata end at step {self.hi})")
+        if count < 1:
+            _fail("strata", count, "an int >= 1")
+        self.count = min(count, self.hi - first)  # a short grid: every usable step, one per stratum
+        b = torch.linspace(first, self.hi, self.count + 1).floor().long()  # [k + 1]
+        self.lower, self.width = b[:-1], b[1:] - b[:-1]  # [k], [k]
+
+    def _masks(self, iteration, n, group_ids, generator):
+        u = torch.rand(len(self.lower), generator=generator, device=generator.device).cpu()
+        picked = self.lower + (u * self.width).long()  # [k]
+        row = torch.zeros(self.T, dtype=torch.bool)
+        row[picked] = True
+        return torch.ones(n, self.T, dtype=torch.bool), self._full(n, row), None
+
+
 def truncation_keep(sigmas: Tensor, sigma_min: float | None = None, fraction: float | None = None) -> Tensor:
     """OP-GRPO late-step truncation: which steps keep training. → bool [T]
 
@@ -310,6 +346,8 @@ def build_plan(
     min_interval: int = 1,
     truncate_sigma_min: float | None = None,
     truncate_fraction: float | None = None,
+    strata: int = 6,
+    strata_first: int = 1,
 ) -> Plan:
     """Build a plan from plain keyword arguments (config fields), wrapped in `Truncate` when a
     truncation field is set. Only the fields of the chosen kind are used.
@@ -318,13 +356,15 @@ def build_plan(
     - random_subset: subset_fraction, share_in_group
     - random_window: window_min, window_max, window_range
     - sliding_window: window_size, strategy, stride, interval (τ), decay (γ), min_interval (τ_min)
+    - stratified: strata (k), strata_first, train_fraction (f)
     """
     if kind not in PLANS:
         _fail("kind", kind, str(list(PLANS)))
     plan: Plan = PLANS[kind](sigmas, dict(
         train_fraction=train_fraction, subset_fraction=subset_fraction, share_in_group=share_in_group,
         window_min=window_min, window_max=window_max, window_range=window_range, window_size=window_size,
-        strategy=strategy, stride=stride, interval=interval, decay=decay, min_interval=min_interval))
+        strategy=strategy, stride=stride, interval=interval, decay=decay, min_interval=min_interval,
+        strata=strata, strata_first=strata_first))
     if truncate_sigma_min is not None or truncate_fraction is not None:
         plan = Truncate(plan, truncate_sigma_min, truncate_fraction)
     return plan
@@ -336,6 +376,7 @@ PLANS: dict[str, Any] = {
     "random_window": lambda sig, a: RandomWindow(sig, a["window_min"], a["window_max"], a["window_range"]),
     "sliding_window": lambda sig, a: SlidingWindow(sig, a["window_size"], a["strategy"], a["stride"], a["interval"],
                                                    a["decay"], a["min_interval"]),
+    "stratified": lambda sig, a: Stratified(sig, a["strata"], a["strata_first"], a["train_fraction"]),
 }
 """plan.kind → builder from (σ grid, the plan's keyword fields); the only list of the plan names."""
 PLAN_KINDS = tuple(PLANS)

@@ -36,11 +36,13 @@ PRESETS: dict[str, Preset] = {
          "plan.strategy": "progressive", "plan.window_size": 2, "plan.tau": 15, "plan.stride": 1,
          "reward.aggregation": "normalize_then_sum"}),
     "mix_grpo_flash": Preset(
-        "MixGRPO-Flash: MixGRPO + DPM-Solver++ 2M after the window with r̃=0.4",
+        "MixGRPO-Flash: MixGRPO + DPM-Solver++ 2M after the window with r̃=0.4, as MixGRPO's public code: "
+        "int((n+1)·r̃) − 1 steps for n remaining, the solver's history kept from the window",
         "Li et al. 2025, arXiv 2507.21802",
         {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "sliding_window",
          "plan.strategy": "progressive", "plan.window_size": 2, "plan.tau": 12, "plan.stride": 1,
-         "solver.kind": "dpm2m", "solver.compression": 0.4, "reward.aggregation": "normalize_then_sum"}),
+         "solver.kind": "dpm2m", "solver.compression": 0.4, "solver.step_rule": "mixgrpo", "solver.warm_start": True,
+         "reward.aggregation": "normalize_then_sum"}),
     "mix_grpo_flash_star": Preset(
         "MixGRPO-Flash*: window frozen at the noisiest steps, DPM-Solver++ 2M after it with r̃=0.2",
         "Li et al. 2025, arXiv 2507.21802",
@@ -68,31 +70,39 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# Successors on final samples (docs/methods.md: defaults from the papers' SD3.5-M configs; the
+# Successors on final samples (docs/methods.md: defaults from the authors' SD3.5-M configs; the
 # old-policy ramp, 0.001 per optimizer step over ~1k steps there, is scaled to the embedded budget
-# of ~60 iterations: 0.001·1000/60 ≈ 0.017 per iteration).
+# of ~60 iterations: 0.001·1000/60 ≈ 0.017 per iteration). Both are CFG-free (guidance 1, set here
+# so a YAML's guidance cannot turn CFG on unnoticed) and take one optimizer step per rollout.
 PRESETS["diffusion_nft"] = Preset(
-    "DiffusionNFT: ODE rollouts, flow matching on the final samples with implicit positive/negative policies "
-    "(β=1), optimality r from the global-std advantage, θ_old a soft copy (η ramped to 0.5), CFG-free",
+    "DiffusionNFT: deterministic DPM-Solver++ 2M rollouts, flow matching on the final samples with implicit "
+    "positive/negative policies (β=1), optimality r from the global-std advantage, θ_old a soft copy (η ramped "
+    "to 0.5), one optimizer step per rollout, CFG-free",
     "Zheng et al. 2025, arXiv 2509.16117",
-    {"objective.kind": "diffusion_nft", "sample.kernel": "ode", "plan.kind": "all_but_last",
-     "plan.train_fraction": 0.99, "objective.nft_beta": 1.0, "objective.adv_max": 5.0, "objective.ref_beta": 1e-4,
-     "objective.old_ramp": 0.017, "objective.old_max": 0.5, "advantage.std": "global"})
+    {"objective.kind": "diffusion_nft", "sample.kernel": "ode", "solver.grid": "dpm2m", "sample.guidance": 1.0,
+     "plan.kind": "all_but_last", "plan.train_fraction": 0.99, "objective.nft_beta": 1.0, "objective.adv_max": 5.0,
+     "objective.ref_beta": 1e-4, "objective.old_ramp": 0.017, "objective.old_max": 0.5, "advantage.std": "global",
+     "train.minibatches": 1})
+# AWM as first shipped (a random half of the usable steps, KL 0.003, two optimizer steps per
+# rollout): flowpo_awm_flash was chosen and benchmarked with it, and the ablation keeps its plan
+_AWM_V1 = {"objective.kind": "awm", "sample.kernel": "ode", "plan.kind": "random_subset", "plan.subset_fraction": 0.5,
+           "objective.adv_max": 5.0, "objective.ref_beta": 0.003, "objective.anchor_beta": 1.0,
+           "objective.old_ramp": 0.017, "objective.old_max": 0.3, "objective.awm_weighting": "ghuber",
+           "objective.awm_p": 0.25, "objective.awm_clip": 1.0, "advantage.std": "global"}
 PRESETS["awm"] = Preset(
-    "Advantage Weighted Matching: ODE rollouts, advantage-weighted flow-matching loss (ghuber, p=0.25) on half "
-    "the grid steps per sample, KL 0.003 to the reference and an EMA anchor (decay ramped to 0.3)",
+    "Advantage Weighted Matching: ODE rollouts, advantage-weighted flow-matching loss (ghuber, p=0.25) at 4 "
+    "stratified steps of 1-8 (never σ=1; the authors' 6 of 1-11 on 14 steps, scaled to 10) shared by the batch, "
+    "KL 0.001 to the reference, an EMA anchor (decay ramped to 0.3), one optimizer step per rollout, CFG-free",
     "Xue et al. 2025, arXiv 2509.25050",
-    {"objective.kind": "awm", "sample.kernel": "ode", "plan.kind": "random_subset", "plan.subset_fraction": 0.5,
-     "objective.adv_max": 5.0, "objective.ref_beta": 0.003, "objective.anchor_beta": 1.0,
-     "objective.old_ramp": 0.017, "objective.old_max": 0.3, "objective.awm_weighting": "ghuber",
-     "objective.awm_p": 0.25, "objective.awm_clip": 1.0, "advantage.std": "global"})
+    {**_AWM_V1, "plan.kind": "stratified", "plan.strata": 4, "plan.strata_first": 1, "plan.train_fraction": 0.9,
+     "objective.ref_beta": 0.001, "sample.guidance": 1.0, "train.minibatches": 1})
 PRESETS["flowpo_awm_flash"] = Preset(
     "flowpo's combination on AWM: AWM's objective trained only in a frozen window over the 5 noisiest steps, "
     "DPM-Solver++ 2M after it (r̃=0.4, as MixGRPO-Flash), learning rate 1e-3 decayed along a cosine to 1e-4",
     "this project (docs/methods.md)",
-    {**PRESETS["awm"].overrides, "plan.kind": "sliding_window", "plan.strategy": "frozen", "plan.window_size": 5,
-     "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3, "train.lr_schedule": "cosine",
-     "train.lr_final": 0.1})
+    {**_AWM_V1, "sample.guidance": 1.0, "plan.kind": "sliding_window", "plan.strategy": "frozen",
+     "plan.window_size": 5, "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3,
+     "train.lr_schedule": "cosine", "train.lr_final": 0.1})
 _OP = PRESETS["op_grpo"].overrides
 # the replay settings flowpo's combinations were tuned and benchmarked with (the op_grpo preset
 # before it followed the paper's description: docs/methods.md), kept so their results stand
@@ -166,6 +176,14 @@ PRESETS.update({
                                "ablation", {**_OP, "replay.age_unit": "iterations"}, "op_grpo"),
     "op_grpo_sum_is": Preset("OP-GRPO ablation: the sequence weight on the full (sum-reduced) density, clipped "
                              "to [1/2, 2]", "ablation", {**_OP, "replay.is_density": "sum"}, "op_grpo"),
+    "awm_random_subset": Preset("AWM ablation: a random half of the usable steps per sample (σ = 1 included; the "
+                                "preset's first σ selection) instead of the authors' stratified plan", "ablation",
+                                {**PRESETS["awm"].overrides, "plan.kind": "random_subset", "plan.subset_fraction": 0.5},
+                                "awm"),
+    "mix_grpo_flash_restart": Preset("MixGRPO-Flash ablation: ⌈n·r̃⌉ post-window steps, the solver restarted at "
+                                     "first order (flowpo's first reading of the paper)", "ablation",
+                                     {**PRESETS["mix_grpo_flash"].overrides, "solver.step_rule": "ceil",
+                                      "solver.warm_start": False}, "mix_grpo_flash"),
     "stepwise_grpo_per_step": Preset("Stepwise ablation: per-step instead of joint gain normalisation", "ablation",
                                      {**_SW, "advantage.normalize": "per_step"}, "stepwise_grpo"),
 })

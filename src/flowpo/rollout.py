@@ -5,8 +5,10 @@ For each step t of the training grid σ_0 = 1 > … > σ_T = 0 and each row i:
     v = v_θ(x_t, σ_t | c_i)                         (guidance inside the policy)
     x_{t+1} = kernel(x_t, v, σ_t, σ_{t+1})           if plan.sde[i, t]   (log-prob recorded)
     x_{t+1} = x_t + (σ_{t+1} − σ_t)·v               otherwise (Euler ODE)
+With `solver.grid=dpm2m` the deterministic steps (the ODE kernel, or a plan's ODE rows) are
+DPM-Solver++ 2M steps instead, their history carried along the grid (DiffusionNFT's rollout).
 After the last stochastic step e, a `dpm2m` solver may replace the remaining ODE steps by a
-shorter segment (MixGRPO-Flash, arXiv 2507.21802 §3.3).
+shorter segment (MixGRPO-Flash, arXiv 2507.21802 §3.3), optionally continuing that history.
 
 All randomness comes from per-row noise drawn from per-row generators, so a sample depends only on
 (seed, iteration, global row index): one process and N processes draw the same trajectories.
@@ -26,7 +28,7 @@ from flowpo.lockstep import agreed_count, agreed_steps
 from flowpo.policy.base import Cond, Policy, select_cond
 from flowpo.policy.edit import encode_rows
 from flowpo.sde import ode_step
-from flowpo.solvers import solve
+from flowpo.solvers import Multistep, solve
 from flowpo.trajectory import Chunks, Trajectory, make_chunks
 
 
@@ -58,6 +60,8 @@ class RolloutSpec:
     reduction: str
     tail: object
     guided: Callable | None = None  # flowpo.guided.GuidedVelocity (None: the policy's velocity at `guidance`)
+    grid: str = "euler"         # solver.grid: the deterministic grid steps, euler or dpm2m
+    history: bool = False       # keep the 2M history along the grid (solver.grid=dpm2m or a warm-started tail)
 
 
 @torch.no_grad()
@@ -89,9 +93,11 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
     last_sde = max((t + 1 for t, on in enumerate(sde_steps) if on), default=0)
     # grid steps run one by one; after `stop` the tail part (a compressed solver segment) may take over
     stop = spec.tail.stop(T, last_sde)
+    deterministic_kernel = kern is ode_step
     for idx in chunks:
         xc = x_init[idx].float()
         cond_c = select_cond(cond, idx)
+        hist = Multistep() if spec.history else None
         for t in range(stop):
             s, s_next = float(sigmas[t]), float(sigmas[t + 1])
             sig = torch.full((len(idx),), s, device=dev)
@@ -102,7 +108,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
             else:
                 v = policy.velocity(xc, sig, cond_c, guidance)
             nfe += len(idx) * policy.evals_per_row(guidance)
-            rows_sde = sde[idx, t]
+            rows_sde, x_in = sde[idx, t], xc
             if rows_sde.all():
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
                 xc, log_probs[idx, t] = st.sample, st.log_prob
@@ -114,10 +120,15 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
                 log_probs[idx, t] = torch.where(rows_sde, st.log_prob, torch.zeros_like(st.log_prob))
             else:
                 xc = ode_step(xc, v, s, s_next, noise_level).sample
+            if hist is not None:  # the 2M step from this step's input x (the history is kept either way)
+                x_dpm = hist.step(x_in, v, s, s_next)
+                if spec.grid == "dpm2m":
+                    det = torch.ones_like(rows_sde) if deterministic_kernel else ~rows_sde  # [n_c]
+                    xc = torch.where(det.view(-1, *([1] * len(dims))), x_dpm, xc)
             states[idx, t + 1] = xc
         if stop < T:
             xc, evals = spec.tail.finish(chunked_velocity(policy, cond_c, [torch.arange(len(idx))], guidance), xc,
-                                         float(sigmas[stop]), T - stop)
+                                         float(sigmas[stop]), T - stop, hist.history if hist is not None else None)
             nfe += evals * len(idx) * policy.evals_per_row(guidance)
         final[idx] = xc
         if on_chunk is not None and len(idx):  # (a rank's empty part of a lock-stepped chunk: nothing to score)

@@ -29,6 +29,9 @@ TASKS: dict[str, Task] = {
                   ("reward.names=[digit_alignment,stroke_quality]", "reward.weights=[1.0,1.0]")),
     "sparse": Task("binary success: the prompted digit in bold strokes (~10% of base samples; GenEval-like)",
                    ("reward.names=[digit_bold]",)),
+    "heavy": Task("the prompted digit in heavy strokes: p_clf(digit) times a one-sided penalty on ink below 0.42 "
+                  "(dense, but 0.03 at base and far from the ceiling 1 at the budget; issue 29)",
+                  ("reward.names=[digit_heavy]",)),
 }
 
 REFERENCE = "flow_grpo"  # the preset that defines each task's target
@@ -266,7 +269,10 @@ def write_summary_md(path: Path, summary: list[dict], cmdline: str) -> None:
 
 
 def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
-    """plots/TASK_vs_{iterations,wall,nfe}.png: eval reward, mean over seeds, min–max band."""
+    """plots/TASK_vs_{iterations,wall,nfe}.png: eval reward, mean over seeds, its 95% bootstrap
+    interval shaded (flowpo.bench.stats.band)."""
+    from flowpo.bench.stats import band
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,12 +300,13 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
                                 color=f"C{i % 10}", lw=2.2 if preset == REFERENCE else 1.4,
                                 label=f"{preset} ({len(runs)} seeds)")
                 if len(runs) > 1:
-                    ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+                    lo_hi = [band(y) for y in ys]
+                    ax.fill_between(x, [b[0] for b in lo_hi], [b[1] for b in lo_hi], color=line.get_color(), alpha=0.15)
             if tgt is not None:
                 ax.axhline(tgt, ls="--", color="k", lw=1, label=f"target ({REFERENCE} final mean)")
             ax.set_xlabel(label)
             ax.set_ylabel("eval reward")
-            ax.set_title(f"{task}: eval reward vs {label} (mean, min–max over seeds)")
+            ax.set_title(f"{task}: eval reward vs {label} (mean, 95% bootstrap CI over seeds)", fontsize=10)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
@@ -311,13 +318,20 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
     return written
 
 
-def report(out: Path, jobs: list[Job], iterations: int | None, cmdline: str) -> list[dict]:
+def report(out: Path, jobs: list[Job], iterations: int | None, cmdline: str, lr: dict | None = None) -> list[dict]:
+    """results.csv, summary.csv/.md, race.csv/.md (bootstrap intervals, censored runs: flowpo.bench.stats)
+    and plots/ from the run folders of `jobs`. `lr`: (task, preset) → tuned point, shown in race.md."""
+    from flowpo.bench.stats import RACE_COLUMNS, race, write_race_md
+
     rows, curves = collect(out, jobs, iterations)
     rows.sort(key=lambda r: (r["task"], r["preset"] != REFERENCE, r["preset"], r["seed"]))
     write_csv(out / "results.csv", rows, RESULT_COLUMNS)
     summary = summarize(rows)
     write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     write_summary_md(out / "summary.md", summary, cmdline)
+    table = race(rows)
+    write_csv(out / "race.csv", table, RACE_COLUMNS)
+    write_race_md(out / "race.md", table, cmdline, REFERENCE, lr)
     plot(out, rows, curves)
-    print(f"bench: wrote {out / 'results.csv'} ({len(rows)} rows), summary.csv, summary.md, plots/", flush=True)
+    print(f"bench: wrote {out / 'results.csv'} ({len(rows)} rows), summary.csv/.md, race.csv/.md, plots/", flush=True)
     return rows

@@ -13,7 +13,9 @@ is ≥ target (empty if none); wall_s_to_target and nfe_to_target are that eval 
 
 Outputs in DIR: results.csv (one row per run), summary.csv and summary.md (per task × preset, mean
 and std over seeds), plots/TASK_vs_{iterations,wall,nfe}.png, failures.txt (stderr tails, if any),
-logs/TASK/PRESET/seedS.{out,err,json} (child output and its peak RSS from os.wait4).
+logs/TASK/PRESET/seedS.{out,err,json} (child output and its peak RSS from os.wait4), race.csv and
+race.md (mean and 95% bootstrap interval of iterations and wall time to target, runs that never
+reach it censored at the budget; flowpo.bench.stats).
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ Scorer = Callable[..., torch.Tensor]
 REGISTRY: dict[str, str] = {
     "digit_alignment": "flowpo.embedded.rewards:digit_alignment",
     "digit_bold": "flowpo.embedded.rewards:digit_bold",
+    "digit_heavy": "flowpo.embedded.rewards:digit_heavy",
     "jpeg_compressibility": "flowpo.embedded.rewards:jpeg_compressibility",
     "jpeg_incompressibility": "flowpo.embedded.rewards:jpeg_incompressibility",
     "stroke_quality": "flowpo.embedded.rewards:stroke_quality",
