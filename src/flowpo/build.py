@@ -90,7 +90,7 @@ def build(cfg: Config, dist) -> Parts:
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
                        tail=TAILS[cfg.solver.kind](cfg))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
-                  reduction=s.reduction, seed=cfg.train.seed, params=params)
+                  reduction=s.reduction, seed=cfg.train.seed, params=params, reduce_sum=dist.all_reduce_sum)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
     rollout = Rollout(policy, sigmas, spec, plan, pool, s, cfg.train.seed, dist, device, objective.sampling)
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,

@@ -94,7 +94,11 @@ class PlanConfig:
     window_min: int = 2
     """random_window: the minimum window size."""
     window_range: float = 0.5
-    """random_window: the window lies inside the first `window_range` fraction of the steps."""
+    """random_window, random_steps: the window (the drawn steps) lies inside the first `window_range`
+    fraction of the steps."""
+    num_steps: int = 3
+    """random_steps: k, the distinct steps drawn (one draw per iteration, shared by every row) that are
+    SDE and trained (DGPO: 4 of the first 5; Flow-DPPO: 3 of the first half)."""
     strategy: Literal["frozen", "random", "progressive", "progressive_decay"] = "progressive"
     """sliding_window: how the window moves (MixGRPO)."""
     tau: int = 25
@@ -236,8 +240,9 @@ class LossConfig:
 @dataclass
 class ObjectiveConfig:
     kind: str = "clipped_surrogate"
-    """What the update minimises (flowpo.objectives.OBJECTIVES): the clipped surrogate on stored
-    transitions (options under loss.*), DiffusionNFT or AWM on final samples (options below)."""
+    """What the update minimises (flowpo.objectives.OBJECTIVES): on stored transitions the clipped
+    surrogate, GRPO-Guard or Flow-DPPO (options under loss.* and below); on final samples
+    DiffusionNFT, AWM or DGPO (options below)."""
     nft_beta: float = 1.0
     """diffusion_nft: β of the implicit policies v± (the paper: 1, 0.1 for OCR and multi-reward)."""
     adv_max: float = 5.0
@@ -257,6 +262,26 @@ class ObjectiveConfig:
     """awm: the ghuber exponent p."""
     awm_clip: float = 1.0
     """awm: clip range ε of the ratio exp(ℓ_θ − ℓ_old) (the paper's configs: 1)."""
+    dgpo_beta: float = 100.0
+    """dgpo: β of the group preference σ(β/G·Σ_g A·(m_θ − m_ref)) (the authors' GenEval/OCR configs: 100;
+    PickScore 10)."""
+    dgpo_clip: float = 0.01
+    """dgpo: PPO-style clip ε of the matching-loss ratio exp(m_old − m_θ) (GenEval/OCR configs: 1e-2)."""
+    dgpo_reference: Literal["reference", "old"] = "reference"
+    """dgpo: the model the group preference is measured against: the frozen reference (adapter
+    disabled; the authors' default) or the soft copy θ_old (their use_ema_ref, TDM-R1's dynamic reference)."""
+    dgpo_group_noise: bool = True
+    """dgpo: the members of a group share the forward-process noise ε at each trained step (the
+    authors' use_shared_noise); false draws it per row."""
+    old_sampling_from: int = -1
+    """dgpo: from this iteration on the rollout samples with the soft copy θ_old (the authors'
+    switch_ema_ref); -1: never."""
+    dppo_threshold: float = 1e-5
+    """flow_dppo: δ, the divergence above which an update moving away from π_old is masked (the mean-
+    reduced Gaussian KL, UniRL's kl_mask_threshold 1e-5)."""
+    guard_reweight: bool = True
+    """grpo_guard: divide each step's loss by |dt| (GRPO-Guard's gradient reweighting); false keeps
+    only RatioNorm."""
 
 
 @dataclass
