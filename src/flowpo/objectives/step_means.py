@@ -22,9 +22,9 @@ from flowpo.policy.base import select_cond
 def mean_gap(mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """reduce_D (μ_θ − μ_old)² / (2 s²): the exact KL between N(μ_old, s²I) and N(μ_θ, s²I), per
     latent dim (mean) or whole (sum). mean, old_mean [m, *D]; std [m] → [m]."""
-    sq = ((mean.float() - old_mean.float()) ** 2).flatten(1)
+    sq = ((mean - old_mean) ** 2).flatten(1)
     sq = sq.mean(1) if reduction == "mean" else sq.sum(1)
-    return sq / (2 * std.float() ** 2).clamp_min(1e-20)
+    return sq / (2 * std ** 2).clamp_min(1e-20)
 
 
 class StepMeansSurrogate(ClippedSurrogate):
