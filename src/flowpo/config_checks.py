@@ -110,7 +110,7 @@ def check(cfg) -> None:
     _check_range("objective.awm_clip", o.awm_clip, 0, lo_open=True)
     _check_range("objective.dgpo_beta", o.dgpo_beta, 0, lo_open=True)
     _check_range("objective.dgpo_clip", o.dgpo_clip, 0, lo_open=True)
-    _check_range("objective.old_sampling_from", o.old_sampling_from, -1)
+    _check_range("objective.old_sampling_from", o.old_sampling_from, 0)
     _check_range("objective.dppo_threshold", o.dppo_threshold, 0)
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)

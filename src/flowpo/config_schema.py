@@ -273,9 +273,9 @@ class ObjectiveConfig:
     dgpo_group_noise: bool = True
     """dgpo: the members of a group share the forward-process noise ε at each trained step (the
     authors' use_shared_noise); false draws it per row."""
-    old_sampling_from: int = -1
+    old_sampling_from: Optional[int] = None
     """dgpo: from this iteration on the rollout samples with the soft copy θ_old (the authors'
-    switch_ema_ref); -1: never."""
+    switch_ema_ref); null: never."""
     dppo_threshold: float = 1e-5
     """flow_dppo: δ, the divergence above which an update moving away from π_old is masked (the mean-
     reduced Gaussian KL, UniRL's kl_mask_threshold 1e-5)."""

@@ -36,7 +36,7 @@ objective reproduces:
   always uses the frozen reference (β_KL = `objective.ref_beta`).
 - Members of a group share ε at each trained σ (`objective.dgpo_group_noise`, their use_shared_noise).
 - From iteration `objective.old_sampling_from` on, the rollout samples with θ_old (their
-  switch_ema_ref; -1: never).
+  switch_ema_ref; null: never).
 The rollout is the deterministic ODE (their noise_level 0), and the plan (`random_steps`) trains k
 random steps of the first part of the grid, shared by the batch (their num_train_timesteps = 4 of
 trunc_steps + 1 = 5). Replayed rows (OP-GRPO) join their group's sum like fresh ones.
@@ -101,7 +101,7 @@ class DGPO(FinalSampleObjective):
     def sampling(self, iteration: int = 0):
         """The current weights, or θ_old from iteration objective.old_sampling_from on."""
         start = self.o.old_sampling_from
-        return self.old.swapped() if 0 <= start <= iteration else contextlib.nullcontext()
+        return self.old.swapped() if start is not None and start <= iteration else contextlib.nullcontext()
 
     def _noise_seeds(self, b, iteration: int, stream_seed) -> list[int]:
         if not self.o.dgpo_group_noise:
