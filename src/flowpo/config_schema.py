@@ -248,12 +248,12 @@ class ObjectiveConfig:
     adv_max: float = 5.0
     """diffusion_nft, awm: A_max; NFT's optimality r = ½ + ½·clip(A/A_max, −1, 1), AWM's A' = clip(A)/A_max."""
     ref_beta: float = 1e-4
-    """diffusion_nft, awm: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
+    """diffusion_nft, awm, dgpo: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
     old_ramp: float = 0.0
-    """diffusion_nft, awm: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
+    """diffusion_nft, awm, dgpo: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
     0 keeps θ_old = θ at each iteration start (no copy kept)."""
     old_max: float = 0.5
-    """diffusion_nft, awm: the largest η of old_ramp."""
+    """diffusion_nft, awm, dgpo: the largest η of old_ramp."""
     anchor_beta: float = 0.0
     """awm: weight of mean (v_θ − v_old)² to the soft copy θ_old (the paper's EMA term: 1)."""
     awm_weighting: Literal["uniform", "t", "ghuber"] = "ghuber"
@@ -277,8 +277,8 @@ class ObjectiveConfig:
     """dgpo: from this iteration on the rollout samples with the soft copy θ_old (the authors'
     switch_ema_ref); null: never."""
     dppo_threshold: float = 1e-5
-    """flow_dppo: δ, the divergence above which an update moving away from π_old is masked (the mean-
-    reduced Gaussian KL, UniRL's kl_mask_threshold 1e-5)."""
+    """flow_dppo: δ, the divergence above which an update moving away from π_old is masked (the
+    Gaussian KL per latent dimension; UniRL's kl_mask_threshold 1e-5)."""
     guard_reweight: bool = True
     """grpo_guard: divide each step's loss by |dt| (GRPO-Guard's gradient reweighting); false keeps
     only RatioNorm."""
