@@ -182,7 +182,9 @@ def test_two_processes_match_one_process_regenerated_tails_and_final_sample_obje
 
 
 @pytest.mark.slow  # issue 30's objectives: DGPO's group sums span ranks (Context.reduce_sum); ~15 s each
-@pytest.mark.parametrize("preset,extra", [("dgpo", ["objective.old_ramp=0.3", "objective.old_sampling_from=2"]),
+# (3 groups of 2 over 2 ranks of 3 rows: group 1 has a row on each rank, so its sum crosses them)
+@pytest.mark.parametrize("preset,extra", [("dgpo", ["objective.old_ramp=0.3", "objective.old_sampling_from=2",
+                                                    "sample.prompts_per_iteration=3", "sample.group_size=2"]),
                                           ("dgpo", ["replay.k=1", "objective.dgpo_reference=old"]),
                                           ("grpo_guard", ["replay.k=1", "train.lr=3e-4"]),
                                           ("flow_dppo", ["objective.dppo_threshold=0"])])

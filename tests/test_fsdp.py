@@ -100,7 +100,8 @@ def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, pres
 
 
 @pytest.mark.slow  # issue 30's objectives sharded: the μ_old pass and DGPO's group sums under lock-step (~10 s each)
-@pytest.mark.parametrize("preset,extra", [("dgpo", ["plan.num_steps=2", "objective.old_ramp=0.3"]),
+@pytest.mark.parametrize("preset,extra", [("dgpo", ["plan.num_steps=2", "objective.old_ramp=0.3",
+                                                    "sample.prompts_per_iteration=3", "sample.group_size=2"]),
                                           ("grpo_guard", ["train.lr=3e-4"]),
                                           ("flow_dppo", ["plan.num_steps=2", "objective.dppo_threshold=0"])])
 def test_fsdp2_two_ranks_equal_one_new_objectives(tmp_path, tiny, preset, extra):
