@@ -4,7 +4,8 @@
 
 DPO over groups instead of pairs. A group's samples are split by their advantage into a positive set
 G⁺ (A > 0) and a negative set G⁻ (A < 0), and the policy maximises the likelihood of the group-level
-preference (the paper's objective, README "Method"):
+preference (the paper's group objective as the authors' README states it; the arXiv text, and so its
+equation numbers, was not available to us):
 
     max_θ  log σ(R_θ(G⁺|c) − R_θ(G⁻|c)),      R_θ(G|c) = Σ_{x∈G} |A_x|·r_θ(x|c)
 

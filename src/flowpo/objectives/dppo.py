@@ -4,7 +4,7 @@
 
 PPO's ratio clip is a single-noise-sample proxy for how far π_θ has moved from π_old. A flow SDE
 step is a Gaussian with a weight-independent variance, so the divergence itself is exact and cheap
-(paper Eq. 14, for N(μ_old, s²I) and N(μ_θ, s²I), s = s_t·√|dt| the kernel's std):
+(paper Eq. 14 as UniRL's README numbers it, for N(μ_old, s²I) and N(μ_θ, s²I), s = s_t·√|dt| the kernel's std):
 
     KL(π_old ‖ π_θ) = ‖μ_θ − μ_old‖² / (2 s²),      D_t = mean_D (μ_θ − μ_old)² / (2 s²)  (= KL / D)
 
