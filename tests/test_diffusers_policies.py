@@ -330,7 +330,7 @@ def test_errors_name_the_fix(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder; expected model_index.json"):
         build_policy("flux", str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="allowed: embedded, flux, qwen_image, sd3, wan"):
+    with pytest.raises(ValueError, match="allowed: embedded, flux, flux_kontext, qwen_image, qwen_image_edit, sd3, wan"):
         build_policy("sdxl", folders["sd3"])
     with pytest.raises(ValueError, match="expects a FluxPipeline folder"):
         build_policy("flux", folders["sd3"])

@@ -329,3 +329,37 @@ def test_a_rank_sigkilled_during_a_sharded_save_leaves_the_previous_checkpoint_a
     torchrun(2, ["train", "--resume", str(tmp_path / "run")])
     one_process(tmp_path / "one", None, args)
     assert max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "run")) < 1e-5
+
+
+@pytest.mark.slow  # the editing policies (source tokens appended, sources in metadata) sharded: ~15 s each
+@pytest.mark.parametrize("kind", ["flux_kontext", "qwen_image_edit"])
+def test_fsdp2_tiny_editing_full_two_ranks_equal_one(tmp_path, kind):
+    pytest.importorskip("diffusers")
+    import tiny_edit_pipelines as tp
+    import tiny_pipelines
+
+    if kind == "flux_kontext":
+        folder = tiny_pipelines.save_tiny(tp.tiny_flux_kontext_pipeline(seed=0), tmp_path / "kontext")
+        extra = [f"model.max_sequence_length={tiny_pipelines.T5_LENGTH}", "model.max_area=256", "model.image_resolution=16",
+                 "sample.guidance=2.5"]
+    else:
+        folder = tp.save_tiny_qwen_edit(tp.tiny_qwen_image_edit_pipeline(seed=0, zero_cond_t=True), tmp_path / "qe")
+        extra = ["model.max_sequence_length=400", "model.image_resolution=32", "sample.guidance=4.0"]
+    names = tp.write_source_images(tmp_path / "img", n=2, size=(16, 16) if kind == "flux_kontext" else (32, 32))
+    prompts = tmp_path / "edits.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "image": f"img/{n}"}) + "\n"
+                               for p, n in zip(["a red cat", "a blue dog"], names)))
+    args = [f"model.kind={kind}", f"model.path={folder}", "model.mode=full", "model.resolution=16",
+            "train.iterations=2", "train.lr=1e-4", "train.weight_decay=0", "sample.steps=3",
+            "sample.prompts_per_iteration=2", "sample.group_size=2", "sample.batch_size=1",
+            f"sample.prompts_file={prompts}", f"eval.prompts_file={prompts}", "eval.prompts=3",
+            "eval.samples_per_prompt=1", "eval.steps=2", "eval.every=2", "train.checkpoint_every=2",
+            "reward.names=[tiny_pipelines:brightness_reward]", "log.progress=false", "log.tensorboard=false",
+            "log.grids=false", "train.threads=1", *extra]
+    base = one_process(tmp_path / "one", "flow_grpo", args)
+    torchrun(2, ["train", "--preset", "flow_grpo", "--out", str(tmp_path / "two")] + args,
+             PYTHONPATH=os.pathsep.join([SRC, str(Path(__file__).resolve().parent)]))
+    worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    print(f"{kind}: max |Δθ| = {worst:.2e}")
+    assert worst < 1e-5, worst
+    assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4

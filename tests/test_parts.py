@@ -84,7 +84,7 @@ def test_replay_selects_on_the_global_rows_and_the_update_takes_them():
     n, T = fresh.n, 4
     mine = fresh.replace(cond={"tokens": torch.zeros(n, 2)}, chunks=Chunks([torch.arange(n)], [0], 1))
     rows = rows.replace(adv=torch.arange(n + 2, dtype=torch.float32)[:, None].expand(-1, T))
-    b = update_rows(mine, rows, n, OneRank(), lambda p: {"tokens": torch.ones(len(p), 2)}, batch_size=8)
+    b = update_rows(mine, rows, n, OneRank(), lambda p, m: {"tokens": torch.ones(len(p), 2)}, batch_size=8)
     assert b.n == n + 2 and b.chunks.total == 2 and b.chunks.ids == [0, 1] and b.chunks.rows[1].tolist() == [n, n + 1]
     assert b.row_ids.tolist()[-2:] == [n, n + 1] and b.adv[-2:, 0].tolist() == [n, n + 1]
     assert torch.equal(b.weights[-2:], torch.ones(2, T))             # 1 until an objective applies the rule

@@ -21,7 +21,7 @@ import torch
 from flowpo.groups import flat_groups
 from flowpo.trajectory import ROW_FIELDS, Trajectory, cat
 
-_STORED = tuple(f for f in ROW_FIELDS if f not in ("cond", "states", "adv", "old_log_probs", "old_known", "weights",
+_STORED = tuple(f for f in ROW_FIELDS if f not in ("cond", "uncond", "states", "adv", "old_log_probs", "old_known", "weights",
                                                     "group_ids", "row_ids"))
 """Row fields an entry keeps (states compacted); the per-iteration ones (advantages, π_old, weights,
 ids) are made anew when the row is replayed."""

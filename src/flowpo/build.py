@@ -56,8 +56,10 @@ def build(cfg: Config, dist) -> Parts:
     """Every part of a training run. `dist` is the run's flowpo.training.distributed.Dist (the
     policy's module is wrapped for it before the optimizer is built)."""
     from flowpo.advantages import ESTIMATORS
+    from flowpo.guided import GuidedVelocity
     from flowpo.objectives import Context, build_objective
     from flowpo.parts import build_plan, build_policy, eval_prompts, resolve_device, train_prompt_pool
+    from flowpo.policy.edit import check_layouts, check_sources
     from flowpo.replay import build_replay
     from flowpo.rewards import RewardSet
     from flowpo.rewards.overlap import build_scoring
@@ -71,13 +73,20 @@ def build(cfg: Config, dist) -> Parts:
     s = cfg.sample
     # inputs first (prompt files, reward options and models): a bad path fails before the policy loads
     pool, held_out = train_prompt_pool(cfg), eval_prompts(cfg)
+    check_sources(cfg.model.kind, pool, "sample.prompts_file")   # an editing model needs source images
+    check_sources(cfg.model.kind, held_out, "eval.prompts_file")
     rewards = RewardSet(cfg.reward.names, cfg.reward.weights, cfg.reward.options)
     policy = build_policy(cfg.model)
     device = resolve_device(cfg.model.device)
+    check_layouts(policy, [("sample.prompts_file", pool), ("eval.prompts_file", held_out)])
     # LoRA: broadcast rank 0's weights; full: FSDP2-shard block by block, the frozen reference too
     # (params become DTensors), and lock-step the model calls of all ranks — distributed.py
     dist.wrap(policy.module, policy.trainable_parameters(), full=cfg.model.mode == "full",
               frozen=[getattr(policy, "reference_module", None)])
+    if cfg.model.compile:  # after the wrap: FSDP2's hooks sit on the blocks, the compiled code inside them
+        from flowpo.regional import compile_blocks
+
+        compile_blocks(policy.module)
     if dist.lockstep:
         from flowpo.lockstep import LockstepPolicy
 
@@ -87,10 +96,12 @@ def build(cfg: Config, dist) -> Parts:
     ema = build_ema(params, cfg.train.ema)
     sigmas = schedule.resolve(s.sigmas, policy, s.steps, s.shift)   # sample.sigmas, else the policy's own
     kernel = KERNELS[s.kernel]
+    guided = GuidedVelocity(policy, s.guidance, cfg.model.cfg_uncond, cfg.model.cfg_grad)
     spec = RolloutSpec(kernel=kernel, noise_level=s.noise_level, guidance=s.guidance, reduction=s.reduction,
-                       tail=TAILS[cfg.solver.kind](cfg))
+                       tail=TAILS[cfg.solver.kind](cfg), guided=guided)
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
-                  reduction=s.reduction, seed=cfg.train.seed, params=params, reduce_sum=dist.all_reduce_sum)
+                  reduction=s.reduction, seed=cfg.train.seed, params=params, guided=guided,
+                  reduce_sum=dist.all_reduce_sum)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
     rollout = Rollout(policy, sigmas, spec, plan, pool, s, cfg.train.seed, dist, device, objective.sampling)
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,

@@ -2,7 +2,7 @@
 
     flowpo train [--config FILE] [--preset NAME] [--out DIR] [--resume DIR] [key.path=value ...]
     flowpo eval --run DIR [key.path=value ...]
-    flowpo sample --run DIR --prompt "a handwritten 7" [--n 8] [--out FILE.png]
+    flowpo sample --run DIR --prompt "a handwritten 7" [--n 8] [--out FILE.png] [--image SRC.png]
     flowpo export --run DIR --out DIR [--no-ema]   (a run's weights as one model folder)
     flowpo pretrain [--out DIR] [--seed N]
     flowpo bench [--out DIR] [...]          (see `flowpo bench --help`)
@@ -179,6 +179,7 @@ def _cmd_config(args, rest) -> int:
 def _cmd_sample(args, rest) -> int:
     import torch
 
+    from flowpo.policy.edit import encode_rows
     from flowpo.rollout import ode_sample, row_noise
     from flowpo.training.runlog import save_grid
     from flowpo.training.state import load_policy
@@ -190,10 +191,11 @@ def _cmd_sample(args, rest) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     prompts = [args.prompt] * args.n
+    metadata = [{"images": _check_images(args.image)}] * args.n if args.image else None
     x = row_noise(list(range(args.seed, args.seed + args.n)), policy.latent_shape)
     g = cfg.eval.guidance if cfg.eval.guidance is not None else cfg.sample.guidance
     with torch.no_grad():
-        x0, _ = ode_sample(policy, policy.encode_prompts(prompts), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
+        x0, _ = ode_sample(policy, encode_rows(policy, prompts, metadata), policy.sigmas(cfg.eval.steps, cfg.sample.shift), x, g,
                            cfg.sample.batch_size)
         images = policy.decode(x0)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,23 @@ def _cmd_sample(args, rest) -> int:
 
 SAMPLE_MAX_N = 1024
 """`flowpo sample --n`: the most samples one grid holds."""
+
+
+def _check_images(paths: list[str]) -> list[str]:
+    """`flowpo sample --image`: each path an image file that opens, as absolute paths."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        f = Path(p).expanduser().resolve()
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds for a file that is not an image
+            raise UsageError(f"--image {_abbrev(p)} does not open as an image ({type(e).__name__}); give a "
+                             "PNG/JPEG/WebP file") from None
+        out.append(str(f))
+    return out
 
 
 def _check_sample_args(args) -> Path:
@@ -287,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="also write one JSON line per sample (prompt, metadata, rewards) to FILE")
         if verb == "sample":
             sp.add_argument("--prompt", required=True, help="the text prompt")
+            sp.add_argument("--image", action="append", default=None,
+                            help="a source image to edit (editing models; repeat for several)")
             sp.add_argument("--n", type=int, default=8, help="how many samples (default 8)")
             sp.add_argument("--seed", type=int, default=0, help="first noise seed (sample i uses seed + i)")
             sp.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")

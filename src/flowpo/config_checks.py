@@ -33,6 +33,8 @@ def check(cfg) -> None:
     _check_range("model.resolution", m.resolution, 1)
     _check_range("model.max_sequence_length", m.max_sequence_length, 1)
     _check_range("model.num_frames", m.num_frames, 1)
+    _check_range("model.max_area", m.max_area, 1)
+    _check_range("model.image_resolution", m.image_resolution, 1)
     _check_range("sample.steps", s.steps, 2)
     _check_range("sample.shift", s.shift, 0, lo_open=True)
     _check_range("sample.guidance", s.guidance, 0)

@@ -17,7 +17,7 @@ RESOLVED_KEYS = ("sample.sigmas", "train.lr_horizon")
 @dataclass
 class ModelConfig:
     kind: str = "embedded"
-    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1 or Qwen-Image (qwen_image) folder."""
+    """Which policy adapter (flowpo.policy.registry.POLICY_KINDS): the embedded digits model, or a diffusers SD3/SD3.5, FLUX.1, Wan2.1, Qwen-Image (qwen_image) folder, or an editing model (flux_kontext, qwen_image_edit) whose prompt rows name source images."""
     path: Optional[str] = None
     """Local diffusers pipeline folder (sd3, flux) or a flow.safetensors file (embedded; default: shipped)."""
     mode: Literal["lora", "full"] = "lora"
@@ -42,10 +42,27 @@ class ModelConfig:
     """Text tokens for T5 (real models); None = the pipeline's default (SD3 256, FLUX/Qwen-Image/Wan 512)."""
     num_frames: int = 81
     """Frames per video (wan only)."""
+    max_area: Optional[int] = None
+    """flux_kontext: output pixels h·w at the aspect ratio of `resolution` (the pipeline's max_area); None = 1024²."""
+    image_resolution: Optional[int] = None
+    """Editing models, the source images' size for the VAE: flux_kontext resizes them to this side in px
+    (None = the pipeline's rule: the Kontext training size nearest the source's aspect);
+    qwen_image_edit to about this side² px at the source's aspect (None = the pipeline's 1024²)."""
     cfg_grad: Literal["conditional", "both"] = "conditional"
     """True CFG in the update (guidance ≠ 1): 'conditional' back-propagates through the conditional
     branch only, the unconditional one detached (Flow-GRPO's training), 'both' through both.
     Values are the same; only the gradient differs. FLUX (guidance embedding) has one branch."""
+    compile: bool = False
+    """Regional torch.compile of the transformer's repeated blocks for rollout and update
+    (flowpo.regional): dynamic shapes, nothing recompiles after the first iteration; outputs equal
+    eager up to rounding. Off by default: on a CPU compiling takes minutes; try it on a GPU."""
+    cfg_uncond: Literal["joint", "recompute", "reuse"] = "reuse"
+    """How true CFG's two branches run (flowpo.guided): 'joint' one forward of 2N rows (the
+    pipelines' batching; the update back-propagates through all of them); 'recompute' two
+    forwards of N rows, the unconditional one without a graph; 'reuse' as recompute, but the update
+    takes the rollout's unconditional outputs where the weights are still the rollout's (before
+    the iteration's first optimizer step): trained weights bit-identical to 'recompute'. One
+    latent per row and stochastic step is kept for it. Only with cfg_grad=conditional."""
 
 
 @dataclass

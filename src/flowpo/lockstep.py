@@ -33,9 +33,9 @@ class LockstepPolicy:
     def __setattr__(self, name, value):
         setattr(self.__dict__["_inner"], name, value)
 
-    def encode_prompts(self, prompts: list[str]):
-        if len(prompts):
-            return self._inner.encode_prompts(prompts)
+    def encode_prompts(self, prompts: list[str], *images):
+        if len(prompts) or images:  # an editing policy makes its own empty rows (flowpo.policy.edit)
+            return self._inner.encode_prompts(prompts, *images)
         return {k: v[:0] for k, v in self._inner.encode_prompts([""]).items()}
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond, guidance: float) -> torch.Tensor:

@@ -89,6 +89,11 @@ def build_policy(m):
     extra = {} if m.max_sequence_length is None else {"max_sequence_length": m.max_sequence_length}
     if m.kind == "wan":
         extra["num_frames"] = m.num_frames
+    for key, kinds in (("max_area", ("flux_kontext",)), ("image_resolution", ("flux_kontext", "qwen_image_edit"))):
+        if getattr(m, key) is not None:
+            if m.kind not in kinds:
+                raise ConfigError(f"model.{key} applies to model.kind in {list(kinds)}, not {m.kind!r}; remove it")
+            extra[key] = getattr(m, key)
     return build_real(m.kind, m.path, mode=m.mode, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, dtype=m.dtype,
                       cfg_grad=m.cfg_grad,
                       resolution=m.resolution, gradient_checkpointing=m.gradient_checkpointing, device=str(device),

@@ -7,8 +7,13 @@ Formats, chosen by the file's suffix:
             prompt's metadata, passed unchanged to the rewards (`fn(images, prompts, metadata)`),
             kept with replayed trajectories, and written into the evaluation records. GenEval's
             `evaluation_metadata.jsonl` (`prompt`, `tag`, `include`, `exclude`) loads as it is.
+            Editing: `image` (one path) or `images` (a list of paths), relative to the file, name
+            the row's source images. They are checked here (each opens as an image) and stored as
+            metadata `images`: a list of absolute paths, which the editing policies encode (once
+            per prompt, flowpo.policy.edit) and the edit rewards compare the result with.
 
-A missing, empty or malformed file stops with one line naming the file (and the line).
+A missing, empty or malformed file, or a source image that is missing or does not open, stops
+with one line naming the file (and the line).
 """
 from __future__ import annotations
 
@@ -82,6 +87,36 @@ def _read_jsonl(text: str, path: str, key: str) -> PromptSet:
         p = rec.pop("prompt", None)
         if not isinstance(p, str) or not p.strip():
             raise ConfigError(f"{where} has no non-empty string field 'prompt' (fields: {sorted(rec) or 'none'})")
+        if "image" in rec or "images" in rec:
+            rec["images"] = _source_images(rec, Path(path).parent, where)
+            rec.pop("image", None)
         texts.append(p.strip())
         meta.append(rec)
     return PromptSet(texts, meta)
+
+
+def _source_images(rec: dict, root: Path, where: str) -> list[str]:
+    """The row's `image` / `images` as absolute paths, each checked to open as an image."""
+    if "image" in rec and "images" in rec:
+        raise ConfigError(f"{where} has both 'image' and 'images'; give one (a path, or a list of paths)")
+    given = rec["image"] if "image" in rec else rec["images"]
+    paths = [given] if "image" in rec else given
+    if not isinstance(paths, list) or not paths or not all(isinstance(q, str) and q.strip() for q in paths):
+        raise ConfigError(f"{where}: {'image' if 'image' in rec else 'images'}={given!r} must be "
+                          "a path (image) or a non-empty list of paths (images), relative to the prompts file")
+    out = []
+    for q in paths:
+        f = (root / q).resolve()
+        if not f.is_file():
+            raise ConfigError(f"{where}: source image {q!r} ({f}) does not exist; paths are relative to the "
+                              "prompts file")
+        try:
+            from PIL import Image
+
+            with Image.open(f) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many kinds for a file that is not an image
+            raise ConfigError(f"{where}: source image {q!r} ({f}) does not open as an image "
+                              f"({type(e).__name__}); give a PNG/JPEG/WebP file") from None
+        out.append(str(f))
+    return out

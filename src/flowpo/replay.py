@@ -24,6 +24,7 @@ from flowpo.buffer import ADMISSION, ReplayBuffer, prompt_key, replayed_rows
 from flowpo.groups import SPREAD_TOL, first_rows, flat_groups, group_stats
 from flowpo.importance import WeightRule
 from flowpo.lockstep import agreed_values
+from flowpo.policy.edit import encode_rows
 from flowpo.trajectory import Trajectory, cat
 
 
@@ -183,11 +184,12 @@ def regenerate_tails(policy, rep: Trajectory, mine: slice, sigmas: torch.Tensor,
         idx = [j for j, s in enumerate(starts) if s == c]
         x = rep.states[[ids[j] for j in idx], c].to(device)                           # x_c [n, *D]
         prompts = [rep.prompts[ids[j]] for j in idx]
-        x0, n_evals = ode_sample(policy, policy.encode_prompts(prompts), sigmas[c:], x, guidance, batch_size)
+        metas = [rep.metadata[ids[j]] for j in idx]
+        x0, n_evals = ode_sample(policy, encode_rows(policy, prompts, metas), sigmas[c:], x, guidance, batch_size)
         if not idx:
             continue
         nfe += n_evals
-        raw[idx] = score(policy.decode(x0), prompts, [rep.metadata[ids[j]] for j in idx]).to(raw.dtype)
+        raw[idx] = score(policy.decode(x0), prompts, metas).to(raw.dtype)
         final[idx] = x0.detach().cpu()
     return (raw, final, nfe) if ids else (None, None, 0)
 

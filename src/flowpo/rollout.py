@@ -24,6 +24,7 @@ import torch
 
 from flowpo.lockstep import agreed_count, agreed_steps
 from flowpo.policy.base import Cond, Policy, select_cond
+from flowpo.policy.edit import encode_rows
 from flowpo.sde import ode_step
 from flowpo.solvers import solve
 from flowpo.trajectory import Chunks, Trajectory, make_chunks
@@ -56,6 +57,7 @@ class RolloutSpec:
     guidance: float
     reduction: str
     tail: object
+    guided: Callable | None = None  # flowpo.guided.GuidedVelocity (None: the policy's velocity at `guidance`)
 
 
 @torch.no_grad()
@@ -76,11 +78,15 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
     states = torch.zeros((n, T + 1, *dims), device=dev)
     log_probs = torch.zeros((n, T), device=dev)
     final = torch.empty((n, *dims), device=dev)
+    guided = spec.guided or (lambda x, sig, c: (policy.velocity(x, sig, c, guidance), None))
+    keep_uncond = getattr(guided, "reuse", False)
+    uncond = torch.zeros((n, T, *dims), device=dev) if keep_uncond else None  # [N, T, *D] (model.cfg_uncond=reuse)
     states[:, 0] = x_init.float()
     nfe = 0
     sde_any = torch.zeros(T, dtype=torch.bool, device=dev)  # [T] (over all ranks under lock-step)
     sde_any[agreed_steps(policy, sde.any(0))] = True
-    last_sde = int(torch.nonzero(sde_any).max()) + 1 if sde_any.any() else 0
+    sde_steps = sde_any.tolist()
+    last_sde = max((t + 1 for t, on in enumerate(sde_steps) if on), default=0)
     # grid steps run one by one; after `stop` the tail part (a compressed solver segment) may take over
     stop = spec.tail.stop(T, last_sde)
     for idx in chunks:
@@ -89,8 +95,10 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
         for t in range(stop):
             s, s_next = float(sigmas[t]), float(sigmas[t + 1])
             sig = torch.full((len(idx),), s, device=dev)
-            v = policy.velocity(xc, sig, cond_c, guidance)
+            v, v_u = guided(xc, sig, cond_c)
             nfe += len(idx) * policy.evals_per_row(guidance)
+            if keep_uncond and sde_steps[t]:
+                uncond[idx, t] = v_u
             rows_sde = sde[idx, t]
             if rows_sde.all():
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)
@@ -111,7 +119,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
         final[idx] = xc
         if on_chunk is not None and len(idx):  # (a rank's empty part of a lock-stepped chunk: nothing to score)
             on_chunk(idx, xc)
-    return Trajectory(cond=cond, states=states, log_probs=log_probs, train=train, final=final), nfe
+    return Trajectory(cond=cond, states=states, log_probs=log_probs, train=train, final=final, uncond=uncond), nfe
 
 
 def chunked_velocity(policy: Policy, cond: Cond, chunks: list[torch.Tensor], guidance: float):
@@ -183,12 +191,13 @@ class Rollout:
                       for g, i in zip(rows.group_ids.tolist(), ids)]
         x_init = row_noise(init_seeds, dims).to(dev)                                        # [n, *D]
         step_noise = row_noise([stream_seed(self.seed, it, 4, i) for i in ids], (T, *dims)).to(dev)  # [n, T, *D]
-        cond = self.policy.encode_prompts(rows.prompts)
+        cond = encode_rows(self.policy, rows.prompts, rows.metadata)
         self.policy.module.eval()
         with self.sampling(it):
             out, nfe = sample(self.policy, cond, self.sigmas, self.spec, x_init=x_init, step_noise=step_noise,
                               sde=rows.sde, train=rows.train, chunks=rows.chunks.rows, on_chunk=on_chunk)
         n = rows.n
         return rows.replace(cond=cond, states=out.states, log_probs=out.log_probs, train=out.train, final=out.final,
+                            uncond=out.uncond,
                             old_log_probs=out.log_probs, old_known=torch.ones((n, T), dtype=torch.bool, device=dev),
                             weights=torch.ones((n, T), device=dev)), nfe

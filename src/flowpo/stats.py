@@ -25,13 +25,17 @@ def merge(cls, stats: list, dist=None) -> dict[str, float]:
              else torch.zeros(0, len(fields), dtype=torch.float64))
     if dist is not None:
         table = dist.all_gather_cat(table)
-    n = float(table[:, fields.index("count")].sum()) if len(table) else 0.0
+    if not len(table):
+        return {}
+    cols = table.t().contiguous()                                                   # [F, n]
+    sums, maxes = torch.stack([cols.sum(1), cols.max(1).values]).tolist()          # one conversion
+    n = sums[fields.index("count")]
     if n == 0:
         return {}
     out = {}
     for j, name in enumerate(fields):
         if name != "count":
             metric, how = cls.METRICS[name]
-            out[metric] = float(table[:, j].max()) if how == "max" else float(table[:, j].sum()) / n
-    out["stats/transitions"] = n
+            out[metric] = maxes[j] if how == "max" else sums[j] / n
+    out["stats/transitions"] = float(n)
     return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flowpo.importance import WeightRule
+from flowpo.lockstep import agreed_steps
 from flowpo.policy.base import Cond, cat_cond, select_cond
 
 
@@ -31,6 +32,8 @@ class Chunks:
     rows: list[torch.Tensor]      # local row indices of each chunk (a rank's part of a global chunk)
     ids: list[int]                # global index of each chunk
     total: int                    # global chunks over all ranks
+    fresh: int | None = None      # the first `fresh` chunks are the rollout's own (None: all of them)
+    steps: list[list[int]] | None = None  # the steps each chunk trains (any rank's, under lock-step): host copy
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Trajectory:
     old_known: torch.Tensor | None = _row()   # [N, T] bool: old_log_probs known (fresh rows: = log_probs)
     weights: torch.Tensor | None = _row()     # [N, T] detached importance weights (1 until the objective sets them)
     cond: Cond | None = _row()                # rows [N, ...] of the policy's conditioning (local rows only)
+    uncond: torch.Tensor | None = _row()      # [N, T, *D] the rollout's unconditional velocities at its
+    #                                           stochastic steps (model.cfg_uncond=reuse; local rows only,
+    #                                           zeros for replayed rows; flowpo.guided)
     chunks: Chunks | None = None              # the model-call layout (local rows only)
     rule: WeightRule | None = None            # the importance-weight rule of rows whose π_old is unknown
 
@@ -67,6 +73,8 @@ class Trajectory:
 
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Trajectory) if f.metadata.get("row"))
+LOCAL_FIELDS = ("cond", "uncond")
+"""Per-row fields only the rank that sampled the rows has: `gather` leaves them out."""
 
 
 def make_chunks(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -111,13 +119,13 @@ def cat(parts: list[Trajectory]) -> Trajectory:
 
 def gather(traj: Trajectory, dist) -> Trajectory:
     """Every rank's rows in global (rank) order, on every rank; one process: `traj` itself.
-    `dist`: flowpo.training.distributed.Dist. Conditioning and chunk layout stay local (None)."""
+    `dist`: flowpo.training.distributed.Dist. The LOCAL_FIELDS and chunk layout stay local (None)."""
     if dist.world == 1:
-        return traj
+        return traj.replace(uncond=None)
     out, widthless = {}, []
     for name in ROW_FIELDS:
         v = getattr(traj, name)
-        if name == "cond" or v is None:
+        if name in LOCAL_FIELDS or v is None:
             out[name] = None
         elif isinstance(v, list):
             out[name] = [x for part in dist.all_gather_objects(v) for x in part]
@@ -134,15 +142,15 @@ def gather(traj: Trajectory, dist) -> Trajectory:
 
 def to_device(traj: Trajectory, device) -> Trajectory:
     """The fields the model and the loss read, on `device` (rewards and ids stay on the CPU)."""
-    names = ("states", "log_probs", "train", "final", "adv", "old_log_probs", "old_known", "weights")
+    names = ("states", "log_probs", "train", "final", "adv", "old_log_probs", "old_known", "weights", "uncond")
     return traj.replace(**{k: getattr(traj, k).to(device) for k in names if getattr(traj, k) is not None})
 
 
 def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, batch_size: int) -> Trajectory:
     """This rank's rows for the update, on the model's device: its fresh rows `mine` (with their
     advantages from `rows`, the global rows), then its contiguous share [r·R/W, (r+1)·R/W) of the R
-    replayed rows of `rows`, in chunks of their own after the fresh ones. `encode`: the policy's
-    encode_prompts; `dist`: flowpo.training.distributed.Dist."""
+    replayed rows of `rows`, in chunks of their own after the fresh ones. `encode(prompts, metadata)`:
+    the rows' conditioning (flowpo.policy.edit.encode_rows); `dist`: flowpo.training.distributed.Dist."""
     dev = mine.states.device
     mine = mine.replace(adv=rows.adv[mine.row_ids])
     R = rows.n - n_fresh
@@ -150,13 +158,24 @@ def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, 
         return to_device(mine, dev)
     share = slice(dist.rank * R // dist.world, (dist.rank + 1) * R // dist.world)
     rep = select(rows, n_fresh + torch.arange(R)[share])
-    cond = encode(rep.prompts) if rep.n else {k: v[:0] for k, v in mine.cond.items()}
+    cond = encode(rep.prompts, rep.metadata) if rep.n else {k: v[:0] for k, v in mine.cond.items()}
     rep = to_device(rep, dev).replace(cond=cond, sde=None)
     g_chunks = make_chunks(R, batch_size, None)
     chunks, ids = dist.local_chunks(g_chunks, share)
     c = mine.chunks
-    layout = Chunks(c.rows + [r + mine.n for r in chunks], c.ids + [c.total + i for i in ids], c.total + len(g_chunks))
+    layout = Chunks(c.rows + [r + mine.n for r in chunks], c.ids + [c.total + i for i in ids], c.total + len(g_chunks),
+                    fresh=len(c.rows))
     return to_device(cat([mine, rep]), dev).replace(chunks=layout)
+
+
+def trained_steps(b: Trajectory, idx: torch.Tensor, policy) -> list[int]:
+    """The steps chunk `idx` (one of b.chunks.rows) trains, on any rank under lock-step: the host
+    copy the update made for all chunks at once (Chunks.steps), else read from the mask (a sync)."""
+    if b.chunks is not None and b.chunks.steps is not None:
+        for c, steps in zip(b.chunks.rows, b.chunks.steps):
+            if c is idx:
+                return steps
+    return agreed_steps(policy, b.train[idx].any(0))
 
 
 def minibatch_of(chunk_id: int, n_chunks: int, minibatches: int) -> int:

@@ -59,6 +59,7 @@ class Context:
     seed: int
     params: list                # the trainable parameters (objectives with an old-policy copy)
     reduce_sum: Callable = _identity  # Σ over ranks of a tensor (Dist.all_reduce_sum; one process: itself)
+    guided: Callable | None = None  # flowpo.guided.GuidedVelocity: CFG's branches as model.cfg_uncond says
 
 
 def build_objective(name: str, ctx: Context, cfg):

@@ -30,6 +30,7 @@ import contextlib
 import torch
 
 from flowpo.lockstep import agreed_steps, is_lockstep
+from flowpo.trajectory import trained_steps
 from flowpo.loss import LossStats, clipped_surrogate, mean_kl
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
@@ -50,17 +51,19 @@ class ClippedSurrogate:
         self.take = None       # [M, T] bool: pairs whose π_old the update's first forward still has to give
         self.taking = set()    # ids of the chunk tensors holding such pairs
         self.replayed = None   # [M] bool: rows whose weight the rule sets
+        self.rollout_chunks = set()  # ids of the chunks the rollout sampled (their CFG outputs may be reused)
 
     # ------------------------------------------------------------------ protocol
     def sampling(self, iteration: int = 0):
         return contextlib.nullcontext()
 
-    def rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict):
-        """Score the stored transitions x_t → x_{t+1} of rows `idx` under the current velocity."""
+    def rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict, uncond=None):
+        """Score the stored transitions x_t → x_{t+1} of rows `idx` under the current velocity.
+        uncond: CFG's unconditional outputs at these states, known already (flowpo.guided)."""
         c = self.ctx
         sig, sig_next = self.sig[t], self.sig[t + 1]
         x = states[idx, t]
-        v = c.policy.velocity(x, torch.full((len(idx),), sig, device=x.device), cond, c.guidance)
+        v, _ = c.guided(x, torch.full((len(idx),), sig, device=x.device), cond, uncond)
         return c.kernel(x, v, sig, sig_next, c.noise_level, sample=states[idx, t + 1], reduction=c.reduction)
 
     def begin(self, b, iteration: int, first=()) -> None:
@@ -69,6 +72,8 @@ class ClippedSurrogate:
         rest; then the rule's weights of the replayed rows (those of taken pairs follow later)."""
         self.refs.clear()
         self.b, self.taking, rule = b, set(), b.rule
+        fresh = b.chunks.rows[:b.chunks.fresh] if b.chunks.fresh is not None else b.chunks.rows
+        self.rollout_chunks = {id(c) for c in fresh} if b.uncond is not None else set()
         if rule is None:  # fresh rows only: every π_old known, weights 1
             return
         unknown = b.train & ~b.old_known                                      # [M, T]
@@ -85,7 +90,7 @@ class ClippedSurrogate:
             for j in agreed_steps(self.ctx.policy, needed):
                 idx = chunks[j]
                 cond = select_cond(b.cond, idx)
-                for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+                for t in trained_steps(b, idx, self.ctx.policy):
                     st = self.rescore(b.states, idx, t, cond)
                     b.old_log_probs[idx, t] = torch.where(rest[idx, t], st.log_prob, b.old_log_probs[idx, t])
         rep = self.replayed
@@ -102,16 +107,18 @@ class ClippedSurrogate:
         cond = select_cond(b.cond, idx)
         out = []
         taking = id(idx) in self.taking
+        # the rollout's v_u at these states: valid while b carries it (trainer: until the first optimizer step)
+        reuse = b.uncond is not None and id(idx) in self.rollout_chunks
         # sequence weights whose π_old this chunk's forwards give: keep the step losses, backward once known
         held = [] if taking and not b.rule.step_local else None
-        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+        for t in trained_steps(b, idx, self.ctx.policy):
             rows = b.train[idx, t]                                               # [n_c]
             if lc.forward_rows == "trained" and not bool(rows.all()):
                 ids = idx[rows.cpu()]
                 ids_cond, rows = select_cond(b.cond, ids), torch.ones(len(ids), dtype=torch.bool, device=rows.device)
             else:
                 ids, ids_cond = idx, cond
-            st = self.rescore(b.states, ids, t, ids_cond)
+            st = self.rescore(b.states, ids, t, ids_cond, b.uncond[ids, t] if reuse else None)
             if taking:
                 self._take(b, ids, t, st.log_prob)
             kl = None
@@ -169,7 +176,7 @@ class ClippedSurrogate:
             rep = self.replayed
             out = b.rule.weights(b.old_log_probs[rep], b.log_probs[rep], b.train[rep])[1]
         self.b = self.take = self.replayed = None
-        self.taking = set()
+        self.taking, self.rollout_chunks = set(), set()
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

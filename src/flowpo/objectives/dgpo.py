@@ -107,7 +107,7 @@ class DGPO(FinalSampleObjective):
     def _noise_seeds(self, b, iteration: int, stream_seed) -> list[int]:
         if not self.o.dgpo_group_noise:
             return super()._noise_seeds(b, iteration, stream_seed)
-        return [stream_seed(self.ctx.seed, iteration, 7, int(g)) for g in b.group_ids]  # one ε per group
+        return [stream_seed(self.ctx.seed, iteration, 7, g) for g in b.group_ids.tolist()]  # one ε per group
 
     def _prepare(self, b, first) -> None:
         # no grad, before any optimizer step: m_θ (the group weights need every member's), m_ref and

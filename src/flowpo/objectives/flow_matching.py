@@ -25,7 +25,7 @@ import torch
 
 from flowpo.objectives.reference import reference_cache
 from flowpo.policy.base import select_cond
-from flowpo.lockstep import agreed_steps
+from flowpo.trajectory import trained_steps
 from flowpo.ema import EMA, NoEMA
 
 
@@ -70,7 +70,7 @@ class FinalSampleObjective:
         out = []
         first = id(idx) in self._fresh  # minibatch 0's first pass, before any optimizer step
         self._fresh.discard(id(idx))
-        for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+        for t in trained_steps(b, idx, self.ctx.policy):
             rows = b.train[idx, t]                                            # [n_c]
             sig, x, u = self._noised(b, idx, t)
             v = self._velocity(x, sig, cond)
@@ -99,7 +99,7 @@ class FinalSampleObjective:
     # ------------------------------------------------------------------ helpers
     def _noise_seeds(self, b, iteration: int, stream_seed) -> list[int]:
         """One seed per row of the forward-process noise ε: the stream (seed, iteration, 6, global row)."""
-        return [stream_seed(self.ctx.seed, iteration, 6, int(r)) for r in b.row_ids]
+        return [stream_seed(self.ctx.seed, iteration, 6, r) for r in b.row_ids.tolist()]  # (ids live on the host)
 
     def _noised(self, b, idx: torch.Tensor, t: int):
         """(σ_t, x_σ [n_c, *D], u = ε − x0 [n_c, *D]) for the rows of chunk `idx` at step t."""
@@ -123,7 +123,7 @@ class FinalSampleObjective:
             if j in skip:
                 continue
             cond = select_cond(b.cond, idx)
-            for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+            for t in trained_steps(b, idx, self.ctx.policy):
                 sig, x, u = self._noised(b, idx, t)
                 yield idx, t, b.train[idx, t], sig, x, u, cond
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from flowpo.lockstep import agreed_steps
 from flowpo.objectives.clipped import ClippedSurrogate
 from flowpo.policy.base import select_cond
+from flowpo.trajectory import trained_steps
 
 
 def mean_gap(mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -48,7 +48,7 @@ class StepMeansSurrogate(ClippedSurrogate):
                 if j in first:
                     continue
                 cond = select_cond(b.cond, idx)
-                for t in agreed_steps(self.ctx.policy, b.train[idx].any(0)):
+                for t in trained_steps(b, idx, self.ctx.policy):
                     self.mu_old[idx, t] = self.rescore(b.states, idx, t, cond).mean
 
     def chunk_loss(self, b, idx: torch.Tensor, count: float) -> list:

@@ -286,6 +286,16 @@ class DiffusersPolicy:
             v_u = v_u.detach()
         return v_u + guidance * (v_c - v_u)
 
+    def negative(self, cond: Cond) -> Cond:
+        """The unconditional rows of true CFG for the rows of `cond` (flowpo.guided):
+        `negative_prompt`'s conditioning, once per row."""
+        n = next(iter(cond.values())).shape[0]
+        return {k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in self._negative_cond().items()}
+
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The guided velocity from the two branches' outputs [N, *D] (what `velocity` applies)."""
+        return self._guided(v_u, v_c, guidance)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, H/8, W/8] → images [N, 3, H, W] fp32 in [0, 1]."""
         return vae_decode(self.pipe.vae, x)

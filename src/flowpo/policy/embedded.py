@@ -88,6 +88,16 @@ class EmbeddedPolicy:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])  # [N]
         return guided_velocity(self._net(), x, sigma, tokens, guidance, detach_uncond=self.cfg_grad == "conditional")
 
+    def negative(self, cond: Cond) -> Cond:
+        """The unconditional rows of CFG for the rows of `cond` (flowpo.guided): all-PAD prompts."""
+        return {"tokens": torch.full_like(cond["tokens"], P.PAD)}
+
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """v_u + g·(v_c − v_u) from the two branches (as `velocity`; v_u detached with cfg_grad=conditional)."""
+        if self.cfg_grad == "conditional":
+            v_u = v_u.detach()
+        return (v_u + guidance * (v_c - v_u)).float()
+
     def sigmas(self, T: int, shift: float) -> torch.Tensor:
         """flowpo's grid σ = shift(linspace(1, 0, T + 1)) (flowpo.schedule.sigmas)."""
         from flowpo.schedule import sigmas

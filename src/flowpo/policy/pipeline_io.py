@@ -86,8 +86,9 @@ def check_pipeline_folder(path: str | Path, expected_class: str, kind: str) -> P
     return folder
 
 
-def load_pipeline(pipeline_class_name: str, path: str | Path, kind: str, dtype: torch.dtype):
-    """`<PipelineClass>.from_pretrained(path)` from local files only, weights in `dtype`."""
+def load_pipeline(pipeline_class_name: str, path: str | Path, kind: str, dtype: torch.dtype, **components):
+    """`<PipelineClass>.from_pretrained(path)` from local files only, weights in `dtype`;
+    `components` replace (or, as None, skip) the pipeline's own, e.g. processor=None."""
     folder = check_pipeline_folder(path, pipeline_class_name, kind)
     diffusers = require("diffusers")
     require("transformers")
@@ -95,7 +96,7 @@ def load_pipeline(pipeline_class_name: str, path: str | Path, kind: str, dtype: 
     # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name warns); older ones only know the old.
     major, minor = (int(p) for p in diffusers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
-    return pipeline_cls.from_pretrained(str(folder), local_files_only=True, **{dtype_kw: dtype})
+    return pipeline_cls.from_pretrained(str(folder), local_files_only=True, **{dtype_kw: dtype}, **components)
 
 
 def cast_floating(module: nn.Module, dtype: torch.dtype) -> None:

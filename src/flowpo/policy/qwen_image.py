@@ -187,6 +187,14 @@ class QwenImagePolicy(DiffusersPolicy):
             v_u = v_u.detach()
         return unpack_latents(rescaled_cfg(v_u, v_c, guidance, self.cfg_norm_rescale), h, w)
 
+    def guide(self, v_u: torch.Tensor, v_c: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The guided velocity from the branches' latents [N, C, h, w]: the renormalised CFG on
+        packed tokens, as `velocity` applies it."""
+        h, w = v_u.shape[-2:]
+        if self.cfg_grad == "conditional":
+            v_u = v_u.detach()
+        return unpack_latents(rescaled_cfg(pack_latents(v_u), pack_latents(v_c), guidance, self.cfg_norm_rescale), h, w)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [N, C, h, w] → images [N, 3, H, W] fp32 in [0, 1]. The VAE decodes one frame of
         z = x·std + mean per channel (the pipeline's latents / (1/std) + mean)."""
@@ -229,7 +237,7 @@ class QwenImagePolicy(DiffusersPolicy):
         """The transformer on packed tokens [M, S, 4C], text trimmed to the batch's longest prompt
         (mask None when no row is padded, as the pipeline); returns packed tokens [M, S, 4C]."""
         mask = mask.bool()
-        length = int(mask.sum(dim=1).max())
+        length = max(1, int(mask.sum(dim=1).max()))  # ≥ 1: a lock-step dummy row has no text
         embeds, mask = embeds[:, :length], mask[:, :length]
         with autocast(self.device, self.dtype):
             return self._trainable.active(

@@ -18,6 +18,8 @@ POLICY_KINDS: dict[str, tuple[str, str]] = {
     "flux": ("flowpo.policy.flux", "FluxPolicy"),
     "wan": ("flowpo.policy.wan", "WanPolicy"),
     "qwen_image": ("flowpo.policy.qwen_image", "QwenImagePolicy"),
+    "flux_kontext": ("flowpo.policy.flux_kontext", "FluxKontextPolicy"),
+    "qwen_image_edit": ("flowpo.policy.qwen_image_edit", "QwenImageEditPolicy"),
 }
 
 

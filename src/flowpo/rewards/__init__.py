@@ -48,6 +48,7 @@ REGISTRY: dict[str, str] = {
     "pickscore": "flowpo.rewards.clip:PickScore",
     "clipscore": "flowpo.rewards.clip:CLIPScore",
     "aesthetic": "flowpo.rewards.clip:Aesthetic",
+    "image_consistency": "flowpo.rewards.edit:ImageConsistency",
     "hpsv2": "flowpo.rewards.hps:HPSv2",
     "imagereward": "flowpo.rewards.imagereward:ImageReward",
     "ocr": "flowpo.rewards.ocr:OCR",

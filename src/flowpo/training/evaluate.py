@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from flowpo.config import Config
+from flowpo.policy.edit import encode_rows
 from flowpo.rollout import ode_sample, row_noise, stream_seed as _seed
 from flowpo.training.distributed import Dist
 
@@ -30,7 +31,7 @@ def evaluate_policy(cfg: Config, policy, rewards, eval_prompts, eval_sigmas: tor
     prompts, metas = every.texts[local], every.meta[local]
     x_init = row_noise([_seed(e.seed, i) for i in rows], policy.latent_shape).to(device)
     policy.module.eval()
-    x0, _ = ode_sample(policy, policy.encode_prompts(prompts), eval_sigmas, x_init, g, cfg.sample.batch_size)
+    x0, _ = ode_sample(policy, encode_rows(policy, prompts, metas), eval_sigmas, x_init, g, cfg.sample.batch_size)
     images = policy.decode(x0)
     raw = dist.all_gather_cat(rewards.score(images, prompts, metas))                    # [n_all, K]
     comb = raw @ rewards.weights

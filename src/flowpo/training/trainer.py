@@ -12,8 +12,10 @@ Shapes: B prompts, G per group, N rows, T steps, D latent dims, K rewards.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +25,9 @@ from flowpo.build import build
 from flowpo.config import Config
 from flowpo.errors import ConfigError
 from flowpo.groups import flat_share
+from flowpo.lockstep import is_lockstep
 from flowpo.parts import resolve_threads
+from flowpo.policy.edit import encode_rows
 from flowpo.rewards import RewardError
 from flowpo.stats import merge
 from flowpo.trajectory import gather, minibatch_of, update_rows
@@ -112,7 +116,8 @@ class Trainer:
         rows, rrec, nfe_replay = P.replay.extend(it, fresh)                        # + replayed rows [N+R]
         adv, arec = P.advantage.estimate(rows)                                     # [N+R, T]
         rows = rows.replace(adv=adv)
-        batch = update_rows(mine, rows, fresh.n, dist, self.policy.encode_prompts, self.cfg.sample.batch_size)
+        batch = update_rows(mine, rows, fresh.n, dist, partial(encode_rows, self.policy),
+                             self.cfg.sample.batch_size)
         t_adv = time.time()
         rec.update({**srec, **rrec, **arec, **self._update(batch), **P.replay.observe(it, fresh)})
         nfe_all = float(dist.all_reduce_sum(torch.tensor([float(nfe + nfe_steps + nfe_replay)])))
@@ -163,9 +168,13 @@ class Trainer:
         mbs = self._minibatches(b.chunks.total)
         mb_of = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in b.chunks.ids]
         groups = [[c for c, m in zip(b.chunks.rows, mb_of) if m == i] for i in range(mbs)]
-        trained = torch.stack([b.train[c].sum() for c in b.chunks.rows]).float().cpu()   # [chunks], one sync
-        counts = torch.stack([trained[[j for j, m in enumerate(mb_of) if m == i]].sum() for i in range(mbs)])
-        counts = dist.all_reduce_sum(counts).tolist()                             # trained (row, step) pairs
+        # trained rows per (chunk, step): the update's one device→host copy before its loop
+        mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
+        every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
+        mine, every = torch.stack([mine, every]).tolist()
+        calls = every if is_lockstep(self.policy) else mine                       # steps whose calls this rank makes
+        b = b.replace(chunks=dataclasses.replace(b.chunks, steps=[[t for t, n in enumerate(c) if n] for c in calls]))
+        counts = [float(sum(sum(c) for c, m in zip(every, mb_of) if m == i)) for i in range(mbs)]
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
         for _ in range(cfg.train.inner_epochs):
@@ -181,6 +190,7 @@ class Trainer:
                 check_grad_norm(norms[-1], self.iteration, cfg.model)
                 self.opt.step()
                 self.ema.update()
+                b = b.replace(uncond=None)  # the weights moved: CFG's rollout outputs are stale (flowpo.guided)
         out = {**merge(obj.Stats, stats, dist), **obj.end(self.iteration), "train/lr": lr,
                "train/optimizer_steps": float(len(norms))}
         self.policy.module.eval()
