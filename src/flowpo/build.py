@@ -103,6 +103,7 @@ def build(cfg: Config, dist) -> Parts:
                   reduction=s.reduction, seed=cfg.train.seed, params=params, guided=guided,
                   reduce_sum=dist.all_reduce_sum)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
+    guided.for_objective(objective)
     rollout = Rollout(policy, sigmas, spec, plan, pool, s, cfg.train.seed, dist, device, objective.sampling)
     return Parts(policy=policy, device=device, params=params, sigmas=sigmas,
                  eval_sigmas=policy.sigmas(cfg.eval.steps, s.shift), rollout=rollout, plan=plan, rewards=rewards,

@@ -12,7 +12,8 @@ for row, the output the rollout already computed at the same state x_t. The mode
   update's backward covers the n conditional rows only. Values equal joint's up to the
   batch-size dependence of the kernels (measured: ≤ 2e-6 on the embedded model).
 - `reuse` (the default): recompute, but the rollout keeps v_u at the states the update will
-  re-score (`Trajectory.uncond`, one latent per row and stochastic step, fp32), and the update
+  re-score (objectives with `rescores_rollout`: the clipped surrogate; the others train on
+  noised final samples the rollout never evaluated, so their rollout runs joint) (`Trajectory.uncond`, one latent per row and stochastic step, fp32), and the update
   takes them instead of running the unconditional forward wherever the weights are still the
   rollout's: the rollout's own chunks (fresh rows) before the iteration's first optimizer step.
   The update chunks are the rollout chunks (loss.forward_rows=chunk), so the stored tensor is
@@ -51,6 +52,16 @@ class GuidedVelocity:
         self.split = mode != "joint" and policy.evals_per_row(guidance) == 2 and can_split(policy)
         self.detach = cfg_grad == "conditional"
         self.reuse = self.split and mode == "reuse" and self.detach
+        # the rollout splits its stochastic steps only for an objective that re-scores them (the
+        # clipped surrogate): there its forwards match the update's bit for bit (ratio exactly 1)
+        self.rollout = False
+
+    def for_objective(self, objective) -> GuidedVelocity:
+        """Settle what the rollout does for `objective` (its `rescores_rollout`): split and keep v_u
+        at the stochastic steps, or run the policy's joint velocity everywhere (nothing to reuse)."""
+        self.rollout = self.split and bool(getattr(objective, "rescores_rollout", False))
+        self.reuse = self.reuse and self.rollout
+        return self
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond: torch.Tensor | None = None):
         """→ (v [n, *D], v_u [n, *D] or None). `uncond`: v_u known already (the rollout's, reuse)."""

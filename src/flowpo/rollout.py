@@ -78,8 +78,8 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
     states = torch.zeros((n, T + 1, *dims), device=dev)
     log_probs = torch.zeros((n, T), device=dev)
     final = torch.empty((n, *dims), device=dev)
-    guided = spec.guided or (lambda x, sig, c: (policy.velocity(x, sig, c, guidance), None))
-    keep_uncond = getattr(guided, "reuse", False)
+    split = bool(getattr(spec.guided, "rollout", False))                 # flowpo.guided: split the SDE steps
+    keep_uncond = split and spec.guided.reuse
     uncond = torch.zeros((n, T, *dims), device=dev) if keep_uncond else None  # [N, T, *D] (model.cfg_uncond=reuse)
     states[:, 0] = x_init.float()
     nfe = 0
@@ -95,10 +95,13 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
         for t in range(stop):
             s, s_next = float(sigmas[t]), float(sigmas[t + 1])
             sig = torch.full((len(idx),), s, device=dev)
-            v, v_u = guided(xc, sig, cond_c)
+            if split and sde_steps[t]:
+                v, v_u = spec.guided(xc, sig, cond_c)
+                if keep_uncond:
+                    uncond[idx, t] = v_u
+            else:
+                v = policy.velocity(xc, sig, cond_c, guidance)
             nfe += len(idx) * policy.evals_per_row(guidance)
-            if keep_uncond and sde_steps[t]:
-                uncond[idx, t] = v_u
             rows_sde = sde[idx, t]
             if rows_sde.all():
                 st = kern(xc, v, s, s_next, noise_level, noise=step_noise[idx, t], reduction=reduction)

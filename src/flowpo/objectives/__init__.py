@@ -61,6 +61,12 @@ class Context:
     reduce_sum: Callable = _identity  # Σ over ranks of a tensor (Dist.all_reduce_sum; one process: itself)
     guided: Callable | None = None  # flowpo.guided.GuidedVelocity: CFG's branches as model.cfg_uncond says
 
+    def __post_init__(self):
+        if self.guided is None:  # the policy's own (joint) velocity
+            from flowpo.guided import GuidedVelocity
+
+            self.guided = GuidedVelocity(self.policy, self.guidance, "joint")
+
 
 def build_objective(name: str, ctx: Context, cfg):
     """The objective `name` (objective.kind) for the run config `cfg`."""

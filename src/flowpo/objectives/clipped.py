@@ -40,6 +40,7 @@ class ClippedSurrogate:
     """objective.kind=clipped_surrogate; options under `loss.*` (clip_range, kl_beta, kl_form)."""
 
     Stats = LossStats
+    rescores_rollout = True  # re-scores the rollout's own states: may take its CFG outputs (flowpo.guided)
 
     def __init__(self, ctx, cfg):
         self.ctx, self.loss = ctx, cfg.loss

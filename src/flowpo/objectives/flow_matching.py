@@ -110,7 +110,7 @@ class FinalSampleObjective:
 
     def _velocity(self, x: torch.Tensor, sig: float, cond) -> torch.Tensor:
         c = self.ctx
-        return c.policy.velocity(x, torch.full((x.shape[0],), sig, device=x.device), cond, c.guidance).float()
+        return c.guided(x, torch.full((x.shape[0],), sig, device=x.device), cond)[0].float()
 
     def _first_forward(self, b, idx: torch.Tensor, t: int, sig: float, x, u, v: torch.Tensor, cond) -> None:
         """The update's forward v [n_c, *D] (detached) of a chunk in `first` at step t, before any
