@@ -270,6 +270,19 @@ def test_dgpo_first_ratio_is_one_and_gradient_is_the_weighted_matching_gradient(
     obj.end(0)
 
 
+def test_dgpo_samples_with_the_old_copy_from_old_sampling_from():
+    policy, params, sig, obj = _setup("dgpo", "objective.old_ramp=0.5", "objective.old_sampling_from=3")
+    with torch.no_grad():  # θ_old ≠ θ, as after a few iterations with η > 0
+        for s_ in obj.old.shadow:
+            s_.add_(0.1)
+    live, old = [p.detach().clone() for p in params], [s_.clone() for s_ in obj.old.shadow]
+    with obj.sampling(2):
+        assert all(torch.equal(p, q) for p, q in zip(params, live))
+    with obj.sampling(3):  # (the swap exchanges the storages: the shadow holds the live weights meanwhile)
+        assert all(torch.equal(p, s_) for p, s_ in zip(params, old))
+    assert all(torch.equal(p, q) for p, q in zip(params, live))
+
+
 # ----------------------------------------------------------------------------- the plan and the presets
 def test_random_steps_draws_k_distinct_steps_of_the_range_shared_by_the_batch():
     plan = build_plan("random_steps", make_sigmas(10, 3.0), num_steps=4, window_range=(0, 5))
