@@ -329,6 +329,9 @@ COMBOS = [
     ("flow_dppo", ["advantage.kind=stepwise", "sample.shared_noise=true", "advantage.substeps=2", "reward.overlap=true"]),
     ("flow_dppo", ["plan.kind=sliding_window", "plan.strategy=frozen", "plan.window_size=2", "solver.kind=dpm2m",
                    "solver.compression=0.5"]),
+    # a per-row plan whose update forwards only the rows that train each step (μ_old of a subset)
+    ("flow_dppo", ["plan.kind=random_subset", "plan.subset_fraction=0.5", "loss.forward_rows=trained",
+                   "objective.dppo_threshold=0"]),
     ("flow_grpo_fast", ["replay.k=1", "replay.rule=always", "advantage.kind=stepwise", "advantage.substeps=2"]),
     ("flow_grpo_fast_cps", ["reward.overlap=true"]),
 ]
