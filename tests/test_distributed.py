@@ -181,6 +181,26 @@ def test_two_processes_match_one_process_regenerated_tails_and_final_sample_obje
     _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)
 
 
+@pytest.mark.slow  # issue 30's objectives: DGPO's group sums span ranks (Context.reduce_sum); ~15 s each
+# (3 groups of 2 over 2 ranks of 3 rows: group 1 has a row on each rank, so its sum crosses them)
+@pytest.mark.parametrize("preset,extra", [("dgpo", ["objective.old_ramp=0.3", "objective.old_sampling_from=2",
+                                                    "sample.prompts_per_iteration=3", "sample.group_size=2"]),
+                                          ("dgpo", ["replay.k=1", "objective.dgpo_reference=old"]),
+                                          ("grpo_guard", ["replay.k=1", "train.lr=3e-4"]),
+                                          ("flow_dppo", ["objective.dppo_threshold=0"])])
+def test_two_processes_match_one_process_new_objectives(tmp_path, tiny, preset, extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten 3\na handwritten 7\n")
+    steps = ["plan.num_steps=2"] if preset != "grpo_guard" else []
+    args = tiny + SETTINGS + ["train.iterations=3", "replay.rule=always", f"sample.prompts_file={prompts}", *steps,
+                              *extra]
+    _one_process(tmp_path / "one", args, preset=preset)
+    _torchrun(["train", "--preset", preset, "--out", str(tmp_path / "two")] + args)
+    if "replay.k=1" in extra:
+        assert any(x.get("replay/admitted", 0) > 0 for x in _train_lines(tmp_path / "two"))
+    _compare(tmp_path / "one", tmp_path / "two", atol=2e-4)
+
+
 STRICT_META = '''
 from flowpo.embedded.rewards import stroke_quality
 def score(images, prompts, metadata):

@@ -100,6 +100,21 @@ def test_fsdp2_sharded_full_fine_tuning_two_ranks_equal_one(tmp_path, tiny, pres
     assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4  # and the weights did move
 
 
+@pytest.mark.slow  # issue 30's objectives sharded: the μ_old pass and DGPO's group sums under lock-step (~10 s each)
+@pytest.mark.parametrize("preset,extra", [("dgpo", ["plan.num_steps=2", "objective.old_ramp=0.3",
+                                                    "sample.prompts_per_iteration=3", "sample.group_size=2"]),
+                                          ("grpo_guard", ["train.lr=3e-4"]),
+                                          ("flow_dppo", ["plan.num_steps=2", "objective.dppo_threshold=0"])])
+def test_fsdp2_two_ranks_equal_one_new_objectives(tmp_path, tiny, preset, extra):
+    args = tiny + FULL + extra
+    base = one_process(tmp_path / "one", preset, args)
+    torchrun(2, ["train", "--preset", preset, "--out", str(tmp_path / "two")] + args)
+    worst = max_diff(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+    print(f"{preset}: max |Δθ| = {worst:.2e}")
+    assert worst < 1e-5, worst
+    assert max_diff(base, final_weights(tmp_path / "one")) > 1e-4
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
     pytest.importorskip("diffusers")

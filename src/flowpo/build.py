@@ -101,7 +101,8 @@ def build(cfg: Config, dist) -> Parts:
                        tail=TAILS[cfg.solver.kind](cfg), guided=guided, grid=cfg.solver.grid,
                        history=cfg.solver.grid == "dpm2m" or (cfg.solver.warm_start and cfg.solver.kind == "dpm2m"))
     ctx = Context(policy=policy, sigmas=sigmas, kernel=kernel, guidance=s.guidance, noise_level=s.noise_level,
-                  reduction=s.reduction, seed=cfg.train.seed, params=params, guided=guided)
+                  reduction=s.reduction, seed=cfg.train.seed, params=params, guided=guided,
+                  reduce_sum=dist.all_reduce_sum)
     objective, plan = build_objective(cfg.objective.kind, ctx, cfg), build_plan(cfg, sigmas)
     guided.for_objective(objective)
     rollout = Rollout(policy, sigmas, spec, plan, pool, s, cfg.train.seed, dist, device, objective.sampling)

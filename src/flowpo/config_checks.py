@@ -65,6 +65,15 @@ def check(cfg) -> None:
         _check_range("plan.window_size", p.window_size, 1, s.steps - 1)
         _check_range("plan.window_min", p.window_min, 1, p.window_size)
     _check_range("plan.window_range", p.window_range, 0, 1, lo_open=True)
+    _check_range("plan.num_steps", p.num_steps, 1)
+    if p.kind == "random_steps":  # drawn from the first ⌈T·window_range⌉ steps (at most T − 1)
+        import math
+
+        pool = min(s.steps - 1, math.ceil(s.steps * p.window_range))
+        if p.num_steps > pool:
+            raise ConfigError(f"plan.num_steps={p.num_steps} is more than the {pool} steps random_steps draws from "
+                              f"(the first plan.window_range={show(p.window_range)} of sample.steps={s.steps}); "
+                              f"lower plan.num_steps or raise plan.window_range")
     _check_range("plan.tau", p.tau, 1)
     _check_range("plan.stride", p.stride, 1)
     _check_range("plan.tau_decay", p.tau_decay, 0, 1, lo_open=True)
@@ -114,6 +123,10 @@ def check(cfg) -> None:
     if o.kind in CFG_FREE_OBJECTIVES and s.guidance != 1 and not o.allow_cfg:
         raise ConfigError(f"sample.guidance={show(s.guidance)} turns CFG on for objective.kind={o.kind}, a CFG-free "
                           "method; set sample.guidance=1, or objective.allow_cfg=true to train with CFG anyway")
+    _check_range("objective.dgpo_beta", o.dgpo_beta, 0, lo_open=True)
+    _check_range("objective.dgpo_clip", o.dgpo_clip, 0, lo_open=True)
+    _check_range("objective.old_sampling_from", o.old_sampling_from, 0)
+    _check_range("objective.dppo_threshold", o.dppo_threshold, 0)
     _check_range("loss.clip_range", cfg.loss.clip_range, 0, lo_open=True)
     _check_range("loss.kl_beta", cfg.loss.kl_beta, 0)
     _check_range("train.iterations", t.iterations, 0)

@@ -115,7 +115,11 @@ class PlanConfig:
     window_min: int = 2
     """random_window: the minimum window size."""
     window_range: float = 0.5
-    """random_window: the window lies inside the first `window_range` fraction of the steps."""
+    """random_window, random_steps: the window (the drawn steps) lies inside the first `window_range`
+    fraction of the steps."""
+    num_steps: int = 3
+    """random_steps: k, the distinct steps drawn (one draw per iteration, shared by every row) that are
+    SDE and trained (DGPO: 4 of the first 5; Flow-DPPO: 3 of the first half)."""
     strategy: Literal["frozen", "random", "progressive", "progressive_decay"] = "progressive"
     """sliding_window: how the window moves (MixGRPO)."""
     tau: int = 25
@@ -274,19 +278,20 @@ class LossConfig:
 @dataclass
 class ObjectiveConfig:
     kind: str = "clipped_surrogate"
-    """What the update minimises (flowpo.objectives.OBJECTIVES): the clipped surrogate on stored
-    transitions (options under loss.*), DiffusionNFT or AWM on final samples (options below)."""
+    """What the update minimises (flowpo.objectives.OBJECTIVES): on stored transitions the clipped
+    surrogate, GRPO-Guard or Flow-DPPO (options under loss.* and below); on final samples
+    DiffusionNFT, AWM or DGPO (options below)."""
     nft_beta: float = 1.0
     """diffusion_nft: β of the implicit policies v± (the paper: 1, 0.1 for OCR and multi-reward)."""
     adv_max: float = 5.0
     """diffusion_nft, awm: A_max; NFT's optimality r = ½ + ½·clip(A/A_max, −1, 1), AWM's A' = clip(A)/A_max."""
     ref_beta: float = 1e-4
-    """diffusion_nft, awm: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
+    """diffusion_nft, awm, dgpo: weight of mean (v_θ − v_ref)² to the reference (adapter disabled); 0: off."""
     old_ramp: float = 0.0
-    """diffusion_nft, awm: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
+    """diffusion_nft, awm, dgpo: θ_old ← η·θ_old + (1−η)·θ after iteration i with η = min(old_ramp·i, old_max);
     0 keeps θ_old = θ at each iteration start (no copy kept)."""
     old_max: float = 0.5
-    """diffusion_nft, awm: the largest η of old_ramp."""
+    """diffusion_nft, awm, dgpo: the largest η of old_ramp."""
     anchor_beta: float = 0.0
     """awm: weight of mean (v_θ − v_old)² to the soft copy θ_old (the paper's EMA term: 1)."""
     awm_weighting: Literal["uniform", "t", "ghuber"] = "ghuber"
@@ -298,6 +303,26 @@ class ObjectiveConfig:
     allow_cfg: bool = False
     """diffusion_nft, awm: allow sample.guidance ≠ 1 (CFG on). Both are CFG-free methods; a config
     that turns CFG on for them is refused unless this is true."""
+    dgpo_beta: float = 100.0
+    """dgpo: β of the group preference σ(β/G·Σ_g A·(m_θ − m_ref)) (the authors' GenEval/OCR configs: 100;
+    PickScore 10)."""
+    dgpo_clip: float = 0.01
+    """dgpo: PPO-style clip ε of the matching-loss ratio exp(m_old − m_θ) (GenEval/OCR configs: 1e-2)."""
+    dgpo_reference: Literal["reference", "old"] = "reference"
+    """dgpo: the model the group preference is measured against: the frozen reference (adapter
+    disabled; the authors' default) or the soft copy θ_old (their use_ema_ref, TDM-R1's dynamic reference)."""
+    dgpo_group_noise: bool = True
+    """dgpo: the members of a group share the forward-process noise ε at each trained step (the
+    authors' use_shared_noise); false draws it per row."""
+    old_sampling_from: Optional[int] = None
+    """dgpo: from this iteration on the rollout samples with the soft copy θ_old (the authors'
+    switch_ema_ref); null: never."""
+    dppo_threshold: float = 1e-5
+    """flow_dppo: δ, the divergence above which an update moving away from π_old is masked (the
+    Gaussian KL per latent dimension; UniRL's kl_mask_threshold 1e-5)."""
+    guard_reweight: bool = True
+    """grpo_guard: divide each step's loss by |dt| (GRPO-Guard's gradient reweighting); false keeps
+    only RatioNorm."""
 
 
 @dataclass

@@ -101,8 +101,9 @@ def build_plan(cfg: Config, sigmas: torch.Tensor) -> Plan:
     return _build_plan(
         p.kind, sigmas, train_fraction=p.train_fraction, subset_fraction=p.subset_fraction,
         window_min=p.window_min, window_max=p.window_size,
-        window_range=(0, max(p.window_size, min(T - 1, math.ceil(T * p.window_range)))),
-        window_size=p.window_size, strategy=p.strategy, stride=p.stride, interval=p.tau,
+        window_range=(0, max(p.num_steps if p.kind == "random_steps" else p.window_size,
+                             min(T - 1, math.ceil(T * p.window_range)))),
+        window_size=p.window_size, num_steps=p.num_steps, strategy=p.strategy, stride=p.stride, interval=p.tau,
         decay=p.tau_decay, min_interval=p.tau_min,
         truncate_sigma_min=p.truncate_at if p.truncate == "sigma" else None,
         truncate_fraction=p.truncate_at if p.truncate == "fraction" else None,

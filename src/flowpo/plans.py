@@ -16,6 +16,7 @@ call (iteration, window) for logging and checkpoints; `load_state_dict()` restor
 | AllButLast | all | first ⌊f·T⌋ steps, at most T − 1 | Flow-GRPO (2505.05470) |
 | RandomSubset | all | per sample round(f·(T−1)) random usable steps | DanceGRPO (2505.07818) |
 | RandomWindow | window | window of random size in [w_min, w_max] in a range | Flow-GRPO fast configs |
+| RandomSteps | the k drawn steps | k distinct random steps of a range, one draw per iteration | DGPO (2510.08425), Flow-DPPO (2606.11025) |
 | SlidingWindow | window | w consecutive steps at l (frozen/random/progressive/decay) | MixGRPO (2507.21802) |
 | Stratified | all | one step from each of k strata of [first, ⌊f·T⌋), shared by all rows | AWM (2509.25050) code |
 | Truncate | inner's | inner's minus the late steps (σ_t < σ_min, or last fraction) | OP-GRPO (2604.04142) |
@@ -35,6 +36,7 @@ __all__ = [
     "AllButLast",
     "RandomSubset",
     "RandomWindow",
+    "RandomSteps",
     "SlidingWindow",
     "Stratified",
     "Truncate",
@@ -195,6 +197,32 @@ class RandomWindow(Plan):
         return self._full(n, row), self._full(n, row), (start, start + size)
 
 
+class RandomSteps(Plan):
+    """k distinct steps drawn uniformly (without replacement) from [lo, hi), one draw per iteration
+    shared by every row; they are SDE and trained, every other step is ODE.
+
+    DGPO (arXiv 2510.08425; its code trains 4 random indices of the first 5 grid steps, the same
+    for the whole batch) and Flow-DPPO (arXiv 2606.11025; UniRL's recipe: 3 random SDE steps of the
+    first half). The range defaults to the first half, [0, T // 2), clipped to T − 1."""
+
+    def __init__(self, sigmas: Tensor, count: int = 3, window_range: tuple[int, int] | None = None) -> None:
+        super().__init__(sigmas)
+        lo, hi = window_range if window_range is not None else (0, self.T // 2)
+        hi = min(hi, self.T - 1)
+        if not (0 <= lo and 1 <= count <= hi - lo):
+            _fail("num_steps/window_range", (count, window_range),
+                  f"1 <= num_steps <= hi - lo with [lo, hi) inside [0, T - 1 = {self.T - 1})")
+        self.count, self.lo, self.hi = count, lo, hi
+
+    def _masks(self, iteration, n, group_ids, generator):
+        if generator is None:
+            raise ValueError("this plan draws random steps; pass a torch.Generator")
+        scores = torch.rand(self.hi - self.lo, generator=generator, device=generator.device).cpu()
+        row = torch.zeros(self.T, dtype=torch.bool)
+        row[self.lo + scores.argsort()[: self.count]] = True
+        return self._full(n, row), self._full(n, row), None
+
+
 class SlidingWindow(Plan):
     """MixGRPO: w consecutive steps [l, l + w) are SDE and trained, ODE outside (arXiv 2507.21802).
 
@@ -339,6 +367,7 @@ def build_plan(
     window_max: int = 3,
     window_range: tuple[int, int] | None = None,
     window_size: int = 4,
+    num_steps: int = 3,
     strategy: WindowStrategy = "progressive",
     stride: int = 1,
     interval: int = 25,
@@ -355,6 +384,7 @@ def build_plan(
     - all_but_last: train_fraction
     - random_subset: subset_fraction, share_in_group
     - random_window: window_min, window_max, window_range
+    - random_steps: num_steps, window_range
     - sliding_window: window_size, strategy, stride, interval (τ), decay (γ), min_interval (τ_min)
     - stratified: strata (k), strata_first, train_fraction (f)
     """
@@ -363,8 +393,8 @@ def build_plan(
     plan: Plan = PLANS[kind](sigmas, dict(
         train_fraction=train_fraction, subset_fraction=subset_fraction, share_in_group=share_in_group,
         window_min=window_min, window_max=window_max, window_range=window_range, window_size=window_size,
-        strategy=strategy, stride=stride, interval=interval, decay=decay, min_interval=min_interval,
-        strata=strata, strata_first=strata_first))
+        num_steps=num_steps, strategy=strategy, stride=stride, interval=interval, decay=decay,
+        min_interval=min_interval, strata=strata, strata_first=strata_first))
     if truncate_sigma_min is not None or truncate_fraction is not None:
         plan = Truncate(plan, truncate_sigma_min, truncate_fraction)
     return plan
@@ -374,6 +404,7 @@ PLANS: dict[str, Any] = {
     "all_but_last": lambda sig, a: AllButLast(sig, a["train_fraction"]),
     "random_subset": lambda sig, a: RandomSubset(sig, a["subset_fraction"], a["share_in_group"]),
     "random_window": lambda sig, a: RandomWindow(sig, a["window_min"], a["window_max"], a["window_range"]),
+    "random_steps": lambda sig, a: RandomSteps(sig, a["num_steps"], a["window_range"]),
     "sliding_window": lambda sig, a: SlidingWindow(sig, a["window_size"], a["strategy"], a["stride"], a["interval"],
                                                    a["decay"], a["min_interval"]),
     "stratified": lambda sig, a: Stratified(sig, a["strata"], a["strata_first"], a["train_fraction"]),

@@ -103,6 +103,35 @@ PRESETS["flowpo_awm_flash"] = Preset(
     {**_AWM_V1, "sample.guidance": 1.0, "plan.kind": "sliding_window", "plan.strategy": "frozen",
      "plan.window_size": 5, "solver.kind": "dpm2m", "solver.compression": 0.4, "train.lr": 1e-3,
      "train.lr_schedule": "cosine", "train.lr_final": 0.1})
+# The methods practitioners compare with in 2026 (issue 30; docs/methods.md). Their SD3.5-M configs
+# sample T = 10 steps like the embedded default, so step settings carry over unchanged; DGPO's
+# iteration-based settings are scaled by the rule above (1000 of their steps ≈ 60 iterations here).
+PRESETS["flow_grpo_fast"] = Preset(
+    "Flow-GRPO-Fast: Flow-GRPO SDE (a=0.8) and training only in a random 2-step window of the first half, ODE "
+    "elsewhere; a group shares its initial noise, so its members branch at the window; clip 1e-5",
+    "Liu et al. 2025, arXiv 2505.05470 (flow_grpo README and pickscore_sd3_fast config)",
+    {"sample.kernel": "flow_grpo", "sample.noise_level": 0.8, "plan.kind": "random_window", "plan.window_size": 2,
+     "plan.window_min": 2, "plan.window_range": 0.5, "sample.shared_noise": True, "loss.clip_range": 1e-5})
+PRESETS["dgpo"] = Preset(
+    "DGPO: ODE rollouts; a group-level DPO preference (β=100) on the matching losses of the final samples at 4 "
+    "random steps of the first 5, PPO-style clip 1e-2 against an EMA copy, KL 0.02, one optimizer step per iteration",
+    "Luo et al. 2025, arXiv 2510.08425",
+    {"objective.kind": "dgpo", "sample.kernel": "ode", "plan.kind": "random_steps", "plan.num_steps": 4,
+     "plan.window_range": 0.5, "objective.dgpo_beta": 100.0, "objective.dgpo_clip": 0.01, "objective.ref_beta": 0.02,
+     "objective.old_ramp": 0.017, "objective.old_max": 0.3, "objective.old_sampling_from": 30,
+     "advantage.std": "group", "train.minibatches": 1})
+PRESETS["grpo_guard"] = Preset(
+    "GRPO-Guard: Flow-GRPO with RatioNorm (the ratio's mean bias added back and its per-step scale taken out) "
+    "and per-step gradient reweighting (1/|dt|), clip 2e-6, per-group std, learning rate 1e-4",
+    "Wang et al. 2025, arXiv 2510.22319",
+    {**PRESETS["flow_grpo"].overrides, "objective.kind": "grpo_guard", "loss.clip_range": 2e-6,
+     "advantage.std": "group", "train.lr": 1e-4})
+PRESETS["flow_dppo"] = Preset(
+    "Flow-DPPO: Flow-GRPO SDE on 3 random steps of the first half (ODE elsewhere); the unclipped ratio masked where "
+    "the exact Gaussian KL to π_old exceeds 1e-5 per dimension and the update moves away",
+    "arXiv 2606.11025 (UniRL / verl-omni)",
+    {"sample.kernel": "flow_grpo", "sample.noise_level": 0.7, "plan.kind": "random_steps", "plan.num_steps": 3,
+     "plan.window_range": 0.5, "objective.kind": "flow_dppo", "objective.dppo_threshold": 1e-5})
 _OP = PRESETS["op_grpo"].overrides
 # the replay settings flowpo's combinations were tuned and benchmarked with (the op_grpo preset
 # before it followed the paper's description: docs/methods.md), kept so their results stand
@@ -184,6 +213,11 @@ PRESETS.update({
                                      "first order (flowpo's first reading of the paper)", "ablation",
                                      {**PRESETS["mix_grpo_flash"].overrides, "solver.step_rule": "ceil",
                                       "solver.warm_start": False}, "mix_grpo_flash"),
+    "flow_grpo_fast_cps": Preset("Flow-GRPO-Fast as in flow_grpo's no-CFG configs (2025-10): CPS (a=0.8), a random "
+                                 "3-step window of the first half, per-sample initial noise, clip 1e-5", "ablation",
+                                 {"sample.kernel": "cps", "sample.noise_level": 0.8, "plan.kind": "random_window",
+                                  "plan.window_size": 3, "plan.window_min": 3, "plan.window_range": 0.5,
+                                  "loss.clip_range": 1e-5}, "flow_grpo_fast"),
     "stepwise_grpo_per_step": Preset("Stepwise ablation: per-step instead of joint gain normalisation", "ablation",
                                      {**_SW, "advantage.normalize": "per_step"}, "stepwise_grpo"),
 })

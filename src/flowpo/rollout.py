@@ -207,7 +207,7 @@ class Rollout:
         step_noise = row_noise([stream_seed(self.seed, it, 4, i) for i in ids], (T, *dims)).to(dev)  # [n, T, *D]
         cond = encode_rows(self.policy, rows.prompts, rows.metadata)
         self.policy.module.eval()
-        with self.sampling():
+        with self.sampling(it):
             out, nfe = sample(self.policy, cond, self.sigmas, self.spec, x_init=x_init, step_noise=step_noise,
                               sde=rows.sde, train=rows.train, chunks=rows.chunks.rows, on_chunk=on_chunk)
         n = rows.n

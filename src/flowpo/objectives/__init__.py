@@ -4,7 +4,7 @@ An objective is an object with this protocol (the trainer calls it and nothing e
 update's flowpo.trajectory.Trajectory (this rank's rows, with their chunk layout):
 
     Stats                           the NamedTuple its chunk_loss returns (flowpo.stats)
-    sampling()                      context: the weights the rollout samples with (a behaviour policy)
+    sampling(iteration)             context: the weights iteration's rollout samples with (a behaviour policy)
     begin(b, iteration, first)      before the first optimizer step: old predictions, and π_old where
                                     b.old_known is False (replayed rows; the objective owns π_old and
                                     applies b.rule); `first`: the positions in b.chunks.rows of
@@ -24,6 +24,12 @@ from it):
                      implicit positive/negative policies.
 - awm:               Advantage Weighted Matching (arXiv 2509.25050), the advantage-weighted
                      flow-matching loss on final samples.
+- dgpo:              DGPO (arXiv 2510.08425), a group-level preference (DPO over groups) on
+                     the matching losses of final samples.
+- grpo_guard:        GRPO-Guard (arXiv 2510.22319), the clipped surrogate on a normalised
+                     ratio (RatioNorm) with per-step gradient reweighting.
+- flow_dppo:         Flow-DPPO (arXiv 2606.11025), the unclipped ratio surrogate masked where
+                     the exact Gaussian KL to π_old exceeds δ and the update moves away.
 Adding one: a module here with a class taking (ctx, cfg), and one line in `OBJECTIVES`.
 """
 from __future__ import annotations
@@ -34,6 +40,10 @@ from typing import Callable
 import torch
 
 from flowpo.policy.base import Policy
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Context:
     reduction: str
     seed: int
     params: list                # the trainable parameters (objectives with an old-policy copy)
+    reduce_sum: Callable = _identity  # Σ over ranks of a tensor (Dist.all_reduce_sum; one process: itself)
     guided: Callable | None = None  # flowpo.guided.GuidedVelocity: CFG's branches as model.cfg_uncond says
 
     def __post_init__(self):
@@ -64,6 +75,10 @@ def build_objective(name: str, ctx: Context, cfg):
 
 from flowpo.objectives.awm import AWM  # noqa: E402
 from flowpo.objectives.clipped import ClippedSurrogate  # noqa: E402
+from flowpo.objectives.dgpo import DGPO  # noqa: E402
+from flowpo.objectives.dppo import FlowDPPO  # noqa: E402
+from flowpo.objectives.guard import GRPOGuard  # noqa: E402
 from flowpo.objectives.nft import DiffusionNFT  # noqa: E402
 
-OBJECTIVES: dict[str, type] = {"clipped_surrogate": ClippedSurrogate, "diffusion_nft": DiffusionNFT, "awm": AWM}
+OBJECTIVES: dict[str, type] = {"clipped_surrogate": ClippedSurrogate, "diffusion_nft": DiffusionNFT, "awm": AWM,
+                               "dgpo": DGPO, "grpo_guard": GRPOGuard, "flow_dppo": FlowDPPO}

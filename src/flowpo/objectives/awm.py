@@ -70,7 +70,7 @@ class AWM(FinalSampleObjective):
 
     Stats = AWMStats
 
-    def sampling(self):
+    def sampling(self, iteration: int = 0):
         return contextlib.nullcontext()  # on-policy sampling; θ_old is only the anchor
 
     def _ll(self, v, u, sig):

@@ -55,7 +55,7 @@ class ClippedSurrogate:
         self.rollout_chunks = set()  # ids of the chunks the rollout sampled (their CFG outputs may be reused)
 
     # ------------------------------------------------------------------ protocol
-    def sampling(self):
+    def sampling(self, iteration: int = 0):
         return contextlib.nullcontext()
 
     def rescore(self, states: torch.Tensor, idx: torch.Tensor, t: int, cond: dict, uncond=None):
@@ -127,7 +127,7 @@ class ClippedSurrogate:
                 ref_mean = self.refs.get(idx, t, lambda: self._reference_mean(b.states, ids, t, ids_cond))
                 dt = self.sig[t + 1] - self.sig[t]
                 kl = mean_kl(st.mean, ref_mean, st.std, dt, lc.kl_form)[rows]
-            step = (st.log_prob[rows], ids, t, rows, kl)
+            step = (st, ids, t, rows, kl)
             if held is not None:
                 held.append(step)
                 continue
@@ -154,10 +154,11 @@ class ClippedSurrogate:
             w = b.rule.step(b.old_log_probs[ids, t], b.log_probs[ids, t], need)
             b.weights[ids, t] = torch.where(need, w, b.weights[ids, t])
 
-    def _surrogate(self, b, log_prob, ids, t: int, rows, kl, count: float):
-        """The clipped loss (and its stats) of rows `ids`[rows] at step t from their log π_θ."""
+    def _surrogate(self, b, st, ids, t: int, rows, kl, count: float):
+        """The clipped loss (and its stats) of rows `ids`[rows] at step t from their step under π_θ
+        (`st`, a flowpo.sde.Step of all rows `ids`; the objectives built on this one read its mean)."""
         lc = self.loss
-        return clipped_surrogate(log_prob, b.old_log_probs[ids, t][rows], b.adv[ids, t][rows], lc.clip_range,
+        return clipped_surrogate(st.log_prob[rows], b.old_log_probs[ids, t][rows], b.adv[ids, t][rows], lc.clip_range,
                                  weights=b.weights[ids, t][rows], kl=kl, kl_beta=lc.kl_beta, normalizer=count)
 
     def _reference_mean(self, states: torch.Tensor, ids: torch.Tensor, t: int, cond: dict) -> torch.Tensor:

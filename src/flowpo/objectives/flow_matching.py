@@ -47,7 +47,7 @@ class FinalSampleObjective:
         self._fresh: set[int] = set()  # ids of the chunks (in `first`) whose first forward is still to come
 
     # ------------------------------------------------------------------ protocol
-    def sampling(self):
+    def sampling(self, iteration: int = 0):
         """The rollout samples with θ_old (DiffusionNFT's behaviour policy)."""
         return self.old.swapped()
 
@@ -58,8 +58,7 @@ class FinalSampleObjective:
 
         T = b.train.shape[1]
         dims = tuple(b.final.shape[1:])
-        seeds = [stream_seed(self.ctx.seed, iteration, 6, r) for r in b.row_ids.tolist()]  # (ids live on the host)
-        self.noise = row_noise(seeds, (T, *dims)).to(b.final.device)          # [M, T, *D]
+        self.noise = row_noise(self._noise_seeds(b, iteration, stream_seed), (T, *dims)).to(b.final.device)  # [M, T, *D]
         self.refs.clear()
         first = sorted(set(first))
         self._fresh = {id(b.chunks.rows[j]) for j in first}
@@ -98,6 +97,10 @@ class FinalSampleObjective:
             s.copy_(tensors[f"old.{i}"])
 
     # ------------------------------------------------------------------ helpers
+    def _noise_seeds(self, b, iteration: int, stream_seed) -> list[int]:
+        """One seed per row of the forward-process noise ε: the stream (seed, iteration, 6, global row)."""
+        return [stream_seed(self.ctx.seed, iteration, 6, r) for r in b.row_ids.tolist()]  # (ids live on the host)
+
     def _noised(self, b, idx: torch.Tensor, t: int):
         """(σ_t, x_σ [n_c, *D], u = ε − x0 [n_c, *D]) for the rows of chunk `idx` at step t."""
         sig = self.sig[t]
