@@ -170,13 +170,18 @@ def update_rows(mine: Trajectory, rows: Trajectory, n_fresh: int, dist, encode, 
 
 def host_steps(b: Trajectory, dist, lockstep: bool) -> tuple[Trajectory, list[list[int]]]:
     """One device→host copy of the trained rows per (chunk, step) → (b with `Chunks.steps`: the
-    steps each chunk's calls run, any rank's under lock-step; all ranks' trained rows [chunks][T])."""
-    mine = torch.stack([b.train[c].sum(0) for c in b.chunks.rows]).cpu()      # [chunks, T]
-    every = dist.all_reduce_sum(mine.clone())                                 # all ranks' rows of each chunk
-    mine, every = torch.stack([mine, every]).tolist()
-    calls = every if lockstep else mine
-    steps = [[t for t, n in enumerate(c) if n] for c in calls]
-    return b.replace(chunks=dataclasses.replace(b.chunks, steps=steps)), every
+    steps each local chunk's calls run, any rank's under lock-step; all ranks' trained rows per
+    global chunk [total][T], the same list on every rank)."""
+    c = b.chunks
+    T = b.train.shape[1]
+    mine = torch.stack([b.train[r].sum(0) for r in c.rows]).cpu() if c.rows else torch.zeros(0, T, dtype=torch.long)
+    table = torch.zeros(c.total, T, dtype=torch.long)                            # [total, T] by global chunk id
+    table[torch.tensor(c.ids, dtype=torch.long)] = mine.long()
+    every = dist.all_reduce_sum(table).tolist()                                  # (ranks may hold different chunks)
+    mine = mine.tolist()
+    calls = [every[g] for g in c.ids] if lockstep else mine
+    steps = [[t for t, n in enumerate(row) if n] for row in calls]
+    return b.replace(chunks=dataclasses.replace(c, steps=steps)), every
 
 
 def trained_steps(b: Trajectory, idx: torch.Tensor, policy) -> list[int]:

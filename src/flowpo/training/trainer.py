@@ -168,7 +168,8 @@ class Trainer:
         mb_of = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in b.chunks.ids]
         groups = [[c for c, m in zip(b.chunks.rows, mb_of) if m == i] for i in range(mbs)]
         b, every = host_steps(b, dist, is_lockstep(self.policy))                  # the loop's one device→host copy
-        counts = [float(sum(sum(c) for c, m in zip(every, mb_of) if m == i)) for i in range(mbs)]
+        mb_all = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in range(b.chunks.total)]
+        counts = [float(sum(sum(c) for c, m in zip(every, mb_all) if m == i)) for i in range(mbs)]  # all ranks' pairs
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
         for _ in range(cfg.train.inner_epochs):
