@@ -59,7 +59,8 @@ class ModelConfig:
     compile: bool = False
     """Regional torch.compile of the transformer's repeated blocks for rollout and update
     (flowpo.regional): dynamic shapes, nothing recompiles after the first iteration; outputs equal
-    eager up to rounding. Off by default: on a CPU compiling takes minutes; try it on a GPU."""
+    eager up to rounding. Off by default: on the CPU it compiles for tens of seconds and gains nothing
+    measurable (docs/gpu.md); not yet measured on a GPU."""
     cfg_uncond: Literal["joint", "recompute", "reuse"] = "reuse"
     """How true CFG's two branches run (flowpo.guided): 'joint' one forward of 2N rows (the
     pipelines' batching; the update back-propagates through all of them); 'recompute' two
