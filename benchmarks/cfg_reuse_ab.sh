@@ -26,11 +26,11 @@ PYEOF
 AFTER=${AFTER:-.}
 AB="$PY benchmarks/ab_trees.py --a /tmp/ab32_before --b $AFTER --presets $PRESETS"
 COMMON="train.minibatches=1 sample.prompts_per_iteration=2 sample.group_size=4 sample.batch_size=8 sample.steps=10"
-echo "== embedded default"; $AB --pairs 3 --rounds 3 --out "$OUT/embedded" | tee "$OUT/embedded.md"
-echo "== embedded, CFG 4.5"; $AB --pairs 3 --rounds 3 --out "$OUT/embedded_cfg" sample.guidance=4.5 | tee "$OUT/embedded_cfg.md"
-echo "== tiny SD3, CFG 4.5"; $AB --pairs 3 --rounds 3 --out "$OUT/tiny_sd3" model.kind=sd3 model.path="$OUT/pipes/tiny_sd3" \
+echo "== embedded default"; $AB --pairs 2 --rounds 2 --out "$OUT/embedded" | tee "$OUT/embedded.md"
+echo "== embedded, CFG 4.5"; $AB --pairs 2 --rounds 2 --out "$OUT/embedded_cfg" sample.guidance=4.5 | tee "$OUT/embedded_cfg.md"
+echo "== tiny SD3, CFG 4.5"; $AB --pairs 2 --rounds 2 --out "$OUT/tiny_sd3" model.kind=sd3 model.path="$OUT/pipes/tiny_sd3" \
     model.resolution=16 model.lora_rank=8 model.lora_alpha=8 sample.guidance=4.5 $COMMON \
     "reward.names=[jpeg_incompressibility]" | tee "$OUT/tiny_sd3.md"
-echo "== SD3.5-M width (1 block, 128 px), CFG 4.5"; $AB --pairs 2 --rounds 2 --out "$OUT/sd35m_w" model.kind=sd3 \
+echo "== SD3.5-M width (1 block, 128 px), CFG 4.5"; $AB --pairs 2 --rounds 1 --out "$OUT/sd35m_w" model.kind=sd3 \
     model.path="$OUT/pipes/sd35m_w" model.resolution=128 model.lora_rank=32 model.lora_alpha=64 model.max_sequence_length=16 \
     sample.guidance=4.5 $COMMON "reward.names=[jpeg_incompressibility]" | tee "$OUT/sd35m_w.md"
