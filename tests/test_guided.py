@@ -111,6 +111,8 @@ def test_split_velocity_equals_the_policy_velocity_and_passes_gradient_to_the_co
     g = GuidedVelocity(p, 4.5, "reuse")
     v, v_u = g(x, sig, cond)
     assert torch.allclose(v, p.velocity(x, sig, cond, 4.5), atol=1e-5) and not v_u.requires_grad
+    with torch.no_grad():  # a pass without a graph runs joint unless asked to keep v_u (the rollout)
+        assert g(x, sig, cond)[1] is None and torch.equal(g(x, sig, cond, keep=True)[1], v_u)
     v2, _ = g(x, sig, cond, uncond=v_u)  # the reused tensor gives the same value bit for bit
     assert torch.equal(v, v2)
     v2.sum().backward()

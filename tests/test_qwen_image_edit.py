@@ -283,7 +283,7 @@ def test_split_cfg_equals_the_joint_velocity(folders, sources, layout):
     sig = torch.tensor([0.7, 0.4])
     with torch.no_grad():
         joint = p.velocity(x, sig, cond, 4.0)
-        split, v_u = GuidedVelocity(p, 4.0, "reuse")(x, sig, cond)
+        split, v_u = GuidedVelocity(p, 4.0, "reuse")(x, sig, cond, keep=True)
         plain_negative = p.velocity(x, sig, {**cond, "prompt_embeds": cond["negative_embeds"],
                                              "prompt_mask": cond["negative_mask"]}, 1.0)
     assert torch.allclose(split, joint, atol=1e-5)

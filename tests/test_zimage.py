@@ -190,7 +190,7 @@ def test_split_cfg_equals_the_joint_call_or_opts_out(folder):
     sigma, cond = torch.tensor([0.8, 0.4]), policy.encode_prompts(PROMPTS)
     guided = GuidedVelocity(policy, 4.0, "recompute")
     assert guided.split
-    torch.testing.assert_close(guided(x, sigma, cond)[0], policy.velocity(x, sigma, cond, 4.0), **TOL)
+    torch.testing.assert_close(guided(x, sigma, cond, keep=True)[0], policy.velocity(x, sigma, cond, 4.0), **TOL)
     assert not GuidedVelocity(make(folder, cfg_truncation=0.5), 4.0, "recompute").split
 
 

@@ -63,10 +63,14 @@ class GuidedVelocity:
         self.reuse = self.reuse and self.rollout
         return self
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond: torch.Tensor | None = None):
-        """→ (v [n, *D], v_u [n, *D] or None). `uncond`: v_u known already (the rollout's, reuse)."""
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond: torch.Tensor | None = None, *,
+                 keep: bool = False):
+        """→ (v [n, *D], v_u [n, *D] or None). `uncond`: v_u known already (the rollout's, reuse).
+        keep: return v_u (the rollout's split steps). Without a graph and without `keep` the two
+        branches gain nothing from separate forwards, so they run joint (one 2N-row call: the
+        reference's and π_old's passes)."""
         p, g = self.policy, self.guidance
-        if not self.split:
+        if not self.split or (uncond is None and not keep and not torch.is_grad_enabled()):
             return p.velocity(x, sigma, cond, g), None
         if uncond is None:
             with torch.no_grad() if self.detach else contextlib.nullcontext():

@@ -102,7 +102,7 @@ def sample(policy: Policy, cond: Cond, sigmas: torch.Tensor, spec: RolloutSpec, 
             s, s_next = float(sigmas[t]), float(sigmas[t + 1])
             sig = torch.full((len(idx),), s, device=dev)
             if split and sde_steps[t]:
-                v, v_u = spec.guided(xc, sig, cond_c)
+                v, v_u = spec.guided(xc, sig, cond_c, keep=True)
                 if keep_uncond:
                     uncond[idx, t] = v_u
             else:
