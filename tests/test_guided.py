@@ -13,7 +13,7 @@ from flowpo.presets import PRESETS
 from flowpo.training.trainer import Trainer
 
 # presets that need a shorter window / fewer sub-steps at TINY's 4 steps
-FIT = ["plan.window_size=2", "advantage.substeps=2"]
+FIT = ["plan.window_size=2", "plan.window_min=1", "plan.num_steps=2", "advantage.substeps=2"]
 CI_PRESETS = ["flow_grpo", "op_grpo", "mix_grpo_flash", "stepwise_grpo"]
 
 
