@@ -2,6 +2,7 @@
 its scheduler, and roll the policy out with Euler on its own grid (what FlowMatchEuler does)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -69,3 +70,26 @@ TINY_RUN = [
     "eval.prompts=2", "eval.samples_per_prompt=1", "eval.steps=2", "train.minibatches=1", "log.progress=false",
     "log.tensorboard=false",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A test module's runs at one torch thread (imported by the 2026 model tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def check_bf16_velocity_and_gradients(policy, prompts, guidance: float) -> None:
+    """In bf16 with gradient checkpointing: fp32 velocities and images in [0, 1], finite LoRA
+    gradients, fp32 trainable weights."""
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(8))
+    v = policy.velocity(x, torch.tensor([0.9, 0.3]), policy.encode_prompts(prompts), guidance)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    images = policy.decode(x)
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1

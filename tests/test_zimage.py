@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from pipeline_parity import TINY_RUN, euler_rollout, perturb_trainable, record_call, tiny_run  # noqa: E402
+from pipeline_parity import (TINY_RUN, check_bf16_velocity_and_gradients, euler_rollout,  # noqa: E402
+                             one_thread, perturb_trainable, record_call, tiny_run)  # noqa: F401 (a fixture)
 from tiny_pipelines import save_tiny  # noqa: E402
 from tiny_pipelines_2026 import tiny_zimage_pipeline  # noqa: E402
 
@@ -26,14 +27,6 @@ RES, SEQ = 16, 32
 PROMPTS = ["a red cat", "a blue dog on the photo of a sign"]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "zimage_ocr.yaml"
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32, same operations in a different batch layout
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +161,7 @@ def test_options_come_from_model_options_and_errors_name_the_fix(folder):
 
 def test_bf16_with_checkpointing_returns_fp32_and_finite_gradients(folder):
     policy = make(folder, dtype="bf16", gradient_checkpointing=True)
-    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(8))
-    v = policy.velocity(x, torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS), 3.0)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
-    v.square().mean().backward()
-    grads = [p.grad for p in policy.trainable_parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
-    images = policy.decode(x)
-    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    check_bf16_velocity_and_gradients(policy, PROMPTS, 3.0)
 
 
 def test_split_cfg_equals_the_joint_call_or_opts_out(folder):
