@@ -68,16 +68,10 @@ class FlowDPPO(StepMeansSurrogate):
     Stats = DPPOStats
 
     def _surrogate(self, b, st, ids, t: int, rows, kl, count: float):
-        lc = self.loss
         per, ratio, div, drop = dppo_loss(st.log_prob[rows], b.old_log_probs[ids, t][rows], st.mean[rows],
                                           self.old_mean(st, ids, t, rows), st.std[rows], b.adv[ids, t][rows],
                                           self.o.dppo_threshold)
-        per = per * b.weights[ids, t][rows].detach()
-        total = per.sum()
-        kl_total = per.new_zeros(())
-        if kl is not None and lc.kl_beta > 0:
-            kl_total = kl.sum()
-            total = total + lc.kl_beta * kl_total
+        per, total, kl_total = self.weighted_total(b, per, ids, t, rows, kl)
         r = ratio.detach()
         stat = DPPOStats(scalar(r.numel(), r), scalar(r.sum(), r), scalar(r.max() if r.numel() else 1.0, r),
                          scalar(div.sum(), r), scalar(div.max() if div.numel() else 0.0, r),

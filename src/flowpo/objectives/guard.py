@@ -78,12 +78,7 @@ class GRPOGuard(StepMeansSurrogate):
                                       st.std[rows], b.adv[ids, t][rows], lc.clip_range,
                                       self.sig[t + 1] - self.sig[t], reduction=self.ctx.reduction,
                                       reweight=self.o.guard_reweight)
-        per = per * b.weights[ids, t][rows].detach()
-        total = per.sum()
-        kl_total = per.new_zeros(())
-        if kl is not None and lc.kl_beta > 0:
-            kl_total = kl.sum()
-            total = total + lc.kl_beta * kl_total
+        per, total, kl_total = self.weighted_total(b, per, ids, t, rows, kl)
         r = ratio.detach()
         stat = GuardStats(scalar(r.numel(), r), scalar(r.sum(), r), scalar(r.max() if r.numel() else 1.0, r),
                           scalar(((r - 1).abs() > lc.clip_range).sum(), r),

@@ -56,6 +56,14 @@ class StepMeansSurrogate(ClippedSurrogate):
         self._fresh.discard(id(idx))
         return super().chunk_loss(b, idx, count)
 
+    def weighted_total(self, b, per: torch.Tensor, ids: torch.Tensor, t: int, rows: torch.Tensor, kl):
+        """(per-row losses × the rows' importance weights, their sum + β·Σ KL, Σ KL) at step t."""
+        per = per * b.weights[ids, t][rows].detach()
+        if kl is None or self.loss.kl_beta <= 0:
+            return per, per.sum(), per.new_zeros(())
+        kl_total = kl.sum()
+        return per, per.sum() + self.loss.kl_beta * kl_total, kl_total
+
     def old_mean(self, st, ids: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
         """μ_old [m, *D] of rows ids[rows] at step t; from this forward (`st`) on the first minibatch."""
         sel = ids[rows.cpu()]
