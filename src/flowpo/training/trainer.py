@@ -165,10 +165,10 @@ class Trainer:
         set_lr(self.opt, lr)
         self.policy.module.train()  # no dropout/batchnorm in any policy: outputs are unchanged
         mbs = self._minibatches(b.chunks.total)
-        mb_of = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in b.chunks.ids]
+        mb_all = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in range(b.chunks.total)]
+        mb_of = [mb_all[g] for g in b.chunks.ids]                                 # this rank's chunks
         groups = [[c for c, m in zip(b.chunks.rows, mb_of) if m == i] for i in range(mbs)]
         b, every = host_steps(b, dist, is_lockstep(self.policy))                  # the loop's one device→host copy
-        mb_all = [minibatch_of(g, b.chunks.total, cfg.train.minibatches) for g in range(b.chunks.total)]
         counts = [float(sum(sum(c) for c, m in zip(every, mb_all) if m == i)) for i in range(mbs)]  # all ranks' pairs
         obj.begin(b, self.iteration, first=[j for j, m in enumerate(mb_of) if m == 0])
         stats, norms = [], []
