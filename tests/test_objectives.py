@@ -203,7 +203,7 @@ def test_the_registry_is_the_config_s_list_of_objectives():
         config.load(None, None, ["objective.kind=nft"])
 
 
-@pytest.mark.parametrize("preset", ["diffusion_nft", "awm"])
+@pytest.mark.parametrize("preset", ["diffusion_nft", "awm", "flowpo_nft"])
 def test_successor_presets_train_and_resume_bit_exactly(tmp_path, tiny, preset):
     full = Trainer(config.load(None, preset, tiny + ["train.iterations=3", "objective.old_ramp=0.3"]), tmp_path / "a")
     full.run()

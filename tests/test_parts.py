@@ -92,7 +92,7 @@ def test_replay_selects_on_the_global_rows_and_the_update_takes_them():
 
 
 @pytest.mark.parametrize("preset", ["op_grpo", "flowpo_best", "flowpo_mix", "flowpo_mix_p16", "flowpo_fast",
-                                    "flowpo_flash", "flowpo_flash2"])
+                                    "flowpo_flash", "flowpo_flash2", "flowpo_nft", "flowpo_awm"])
 def test_replay_presets_admit_replayed_rows(tmp_path, tiny, preset):
     from flowpo.training.trainer import Trainer
 
