@@ -205,9 +205,12 @@ def test_the_registry_is_the_config_s_list_of_objectives():
 
 @pytest.mark.parametrize("preset", ["diffusion_nft", "awm", "flowpo_nft"])
 def test_successor_presets_train_and_resume_bit_exactly(tmp_path, tiny, preset):
-    full = Trainer(config.load(None, preset, tiny + ["train.iterations=3", "objective.old_ramp=0.3"]), tmp_path / "a")
+    # flowpo_nft: its replay buffer and cosine schedule resume too (the horizon fixed, as a resumed
+    # run that raises train.iterations keeps it)
+    extra = ["objective.old_ramp=0.3", "train.lr_horizon=3"]
+    full = Trainer(config.load(None, preset, tiny + ["train.iterations=3", *extra]), tmp_path / "a")
     full.run()
-    part = Trainer(config.load(None, preset, tiny + ["train.iterations=2", "objective.old_ramp=0.3"]), tmp_path / "b")
+    part = Trainer(config.load(None, preset, tiny + ["train.iterations=2", *extra]), tmp_path / "b")
     part.run()
     cfg = config.load(str(tmp_path / "b" / "config.yaml"), None, ["train.iterations=3"], keep_resolved=True)
     resumed = Trainer(cfg, tmp_path / "b", resume=True)
