@@ -285,7 +285,8 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
         tgt = next((r["target"] for r in rows if r["task"] == task and r["target"] is not None), None)
         for axis, key, label in (("iterations", "step", "iteration"), ("wall", "wall_s", "wall time (s)"),
                                  ("nfe", "nfe", "model evaluations (NFE)")):
-            fig, ax = plt.subplots(figsize=(7, 4.2))
+            many = len(presets) > 10  # the legend then goes beside the axes, not over the curves
+            fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.8 if many else 4.2))
             for i, preset in enumerate(presets):
                 runs = [curves[(task, preset, r["seed"])] for r in rows
                         if r["task"] == task and r["preset"] == preset and curves[(task, preset, r["seed"])]]
@@ -308,7 +309,7 @@ def plot(out: Path, rows: list[dict], curves: dict) -> list[Path]:
             ax.set_ylabel("eval reward")
             ax.set_title(f"{task}: eval reward vs {label} (mean, 95% bootstrap CI over seeds)", fontsize=10)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if many else {}))
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = out / "plots" / f"{task}_vs_{axis}.png"
