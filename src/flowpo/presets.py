@@ -182,7 +182,7 @@ PRESETS["flowpo_mix_p16"] = Preset(
 # them is sample reuse (replay of each prompt's best final sample, which such an objective weights
 # like a fresh row: no importance weight, no truncation) and a learning rate decayed along a cosine
 # (so the tuned peak can be higher without the late collapse seen at 3e-3).
-_FINAL_REPLAY = {"replay.k": 1, "replay.capacity_per_prompt": 1, "replay.rule": "beats_best_or_no_spread",
+_REPLAY_AND_DECAY = {"replay.k": 1, "replay.capacity_per_prompt": 1, "replay.rule": "beats_best_or_no_spread",
                  "replay.is_correction": "none", "replay.truncate": "none",
                  "train.lr_schedule": "cosine", "train.lr_final": 0.1}
 PRESETS["flowpo_nft"] = Preset(
@@ -190,12 +190,12 @@ PRESETS["flowpo_nft"] = Preset(
     "sample (k=1, no importance weight or truncation: the objective has no likelihood) + the learning rate "
     "decayed along a cosine to a tenth",
     "this project (docs/methods.md)",
-    {**PRESETS["diffusion_nft"].overrides, **_FINAL_REPLAY})
+    {**PRESETS["diffusion_nft"].overrides, **_REPLAY_AND_DECAY})
 PRESETS["flowpo_awm"] = Preset(
     "flowpo's combination on AWM: its objective, plan and rollouts + replay of each prompt's best final sample "
     "(k=1, no importance weight or truncation) + the learning rate decayed along a cosine to a tenth",
     "this project (docs/methods.md)",
-    {**PRESETS["awm"].overrides, **_FINAL_REPLAY})
+    {**PRESETS["awm"].overrides, **_REPLAY_AND_DECAY})
 PRESETS.update({
     "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
                                  {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),
