@@ -182,9 +182,9 @@ PRESETS["flowpo_mix_p16"] = Preset(
 # them is sample reuse (replay of each prompt's best final sample, which such an objective weights
 # like a fresh row: no importance weight, no truncation) and a learning rate decayed along a cosine
 # (so the tuned peak can be higher without the late collapse seen at 3e-3).
+_DECAY = {"train.lr_schedule": "cosine", "train.lr_final": 0.1}
 _REPLAY_AND_DECAY = {"replay.k": 1, "replay.capacity_per_prompt": 1, "replay.rule": "beats_best_or_no_spread",
-                 "replay.is_correction": "none", "replay.truncate": "none",
-                 "train.lr_schedule": "cosine", "train.lr_final": 0.1}
+                     "replay.is_correction": "none", "replay.truncate": "none", **_DECAY}
 PRESETS["flowpo_nft"] = Preset(
     "flowpo's combination on DiffusionNFT: its objective and rollouts + replay of each prompt's best final "
     "sample (k=1, no importance weight or truncation: the objective has no likelihood) + the learning rate "
@@ -196,6 +196,13 @@ PRESETS["flowpo_awm"] = Preset(
     "(k=1, no importance weight or truncation) + the learning rate decayed along a cosine to a tenth",
     "this project (docs/methods.md)",
     {**PRESETS["awm"].overrides, **_REPLAY_AND_DECAY})
+# Stepwise credit reaches the `heavy` target first but falls back at its constant rate; the decay
+# alone is added, so the race measures that one part (benchmarks/search.md, designed before it ran).
+PRESETS["flowpo_stepwise"] = Preset(
+    "flowpo's combination on Stepwise-Flow-GRPO: its DDIM-inspired SDE and Tweedie per-step credit (T'=5) "
+    "unchanged + the learning rate decayed along a cosine to a tenth",
+    "this project (docs/methods.md)",
+    {**_SW, **_DECAY})
 PRESETS.update({
     "flowpo_flash_lr3e4": Preset("flowpo_flash ablation: the seed methods' learning rate 3e-4", "ablation",
                                  {**PRESETS["flowpo_flash"].overrides, "train.lr": 3e-4}, "flowpo_flash"),
