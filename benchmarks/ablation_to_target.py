@@ -1,0 +1,44 @@
+"""Iterations to a target for hand-run ablations: one folder of `flowpo train` runs per seed.
+
+The race (`flowpo tune`) reports iterations to target for its own folders. An ablation run after a
+race (one preset with one key changed, on the race's held-out seeds) is read here the same way: the
+first evaluation at or above the target, the budget for a run that never reaches it (censored,
+counted), and the race's percentile bootstrap of the mean (`flowpo.bench.stats.bootstrap_ci`).
+
+    python benchmarks/ablation_to_target.py runs/abl_multi/flowpo_nft_noreplay --target 1.5506
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from flowpo.bench.report import eval_curve, read_jsonl
+from flowpo.bench.stats import bootstrap_ci
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", type=Path, nargs="+", help="folders holding seed*/metrics.jsonl")
+    ap.add_argument("--target", type=float, required=True)
+    args = ap.parse_args()
+    print("| folder | seeds reaching | iterations to target [95% CI] | per seed | final eval |")
+    print("|---|---|---|---|---|")
+    for folder in args.folders:
+        runs = sorted(folder.glob("seed*/metrics.jsonl"))
+        if not runs:
+            raise SystemExit(f"no seed*/metrics.jsonl under {folder}: pass the folder that holds the seed folders")
+        its, finals, hits = [], [], 0
+        for f in runs:
+            curve = eval_curve(read_jsonl(f))
+            at = [r["step"] for r in curve if r["eval_reward_mean"] >= args.target]
+            hits += bool(at)
+            its.append(float(at[0] if at else curve[-1]["step"]))
+            finals.append(curve[-1]["eval_reward_mean"])
+        lo, hi = bootstrap_ci(its)
+        print(f"| {folder} | {hits}/{len(runs)} | {statistics.fmean(its):.1f} [{lo:.1f}, {hi:.1f}] | "
+              f"{' / '.join(str(int(i)) for i in its)} | {statistics.fmean(finals):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
