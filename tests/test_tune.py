@@ -133,3 +133,29 @@ def test_heavy_task_reward_is_alignment_times_a_one_sided_stroke_penalty():
     assert torch.allclose(r, want, atol=1e-6)
     assert torch.allclose(r[:3], p[:3]) and (r[3:] < 0.01 * p[3:] + 1e-9).all()
     assert "reward.names=[digit_heavy]" in TASKS["heavy"].overrides
+
+
+def test_ablation_reader_counts_a_run_that_never_reaches_the_target(tmp_path, capsys, monkeypatch):
+    """benchmarks/ablation_to_target.py reads hand-run ablations as the race reads its runs: the
+    first evaluation at or above the target, the last evaluated step for a run that never reaches it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "ablation_to_target", Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_to_target.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    curves = {0: [0.2, 0.5, 0.9, 0.95], 1: [0.2, 0.4, 0.6, 0.7]}  # seed 1 never reaches 0.8
+    for seed, values in curves.items():
+        d = tmp_path / "abl" / f"seed{seed}"
+        d.mkdir(parents=True)
+        rows = [{"eval_reward_mean": v, "step": 5 * i} for i, v in enumerate(values)]
+        rows.insert(1, {"loss/policy": 0.1, "step": 1})  # training lines are skipped
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "abl"), "--target", "0.8"])
+    mod.main()
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "| 1/2 | 12.5 [10.0, 15.0] | 10 / 15 | 0.825 |" in line
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path), "--target", "0.8"])
+    with pytest.raises(SystemExit, match="no seed"):
+        mod.main()
