@@ -149,13 +149,14 @@ def test_ablation_reader_counts_a_run_that_never_reaches_the_target(tmp_path, ca
     for seed, values in curves.items():
         d = tmp_path / "abl" / f"seed{seed}"
         d.mkdir(parents=True)
-        rows = [{"eval_reward_mean": v, "step": 5 * i} for i, v in enumerate(values)]
+        rows = [{"eval_reward_mean": v, "eval/a": v / 2, "step": 5 * i} for i, v in enumerate(values)]
         rows.insert(1, {"loss/policy": 0.1, "step": 1})  # training lines are skipped
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "abl"), "--target", "0.8"])
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "abl"), "--target", "0.8", "--parts", "5,15"])
     mod.main()
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert "| 1/2 | 12.5 [10.0, 15.0] | 10 / 15 | 0.825 |" in line
+    out = capsys.readouterr().out.splitlines()
+    assert "| 1/2 | 12.5 [10.0, 15.0] | 10 / 15 | 0.825 |" in out[-2]
+    assert out[-1].endswith("eval/a at steps 5: 0.225, 15: 0.412")  # (0.5 + 0.4) / 4, (0.95 + 0.7) / 4
     monkeypatch.setattr(sys, "argv", ["x", str(tmp_path), "--target", "0.8"])
     with pytest.raises(SystemExit, match="no seed"):
         mod.main()
