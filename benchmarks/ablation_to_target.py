@@ -1,9 +1,10 @@
 """Iterations to a target for hand-run ablations: one folder of `flowpo train` runs per seed.
 
 The race (`flowpo tune`) reports iterations to target for its own folders. An ablation run after a
-race (one preset with one key changed, on the race's held-out seeds) is read here the same way: the
-first evaluation at or above the target, the budget for a run that never reaches it (censored,
-counted), and the race's percentile bootstrap of the mean (`flowpo.bench.stats.bootstrap_ci`).
+race (one preset with one key changed, on the race's held-out seeds) is read here with the race's
+own pieces: the first evaluation at the target (`report.first_reach`), the last evaluated step for
+a run that never reaches it (`stats.censored`: counted, not dropped), and the percentile bootstrap
+of the mean (`stats.bootstrap_ci`).
 
     python benchmarks/ablation_to_target.py runs/abl_multi/flowpo_nft_noreplay --target 1.5506 --parts 10,20,30
 
@@ -17,8 +18,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from flowpo.bench.report import eval_curve, read_jsonl
-from flowpo.bench.stats import bootstrap_ci
+from flowpo.bench.report import eval_curve, first_reach, read_jsonl
+from flowpo.bench.stats import bootstrap_ci, censored
 
 
 def main() -> None:
@@ -39,9 +40,11 @@ def main() -> None:
         by_part: dict[tuple[str, int], list[float]] = {}
         for f in runs:
             curve = eval_curve(read_jsonl(f))
-            at = [r["step"] for r in curve if r["eval_reward_mean"] >= args.target]
-            hits += bool(at)
-            its.append(float(at[0] if at else curve[-1]["step"]))
+            hit = first_reach(curve, args.target)
+            n, _, cut = censored({"steps_to_target": hit and hit["step"], "wall_s_to_target": None,
+                                  "iterations": curve[-1]["step"], "wall_s_total": None})
+            hits += not cut
+            its.append(n)
             finals.append(curve[-1]["eval_reward_mean"])
             for r in curve:
                 if r["step"] in steps:
